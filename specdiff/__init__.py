@@ -1,0 +1,23 @@
+"""specdiff: exact speculative sampling for diffusion models."""
+
+from .chains import CategoricalChain, GaussianChain
+from .coupling import acceptance_probability, reflection_coupling
+from .drafters import Drafter, FrozenTargetDrafter, ModelDrafter
+from .sampler import SpeculativeOutput, sample_baseline, speculative_sample
+from .stats import SpeculativeStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CategoricalChain",
+    "Drafter",
+    "FrozenTargetDrafter",
+    "GaussianChain",
+    "ModelDrafter",
+    "SpeculativeOutput",
+    "SpeculativeStats",
+    "acceptance_probability",
+    "reflection_coupling",
+    "sample_baseline",
+    "speculative_sample",
+]
