@@ -50,8 +50,10 @@ class NoiseStreams:
     """Lazily drawn, step-keyed Gaussian noise and acceptance uniforms for a batch.
 
     ``gaussian(rows, steps)`` returns the noise of ``steps[i]`` for sample ``rows[i]``;
-    ``uniform(rows, steps)`` the matching acceptance uniform. Streams are drawn in step
-    order and forgotten once every sample of a group has moved past them.
+    ``uniform(rows, steps)`` the matching acceptance uniform. Every sample visits every
+    step in increasing order, so drawing step k for the whole batch as soon as any sample
+    needs it leaves each generator's sequence unchanged; a step is forgotten once every
+    sample has moved past it.
     """
 
     def __init__(self, generator: GeneratorArg, like: torch.Tensor):
@@ -63,37 +65,32 @@ class NoiseStreams:
                 # also draws from it), so torch.manual_seed still makes runs repeatable.
                 seed = int(torch.randint(0, 2**62, (), generator=None))
                 generator = torch.Generator(device="cpu").manual_seed(seed)
-            self.groups = [(generator, list(range(batch_size)))]
+            self.generators = [generator]
         else:
-            self.groups = [(g, [b]) for b, g in enumerate(per_sample)]
-        self.group_of = torch.empty(batch_size, dtype=torch.long)
-        self.slot_of = torch.empty(batch_size, dtype=torch.long)
-        for gi, (_, rows) in enumerate(self.groups):
-            for slot, b in enumerate(rows):
-                self.group_of[b], self.slot_of[b] = gi, slot
-        self.companions = [_companion(g) for g, _ in self.groups]
-        self.shape, self.dtype, self.device = tuple(like.shape[1:]), like.dtype, like.device
-        self._z: list[dict[int, torch.Tensor]] = [{} for _ in self.groups]
-        self._u: list[dict[int, torch.Tensor]] = [{} for _ in self.groups]
-        self._drawn = [0] * len(self.groups)
+            self.generators = per_sample
+        self.companions = [_companion(g) for g in self.generators]
+        self.shape = (batch_size // len(self.generators), *like.shape[1:])
+        self.dtype, self.device = like.dtype, like.device
+        self._z: dict[int, torch.Tensor] = {}
+        self._u: dict[int, torch.Tensor] = {}
+        self._drawn = 0
 
-    def _draw_until(self, gi: int, step: int) -> None:
-        generator, rows = self.groups[gi]
-        shape = (len(rows), *self.shape)
-        while self._drawn[gi] <= step:
-            k = self._drawn[gi]
-            z = torch.randn(shape, generator=generator, device=generator.device, dtype=self.dtype)
-            self._z[gi][k] = z.to(self.device)
-            self._u[gi][k] = torch.rand(len(rows), generator=self.companions[gi], dtype=torch.float64)
-            self._drawn[gi] += 1
+    def _draw_until(self, step: int) -> None:
+        while self._drawn <= step:
+            z = [torch.randn(self.shape, generator=g, device=g.device, dtype=self.dtype) for g in self.generators]
+            u = [torch.rand(self.shape[0], generator=c, dtype=torch.float64) for c in self.companions]
+            self._z[self._drawn] = torch.cat(z).to(self.device)
+            self._u[self._drawn] = torch.cat(u)
+            self._drawn += 1
 
-    def _lookup(self, table: list[dict[int, torch.Tensor]], rows: torch.Tensor, steps: torch.Tensor):
-        out = []
-        for b, k in zip(rows.tolist(), steps.tolist()):
-            gi, slot = int(self.group_of[b]), int(self.slot_of[b])
-            self._draw_until(gi, k)
-            out.append(table[gi][k][slot])
-        return torch.stack(out)
+    def _lookup(self, table: dict[int, torch.Tensor], rows: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        rows, steps = rows.cpu(), steps.cpu()
+        self._draw_until(int(steps.max()))
+        out = table[int(steps[0])].new_empty((len(rows), *table[int(steps[0])].shape[1:]))
+        for k in steps.unique().tolist():
+            at = (steps == k).nonzero().squeeze(1)
+            out[at.to(out.device)] = table[k][rows[at].to(out.device)]
+        return out
 
     def gaussian(self, rows: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         return self._lookup(self._z, rows, steps)
@@ -102,9 +99,8 @@ class NoiseStreams:
         return self._lookup(self._u, rows, steps)
 
     def forget_before(self, steps: torch.Tensor) -> None:
-        """Drop noise no sample can need again (every row of a group is past it)."""
-        for gi, (_, rows) in enumerate(self.groups):
-            oldest = int(steps[rows].min())
-            for table in (self._z[gi], self._u[gi]):
-                for k in [k for k in table if k < oldest]:
-                    del table[k]
+        """Drop the noise of steps every sample has moved past."""
+        oldest = int(steps.min())
+        for table in (self._z, self._u):
+            for k in [k for k in table if k < oldest]:
+                del table[k]

@@ -18,9 +18,11 @@ from torch import Tensor
 
 
 def linear_betas(num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
-    """DDPM's linear schedule, rescaled so that ``num_steps`` steps span the same noise."""
-    scale = 1000 / num_steps
-    return torch.linspace(beta_start * scale, beta_end * scale, num_steps, dtype=torch.float64)
+    """DDPM's 1000-step linear schedule, respaced to ``num_steps`` steps spanning the same noise."""
+    base = torch.cumprod(1 - torch.linspace(beta_start, beta_end, 1000, dtype=torch.float64), 0)
+    alphas_cumprod = base[torch.linspace(0, 999, num_steps).round().long()]
+    previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    return 1 - alphas_cumprod / previous
 
 
 class GaussianMixtureDDPM:

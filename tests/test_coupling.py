@@ -1,0 +1,115 @@
+"""The reflection maximal coupling (SPEC §2): forced outcomes, exact law, maximal acceptance."""
+
+import math
+
+import pytest
+import torch
+from scipy import stats as sps
+
+from specdiff import acceptance_probability, reflection_coupling
+
+ALPHA = 1e-3  # family-wise significance of every statistical test in this file
+
+
+def _draw(n, dim, gap, seed, dtype=torch.float64):
+    """n rows: draft N(m_D, s²I), target N(m_T, s²I) with ‖m_D - m_T‖ / s = gap."""
+    g = torch.Generator().manual_seed(seed)
+    std = torch.rand(n, generator=g, dtype=dtype) + 0.5
+    mean_t = torch.randn(n, dim, generator=g, dtype=dtype)
+    direction = torch.randn(n, dim, generator=g, dtype=dtype)
+    direction /= direction.norm(dim=1, keepdim=True)
+    mean_d = mean_t + gap * std[:, None] * direction
+    z = torch.randn(n, dim, generator=g, dtype=dtype)
+    u = torch.rand(n, generator=g, dtype=dtype)
+    return mean_d + std[:, None] * z, mean_d, mean_t, std, u, z
+
+
+def test_equal_means_always_accept_and_return_the_draft_unchanged():
+    x_d, m_d, _, std, _, _ = _draw(1000, 16, 0.0, seed=0)
+    u = torch.full((1000,), 1 - 1e-12, dtype=torch.float64)  # the least favourable uniforms
+    x, accepted = reflection_coupling(x_d, m_d, m_d.clone(), std, u)
+    assert accepted.all()
+    assert torch.equal(x, x_d)
+
+
+def test_huge_gap_always_reflects_through_the_bisecting_hyperplane():
+    x_d, m_d, m_t, std, u, z = _draw(1000, 16, 1e3, seed=1)
+    x, accepted = reflection_coupling(x_d, m_d, m_t, std, u)
+    assert not accepted.any()
+    e = (m_d - m_t) / (m_d - m_t).norm(dim=1, keepdim=True)
+    expected = m_t + std[:, None] * (z - 2 * (e * z).sum(1, keepdim=True) * e)
+    torch.testing.assert_close(x, expected)
+    # The reflection is an isometry of the noise: ‖x - m_T‖ = ‖x_D - m_D‖.
+    torch.testing.assert_close((x - m_t).norm(dim=1), (x_d - m_d).norm(dim=1))
+
+
+@pytest.mark.parametrize("dim", [1, 256])
+@pytest.mark.parametrize("gap", [0.3, 1.0, 2.5])
+def test_output_has_the_target_law_and_acceptance_is_two_phi_minus_half_gap(dim, gap):
+    n = 20_000
+    x_d, m_d, m_t, std, u, z = _draw(n, dim, gap, seed=10 * dim + int(10 * gap))
+    x, accepted = reflection_coupling(x_d, m_d, m_t, std, u, noise=z)
+
+    # Acceptance rate vs 1 - TV = 2Φ(-‖Δ‖/2), within 4 standard errors.
+    p = 2 * sps.norm.cdf(-gap / 2)
+    torch.testing.assert_close(acceptance_probability(m_d, m_t, std), torch.full((n,), p, dtype=torch.float64))
+    se = math.sqrt(p * (1 - p) / n)
+    assert abs(accepted.double().mean().item() - p) < 4 * se
+
+    # Law: (x - m_T)/std must be N(0, I): KS on the gap direction and random directions,
+    # Bonferroni-corrected, and the squared norm against chi2(dim).
+    w = (x - m_t) / std[:, None]
+    e = (m_d - m_t) / (m_d - m_t).norm(dim=1, keepdim=True)
+    g = torch.Generator().manual_seed(99)
+    dirs = torch.randn(4, dim, generator=g, dtype=torch.float64)
+    projections = [(w * e).sum(1)] + [w @ (d / d.norm()) for d in dirs]
+    p_values = [sps.kstest(pr.numpy(), "norm").pvalue for pr in projections]
+    p_values.append(sps.kstest(w.square().sum(1).numpy(), sps.chi2(dim).cdf).pvalue)
+    assert min(p_values) > ALPHA / len(p_values), p_values
+
+
+def test_resampling_instead_of_reflecting_is_biased_and_detected():
+    """The classic bug (fresh target draw on rejection) fails the same law test."""
+    n, dim, gap = 20_000, 4, 1.0
+    x_d, m_d, m_t, std, u, z = _draw(n, dim, gap, seed=5)
+    _, accepted = reflection_coupling(x_d, m_d, m_t, std, u, noise=z)
+    fresh = m_t + std[:, None] * torch.randn(n, dim, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    broken = torch.where(accepted[:, None], x_d, fresh)
+    e = (m_d - m_t) / (m_d - m_t).norm(dim=1, keepdim=True)
+    w = ((broken - m_t) / std[:, None] * e).sum(1)
+    assert sps.kstest(w.numpy(), "norm").pvalue < ALPHA
+
+
+def test_float16_inputs_are_coupled_in_float32_and_returned_in_float16():
+    x_d, m_d, m_t, std, u, z = _draw(2000, 64, 0.5, seed=7, dtype=torch.float32)
+    x16, acc16 = reflection_coupling(x_d.half(), m_d.half(), m_t.half(), std.half(), u, noise=z.half())
+    x32, acc32 = reflection_coupling(x_d, m_d, m_t, std, u, noise=z)
+    assert x16.dtype == torch.float16 and torch.isfinite(x16).all()
+    assert (acc16 == acc32).float().mean() > 0.99  # only borderline u may flip under fp16 inputs
+    same = acc16 & acc32
+    torch.testing.assert_close(x16[same].float(), x32[same], atol=2e-2, rtol=1e-2)
+
+
+def test_zero_std_rows_are_deterministic_and_accept_only_equal_means():
+    m_t = torch.randn(3, 5, dtype=torch.float64)
+    m_d = m_t.clone()
+    m_d[1] += 1e-9  # any difference at all must be rejected when the step has no noise
+    std = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+    u = torch.full((3,), 0.5, dtype=torch.float64)
+    x, accepted = reflection_coupling(m_d + std[:, None] * 0.3, m_d, m_t, std, u)
+    assert accepted.tolist() == [True, False, True]
+    assert torch.equal(x[:2], m_t[:2])
+    assert torch.isfinite(x).all()
+
+
+def test_gap_below_float_resolution_accepts_without_dividing_by_it():
+    x_d, m_d, _, std, u, _ = _draw(100, 8, 0.0, seed=8)
+    m_t = m_d + 1e-200
+    x, accepted = reflection_coupling(x_d, m_d, m_t, std, torch.full_like(u, 0.999999))
+    assert accepted.all() and torch.isfinite(x).all()
+
+
+def test_std_must_be_one_value_per_row():
+    x = torch.zeros(4, 3)
+    with pytest.raises(ValueError, match="one value per row"):
+        reflection_coupling(x, x, x, torch.ones(4, 3), torch.rand(4))
