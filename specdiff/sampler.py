@@ -142,7 +142,11 @@ def speculative_sample(
     prev = pred.clone()
     fresh = torch.ones(batch, dtype=torch.bool)
     stats.target_calls, stats.target_rows = 1, batch
-    stats.per_sample_target_calls = [1] * batch
+    # Tensor tallies, turned into the stats' lists at the end.
+    stats.sample_calls = torch.ones(batch, dtype=torch.long)
+    stats.sample_counts = torch.zeros(batch, 2, dtype=torch.long)  # proposed, accepted
+    stats.position_counts = torch.zeros(window, 2, dtype=torch.long)
+    stats.round_counts = torch.zeros(window + 1, dtype=torch.long)
 
     with _progress(progress, batch * num_steps) as bar:
         while (live := (n < num_steps).nonzero().squeeze(1)).numel():
@@ -157,107 +161,100 @@ def speculative_sample(
                 bar.update(int(committed.sum()))
             if callback is not None:
                 callback({"round": stats.rounds, "x": x, "step": n.clone(), "stats": stats})
+    stats.per_sample_target_calls = stats.sample_calls.tolist()
+    stats.per_sample_proposed, stats.per_sample_accepted = stats.sample_counts.T.tolist()
+    stats.proposed_by_position, stats.accepted_by_position = stats.position_counts.T.tolist()
+    stats.committed_per_round = stats.round_counts.tolist()
+    del stats.sample_calls, stats.sample_counts, stats.position_counts, stats.round_counts
     stats.wall_clock = time.perf_counter() - started
     return SpeculativeOutput(sample=x, stats=stats)
 
 
 def _round(chain, drafter, noise, stats, window, x, n, pred, prev, fresh, ids):
-    """One speculative round for the live samples ``ids`` (SPEC §3)."""
-    m, device, num_steps = x.shape[0], x.device, chain.num_steps
-    length = (num_steps - n).clamp(max=window)  # L_i: steps this sample may commit
-    span = int(length.max())
-    states = x.new_empty((span + 1, *x.shape))  # y_0 .. y_L per sample
-    mean_d, std_d, z_d = x.new_empty((span, *x.shape)), [None] * span, [None] * span
-    draft_pred = pred.new_empty((span, *pred.shape))
-    states[0] = x
+    """One speculative round for the live samples ``ids`` (SPEC §3).
 
-    # 1. Draft: y_{j+1} = m_D,j + std z_{n+j}. A fresh sample's first step uses its exact
-    #    target prediction (so it is accepted with certainty).
+    Position ``j`` of sample ``i`` is its drafted step ``n_i + j``, used when ``j < L_i``.
+    Grids are ``[position, sample, ...]``; unused positions are computed at a clamped step
+    and masked out, which keeps every tensor rectangular.
+    """
+    m, device, num_steps = x.shape[0], x.device, chain.num_steps
+    length = (num_steps - n).clamp(max=window)  # L_i: steps sample i may commit this round
+    span = int(length.max())
+    pos = torch.arange(span + 1)[:, None]
+    steps = (n + pos).clamp(max=num_steps - 1)  # [span+1, m]
+    drafted = pos[:span] < length  # [span, m]
+    z = noise.gaussian(ids.repeat(span), steps[:span].flatten()).view(span, *x.shape)
+    u = noise.uniform(ids.repeat(span), steps[:span].flatten()).view(span, m)
+
+    # 1. Draft: y_{j+1} = m_D,j + std z_{n+j}, sequentially. A fresh sample's first step uses
+    #    its exact target prediction (so it is accepted with certainty).
+    states, mean_d, std_d, guesses = [x], [], [], []
     for j in range(span):
-        a = (j < length).nonzero().squeeze(1)
-        step = n[a] + j
-        guess = pred[a].clone()
-        ask = a if j else a[~fresh[a]]
+        ask = torch.arange(m) if j else (~fresh).nonzero().squeeze(1)
+        guess = pred.clone() if ask.numel() < m else None
         if ask.numel():
-            sel = torch.isin(a, ask)
-            guess[sel] = _check_finite(
-                drafter.predict(states[j, ask], (n[ask] + j).to(device), pred[ask]), n[ask] + j, "draft"
-            ).to(pred.dtype)
+            at = steps[j, ask]
+            drafted_pred = drafter.predict(states[j][ask], at.to(device), pred[ask])
+            drafted_pred = _check_finite(drafted_pred, at, "draft").to(pred.dtype)
+            guess = drafted_pred if guess is None else guess.index_put_((ask.to(device),), drafted_pred)
             stats.draft_calls += int(drafter.network_calls)
-        before = draft_pred[j - 1, a] if j else prev[a]
-        mean, std = _transition(chain, states[j, a], step.to(device), guess, before)
-        z = noise.gaussian(ids[a], step)
-        states[j + 1, a] = (mean + std * z).to(x.dtype)
-        mean_d[j, a], draft_pred[j, a] = mean.to(x.dtype), guess
-        std_d[j], z_d[j] = (a, std), z
+        mean, std = _transition(chain, states[j], steps[j].to(device), guess, guesses[-1] if j else prev)
+        states.append((mean + std * z[j]).to(x.dtype))
+        mean_d.append(mean.to(x.dtype))
+        std_d.append(std)
+        guesses.append(guess)
+    states = torch.stack(states)
 
     # 2. Verify: ONE batched target call on every drafted state whose prediction is unknown
-    #    (y_0 unless fresh, y_1..y_L, except states at the final step).
-    jj, ii = torch.meshgrid(torch.arange(span + 1), torch.arange(m), indexing="ij")
-    need = (jj <= length) & ((jj > 0) | ~fresh) & (n + jj < num_steps)
-    target = pred.new_empty((span + 1, *pred.shape))
+    #    (y_0 unless fresh, and y_1..y_L except states at the final step).
+    need = (pos <= length) & ((pos > 0) | ~fresh) & (n + pos < num_steps)
+    target = torch.zeros_like(pred).expand(span + 1, *pred.shape).clone()
     target[0, fresh] = pred[fresh]
     if need.any():
-        j_rows, i_rows = jj[need], ii[need]
-        step = n[i_rows] + j_rows
-        target[j_rows, i_rows] = _check_finite(chain.predict(states[j_rows, i_rows], step.to(device)), step, "target")
+        at = steps[need]
+        target[need] = _check_finite(chain.predict(states[need], at.to(device)), at, "target")
         stats.target_calls += 1
         stats.target_rows += int(need.sum())
-        for b in ids[need.any(0)].tolist():
-            stats.per_sample_target_calls[b] += 1
+        stats.sample_calls[ids[need.any(0)]] += 1
 
-    # 3. Accept or reflect every drafted step; only the prefix up to the first rejection counts.
-    drafted = jj[:span] < length
-    j_rows, i_rows = jj[:span][drafted], ii[:span][drafted]
-    step = n[i_rows] + j_rows
-    before = torch.where(
-        (j_rows > 0).view(-1, *[1] * (pred.ndim - 1)), target[(j_rows - 1).clamp(min=0), i_rows], prev[i_rows]
+    # 3. Accept or reflect every drafted step at once; only the prefix up to the first
+    #    rejection is used (decisions are per step and keyed noise, so extra ones are harmless).
+    j_rows, i_rows = drafted.nonzero(as_tuple=True)
+    before = torch.where(_bcast(j_rows > 0, pred), target[(j_rows - 1).clamp(min=0), i_rows], prev[i_rows])
+    mean_t, std_t = _transition(
+        chain, states[j_rows, i_rows], steps[j_rows, i_rows].to(device), target[j_rows, i_rows], before
     )
-    mean_t, std_t = _transition(chain, states[j_rows, i_rows], step.to(device), target[j_rows, i_rows], before)
-    std_draft = torch.empty_like(std_t)
-    z = x.new_empty((len(j_rows), *x.shape[1:]))
-    for j in range(span):
-        a, std = std_d[j]
-        at = (j_rows == j).nonzero().squeeze(1)  # flat positions of (a, j), in the same order as a
-        std_draft[at], z[at] = std, z_d[j]
+    std_draft = torch.stack(std_d)[j_rows, i_rows]
     if not torch.allclose(std_draft, std_t, rtol=1e-6, atol=0):
         raise ValueError(
             "draft and target kernels have different std (learned variance?); the reflection "
             "coupling needs a std fixed by the schedule: use a fixed variance_type"
         )
-    u = noise.uniform(ids[i_rows], step)
-    x_new, ok = reflection_coupling(states[j_rows + 1, i_rows], mean_d[j_rows, i_rows], mean_t, std_t, u, noise=z)
-    accept = torch.ones(span, m, dtype=torch.bool)
+    x_new, ok = reflection_coupling(
+        states[j_rows + 1, i_rows], torch.stack(mean_d)[j_rows, i_rows], mean_t, std_t, u[j_rows, i_rows],
+        noise=z[j_rows, i_rows],
+    )
+    accept = ~drafted  # unused positions count as accepted so they never stop a sample
     accept[j_rows, i_rows] = ok.cpu()
-    reflected = x.new_empty((span, *x.shape))
+    reflected = states[1:].clone()
     reflected[j_rows, i_rows] = x_new
 
-    n_acc = torch.where(accept.all(0), length, (~accept).int().argmax(0)).clamp(max=length)
-    committed = (n_acc + 1).clamp(max=length)
+    n_acc = torch.where(accept.all(0), length, (~accept).int().argmax(0))  # accepted prefix
     whole = n_acc == length
-    cols = torch.arange(m)
-    x_next = torch.where(
-        whole.view(-1, *[1] * (x.ndim - 1)).to(device),
-        states[length, cols],
-        reflected[n_acc.clamp(max=span - 1), cols],
-    )
-    still = n + committed < num_steps
-    new_fresh = whole & still
-    new_pred = torch.where(_bcast(new_fresh, pred), target[length, cols], target[n_acc.clamp(max=span - 1), cols])
+    committed = torch.where(whole, length, n_acc + 1)
+    cols, last = torch.arange(m), n_acc.clamp(max=span - 1)
+    x_next = torch.where(_bcast(whole, x), states[length, cols], reflected[last, cols])
+    new_fresh = whole & (n + committed < num_steps)
+    new_pred = torch.where(_bcast(new_fresh, pred), target[length, cols], target[last, cols])
     new_prev = torch.where(_bcast(new_fresh, pred), target[(length - 1).clamp(min=0), cols], new_pred)
 
     # Accounting: decisions up to and including the first rejection, minus exact fresh steps.
-    counted = (jj[:span] <= n_acc) & drafted & ~((jj[:span] == 0) & fresh)
+    counted = drafted & (pos[:span] <= n_acc) & ~((pos[:span] == 0) & fresh)
     stats.proposed += int(counted.sum())
     stats.accepted += int((counted & accept).sum())
-    for j in range(span):
-        stats.proposed_by_position[j] += int(counted[j].sum())
-        stats.accepted_by_position[j] += int((counted[j] & accept[j]).sum())
-    for c in committed.tolist():
-        stats.committed_per_round[c] += 1
-    for b, p, a in zip(ids.tolist(), counted.sum(0).tolist(), (counted & accept).sum(0).tolist()):
-        stats.per_sample_proposed[b] += p
-        stats.per_sample_accepted[b] += a
+    stats.position_counts[:span] += torch.stack([counted.sum(1), (counted & accept).sum(1)], 1)
+    stats.sample_counts[ids] += torch.stack([counted.sum(0), (counted & accept).sum(0)], 1)
+    stats.round_counts += torch.bincount(committed, minlength=window + 1)
     return committed, x_next, (new_pred, new_prev, new_fresh)
 
 
