@@ -5,6 +5,7 @@ from .coupling import acceptance_probability, reflection_coupling
 from .drafters import Drafter, FrozenTargetDrafter, ModelDrafter
 from .sampler import SpeculativeOutput, sample_baseline, speculative_sample
 from .stats import SpeculativeStats
+from .schedulers.speculative import SpeculativeScheduler  # diffusers wrapper (imports diffusers)
 
 __version__ = "0.1.0"
 

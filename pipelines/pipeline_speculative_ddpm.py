@@ -1,0 +1,174 @@
+"""SpeculativeDDPMPipeline: a drop-in ``DDPMPipeline`` that samples speculatively.
+
+Same constructor and call as diffusers' ``DDPMPipeline``, plus ``window`` and a drafter;
+the images have exactly the law of ``DDPMPipeline``'s (and with ``window=1`` they are the
+same images for the same generator). Usable as ``specdiff.pipelines.SpeculativeDDPMPipeline``
+or as a diffusers custom pipeline by file path::
+
+    DiffusionPipeline.from_pretrained(path, custom_pipeline="pipelines/pipeline_speculative_ddpm.py",
+                                      trust_remote_code=True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline, UNet2DModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from specdiff.schedulers import SpeculativeScheduler
+from specdiff.stats import SpeculativeStats
+
+
+@dataclass
+class SpeculativeImagePipelineOutput(BaseOutput):
+    """``images`` as ``DDPMPipeline`` returns them, and the run's :class:`specdiff.SpeculativeStats`."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    stats: SpeculativeStats | None = None
+
+
+def round_callback(pipe, callback_on_step_end, tensor_inputs, timesteps):
+    """Adapt diffusers' ``callback_on_step_end(pipe, step_index, timestep, kwargs)`` to the
+    speculative sampler's per-round callback. It runs after every round (one sequential
+    network call) with the slowest sample's last committed step; ``latents`` are the
+    committed states and ``steps`` each sample's committed step count. Changing tensors
+    from the callback is refused: it would break exactness."""
+    if callback_on_step_end is None:
+        return None
+    if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+        tensor_inputs = callback_on_step_end.tensor_inputs
+    unknown = [k for k in tensor_inputs if k not in pipe._callback_tensor_inputs]
+    if unknown:
+        raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} not in {pipe._callback_tensor_inputs}")
+
+    def callback(info: dict) -> None:
+        index = max(int(info["step"].min()) - 1, 0)
+        available = {"latents": info["x"], "steps": info["step"]}
+        kwargs = {k: available[k] for k in tensor_inputs}
+        returned = callback_on_step_end(pipe, index, timesteps[index], kwargs) or {}
+        for name, value in returned.items():
+            if name in kwargs and value is not kwargs[name] and not torch.equal(value, kwargs[name]):
+                raise ValueError(
+                    f"callback_on_step_end changed {name!r}: speculative sampling cannot take modified tensors "
+                    "mid-trajectory (the drafted and verified steps would no longer be the sampler's)"
+                )
+
+    return callback
+
+
+def progress_for(pipe) -> Callable:
+    """The pipeline's own tqdm bar (honours ``set_progress_bar_config``), counted in sample-steps."""
+    return lambda total: pipe.progress_bar(total=total)
+
+
+class SpeculativeDDPMPipeline(DiffusionPipeline):
+    r"""Unconditional image generation with speculative sampling (De Bortoli et al. 2025).
+
+    Args:
+        unet ([`UNet2DModel`]): the denoiser (the *target*).
+        scheduler: a [`SpeculativeScheduler`], or a supported diffusers scheduler (DDPM,
+            DDIM with eta > 0, Euler ancestral, DPM-Solver++ SDE), which is wrapped.
+        draft_unet ([`UNet2DModel`], *optional*): a cheaper denoiser trained on the same schedule,
+            used as an independent drafter. Without it the frozen-target drafter is used.
+    """
+
+    model_cpu_offload_seq = "unet"
+    _optional_components = ["draft_unet"]
+    _callback_tensor_inputs = ["latents", "steps"]
+
+    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin, draft_unet: UNet2DModel | None = None):
+        super().__init__()
+        if not isinstance(scheduler, SpeculativeScheduler):
+            scheduler = SpeculativeScheduler.from_scheduler(scheduler)
+        self.register_modules(unet=unet, scheduler=scheduler, draft_unet=draft_unet)
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """From a ``DDPMPipeline`` (or any pipeline with ``unet`` and ``scheduler``), sharing its
+        components. Scheduler options (``window``, ``frozen_prediction``, ``eta``) may be passed."""
+        options = {k: kwargs.pop(k) for k in ("window", "frozen_prediction", "eta", "use_clipped_model_output") if k in kwargs}
+        pipe = super().from_pipe(pipeline, **kwargs)
+        if options:
+            pipe.scheduler = SpeculativeScheduler.from_scheduler(pipe.scheduler, **options)
+        return pipe
+
+    def _drafter(self, drafter, draft_unet):
+        draft_unet = draft_unet if draft_unet is not None else (None if drafter is not None else self.draft_unet)
+        if draft_unet is not None:
+            if drafter not in (None, "model"):
+                raise ValueError("pass either drafter= or draft_unet=, not both")
+            return lambda x, t: draft_unet(x, t).sample
+        return drafter  # None (the scheduler's: frozen), "frozen", a model function or a specdiff.Drafter
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_inference_steps: int = 1000,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        window: int | None = None,
+        drafter: str | Callable | None = None,
+        draft_unet: UNet2DModel | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' convention)
+    ) -> SpeculativeImagePipelineOutput | tuple:
+        r"""Generate images.
+
+        Args:
+            batch_size, generator, num_inference_steps, output_type ("pil", "np" or "pt"),
+            return_dict: as in ``DDPMPipeline``. A list of generators gives each image its own
+                noise, independent of the batch.
+            window: steps drafted per round (default: the scheduler's); 1 is the plain sampler.
+            drafter: ``"frozen"`` (reuse the target's last prediction), or a draft model function
+                ``drafter(model_input, timesteps) -> model_output``.
+            draft_unet: a smaller ``UNet2DModel`` on the same schedule, as an independent drafter
+                (defaults to the pipeline's ``draft_unet`` component, if any).
+            callback_on_step_end: called after every speculative round as
+                ``callback(pipe, step_index, timestep, {"latents": ..., "steps": ...})``.
+
+        Returns:
+            ``SpeculativeImagePipelineOutput(images, stats)``, or ``(images, stats)``.
+        """
+        if isinstance(self.unet.config.sample_size, int):
+            shape = (batch_size, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
+        else:
+            shape = (batch_size, self.unet.config.in_channels, *self.unet.config.sample_size)
+        device = self._execution_device
+        # The initial noise exactly as DDPMPipeline draws it (same generator, same order).
+        if device.type == "mps":
+            image = randn_tensor(shape, generator=generator, dtype=self.unet.dtype).to(device)
+        else:
+            image = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+
+        self.scheduler.set_timesteps(num_inference_steps)
+        # DDPMPipeline omits this; it is 1.0 for DDPM/DDIM (a no-op) and makes Euler-type schedulers correct.
+        image = image * self.scheduler.init_noise_sigma
+        output = self.scheduler.sample(
+            lambda x, t: self.unet(x, t).sample,
+            image,
+            generator=generator,
+            window=window,
+            drafter=self._drafter(drafter, draft_unet),
+            progress=progress_for(self),
+            callback=round_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs, self.scheduler.timesteps),
+        )
+
+        image = (output.sample / 2 + 0.5).clamp(0, 1)
+        if output_type != "pt":
+            image = image.cpu().permute(0, 2, 3, 1).numpy()
+            if output_type == "pil":
+                image = self.numpy_to_pil(image)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image, output.stats)
+        return SpeculativeImagePipelineOutput(images=image, stats=output.stats)

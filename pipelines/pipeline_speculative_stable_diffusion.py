@@ -1,0 +1,301 @@
+"""SpeculativeStableDiffusionPipeline: text-to-image Stable Diffusion with speculative sampling.
+
+A subclass of diffusers' ``StableDiffusionPipeline``: prompt encoding, latent preparation,
+VAE decoding, the safety checker and the image processor are the parent's; only the
+denoising loop is replaced by the speculative sampler of a :class:`SpeculativeScheduler`.
+Classifier-free guidance is folded into the verification batch: every drafted state is
+duplicated (unconditional, conditional) inside the model function and guided per row, with
+one timestep per row. The images have exactly the law of ``StableDiffusionPipeline``'s with
+the same (stochastic) scheduler; with ``window=1`` they are the same images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
+
+from pipelines.pipeline_speculative_ddpm import progress_for, round_callback
+from specdiff.schedulers import SpeculativeScheduler
+from specdiff.stats import SpeculativeStats
+
+
+@dataclass
+class SpeculativeStableDiffusionPipelineOutput(BaseOutput):
+    """``StableDiffusionPipelineOutput`` plus the run's :class:`specdiff.SpeculativeStats`."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    nsfw_content_detected: list[bool] | None
+    stats: SpeculativeStats | None = None
+
+
+def condition_groups(prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor | None) -> list[torch.Tensor]:
+    """Indices of the rows that share one conditioning, in order of first appearance.
+
+    The speculative sampler's network call sees states and steps, not which sample a row
+    belongs to, so rows of one sampler run must share their conditioning: a batch with
+    several different prompts is sampled as one run per prompt.
+    """
+    groups: list[list[int]] = []
+    for i in range(prompt_embeds.shape[0]):
+        for group in groups:
+            j = group[0]
+            if torch.equal(prompt_embeds[i], prompt_embeds[j]) and (
+                negative_prompt_embeds is None or torch.equal(negative_prompt_embeds[i], negative_prompt_embeds[j])
+            ):
+                group.append(i)
+                break
+        else:
+            groups.append([i])
+    return [torch.tensor(g) for g in groups]
+
+
+def merge_stats(parts: list[tuple[torch.Tensor, SpeculativeStats]], batch_size: int) -> SpeculativeStats:
+    """One :class:`SpeculativeStats` for runs made one after the other on disjoint rows:
+    counts add up (calls are sequential), per-sample lists are put back in batch order."""
+    if len(parts) == 1:
+        return parts[0][1]
+    first = parts[0][1]
+    merged = SpeculativeStats(num_steps=first.num_steps, batch_size=batch_size, window=first.window)
+    for field in dataclasses.fields(SpeculativeStats):
+        name = field.name
+        if name in ("num_steps", "batch_size", "window"):
+            continue
+        values = [getattr(stats, name) for _, stats in parts]
+        if name.startswith("per_sample_"):
+            out = [0] * batch_size
+            for (rows, _), value in zip(parts, values):
+                for row, v in zip(rows.tolist(), value):
+                    out[row] = v
+            setattr(merged, name, out)
+        elif isinstance(values[0], list):
+            setattr(merged, name, [sum(column) for column in zip(*values)])
+        elif isinstance(values[0], (int, float)) and not isinstance(values[0], bool):
+            setattr(merged, name, sum(values))
+    return merged
+
+
+class SpeculativeStableDiffusionPipeline(StableDiffusionPipeline):
+    r"""Text-to-image generation with Stable Diffusion and speculative sampling.
+
+    Same components as [`StableDiffusionPipeline`], plus an optional ``draft_unet`` (a cheaper
+    ``UNet2DConditionModel`` trained on the same schedule and text encoder). ``scheduler`` is a
+    [`SpeculativeScheduler`] or a supported stochastic diffusers scheduler (DDPM, DDIM with
+    eta > 0, Euler ancestral, DPM-Solver++ SDE), which is wrapped.
+    """
+
+    _optional_components = ["safety_checker", "feature_extractor", "image_encoder", "draft_unet"]
+    _callback_tensor_inputs = ["latents", "steps"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: SchedulerMixin,
+        safety_checker: Any,
+        feature_extractor: CLIPImageProcessor,
+        image_encoder: Any = None,
+        requires_safety_checker: bool = True,
+        draft_unet: UNet2DConditionModel | None = None,
+    ):
+        super().__init__(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
+            requires_safety_checker=requires_safety_checker,
+        )
+        if not isinstance(self.scheduler, SpeculativeScheduler):
+            self.register_modules(scheduler=SpeculativeScheduler.from_scheduler(self.scheduler))
+        self.register_modules(draft_unet=draft_unet)
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """From a ``StableDiffusionPipeline``, sharing its components. Scheduler options
+        (``window``, ``frozen_prediction``, ``eta``) may be passed."""
+        options = {k: kwargs.pop(k) for k in ("window", "frozen_prediction", "eta", "use_clipped_model_output") if k in kwargs}
+        pipe = super().from_pipe(pipeline, **kwargs)
+        if options:
+            pipe.scheduler = SpeculativeScheduler.from_scheduler(pipe.scheduler, **options)
+        return pipe
+
+    def _guided_model(self, unet, prompt_embeds, negative_prompt_embeds, timestep_cond) -> Callable:
+        """``model_fn(latent_input, timesteps)`` for rows that share ``prompt_embeds[0]``: each
+        row is duplicated (unconditional, conditional) inside ONE network call and guided."""
+        cfg = self.do_classifier_free_guidance
+
+        def model_fn(latent_input: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            rows = latent_input.shape[0]
+            cond = prompt_embeds[:1].repeat(rows, 1, 1)
+            if cfg:
+                latent_input = torch.cat([latent_input] * 2)
+                t = torch.cat([t] * 2)
+                cond = torch.cat([negative_prompt_embeds[:1].repeat(rows, 1, 1), cond])
+            noise_pred = unet(
+                latent_input,
+                t,
+                encoder_hidden_states=cond,
+                timestep_cond=None if timestep_cond is None else timestep_cond[:1].repeat(rows, 1),
+                cross_attention_kwargs=self.cross_attention_kwargs,
+                return_dict=False,
+            )[0]
+            if cfg:
+                noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+                noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
+                if self.guidance_rescale > 0.0:
+                    noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale=self.guidance_rescale)
+            return noise_pred
+
+        return model_fn
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' convention)
+        window: int | None = None,
+        drafter: str | Callable | None = None,
+        draft_unet: UNet2DConditionModel | None = None,
+    ) -> SpeculativeStableDiffusionPipelineOutput | tuple:
+        r"""Generate images from text. Arguments as in ``StableDiffusionPipeline.__call__``
+        (IP-Adapter inputs are not supported), plus:
+
+        Args:
+            eta: DDIM's eta for this call (default: the scheduler's; must be > 0).
+            window: steps drafted per round (default: the scheduler's); 1 is the plain sampler.
+            drafter: ``"frozen"`` (default) or a draft model function
+                ``drafter(latent_input, timesteps) -> noise_pred`` (guidance already applied).
+            draft_unet: a cheaper ``UNet2DConditionModel`` as independent drafter (guided like
+                the target; defaults to the pipeline's ``draft_unet`` component, if any).
+            callback_on_step_end: called after every speculative round as
+                ``callback(pipe, step_index, timestep, {"latents": ..., "steps": ...})``.
+
+        Returns:
+            ``SpeculativeStableDiffusionPipelineOutput(images, nsfw_content_detected, stats)``
+            or the tuple ``(images, nsfw_content_detected, stats)``.
+
+        A batch of different prompts is sampled as one speculative run per prompt (rows of
+        one run must share their conditioning); ``window=1`` then still has the plain law,
+        but reproduces ``StableDiffusionPipeline``'s images only with a list of generators.
+        """
+        if not height or not width:
+            size = self.unet.config.sample_size
+            height, width = (size, size) if isinstance(size, int) else size
+            height, width = height * self.vae_scale_factor, width * self.vae_scale_factor
+        self.check_inputs(
+            prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds,
+            None, None, callback_on_step_end_tensor_inputs,
+        )  # fmt: skip
+        self._guidance_scale = guidance_scale
+        self._guidance_rescale = guidance_rescale
+        self._clip_skip = clip_skip
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._interrupt = False
+
+        if prompt is not None and isinstance(prompt, str):
+            batch_size = 1
+        elif prompt is not None:
+            batch_size = len(prompt)
+        else:
+            batch_size = prompt_embeds.shape[0]
+        device = self._execution_device
+
+        # 1. Text conditioning, exactly as the parent pipeline computes it.
+        lora_scale = self.cross_attention_kwargs.get("scale", None) if self.cross_attention_kwargs is not None else None
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            lora_scale=lora_scale, clip_skip=self.clip_skip,
+        )  # fmt: skip
+
+        # 2. Timesteps and initial latents (scaled by init_noise_sigma), as the parent does.
+        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
+        self._num_timesteps = len(timesteps)
+        total = batch_size * num_images_per_prompt
+        latents = self.prepare_latents(
+            total, self.unet.config.in_channels, height, width, prompt_embeds.dtype, device, generator, latents
+        )
+        timestep_cond = None
+        if self.unet.config.time_cond_proj_dim is not None:
+            guidance_scale_tensor = torch.tensor(self.guidance_scale - 1).repeat(total)
+            timestep_cond = self.get_guidance_scale_embedding(
+                guidance_scale_tensor, embedding_dim=self.unet.config.time_cond_proj_dim
+            ).to(device=device, dtype=latents.dtype)
+
+        # 3. The speculative sampler, one run per distinct conditioning.
+        draft_unet = draft_unet if draft_unet is not None else (None if drafter is not None else self.draft_unet)
+        if draft_unet is not None and drafter not in (None, "model"):
+            raise ValueError("pass either drafter= or draft_unet=, not both")
+        callback = round_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs, timesteps)
+        parts = []
+        for rows in condition_groups(prompt_embeds, negative_prompt_embeds):
+            first = rows[:1].to(device)
+            pick = lambda t: None if t is None else t[first]  # noqa: E731
+            args = (pick(prompt_embeds), pick(negative_prompt_embeds), pick(timestep_cond))
+            group_drafter = self._guided_model(draft_unet, *args) if draft_unet is not None else drafter
+            if isinstance(generator, list):
+                group_generator = [generator[i] for i in rows.tolist()]
+            else:
+                group_generator = generator
+            output = self.scheduler.sample(
+                self._guided_model(self.unet, *args),
+                latents[rows.to(device)],
+                generator=group_generator,
+                window=window,
+                drafter=group_drafter,
+                progress=progress_for(self),
+                callback=callback,
+                eta=eta,
+            )
+            latents[rows.to(device)] = output.sample
+            parts.append((rows, output.stats))
+        stats = merge_stats(parts, total)
+
+        # 4. Decode, safety check and post-process, as the parent does.
+        if output_type != "latent":
+            image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+            image, has_nsfw_concept = self.run_safety_checker(image, device, prompt_embeds.dtype)
+        else:
+            image, has_nsfw_concept = latents, None
+        do_denormalize = [True] * image.shape[0] if has_nsfw_concept is None else [not n for n in has_nsfw_concept]
+        image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image, has_nsfw_concept, stats)
+        return SpeculativeStableDiffusionPipelineOutput(images=image, nsfw_content_detected=has_nsfw_concept, stats=stats)

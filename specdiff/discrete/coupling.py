@@ -1,0 +1,128 @@
+"""The maximal coupling of two categorical step kernels (SPEC §4).
+
+A masked-diffusion step moves every position independently, so a whole step's law is a
+product ``K(y) = Π_i K_i(y_i)``. Notation (the paper's symbols on the right):
+
+    target_probs   K    the target's step kernel, ``[..., positions, states]`` per row
+    draft_probs    J    the drafter's step kernel, same shape
+    y                   a whole next state (one token per position)
+
+Step acceptance is joint, not per position: the drafted step ``y ~ J`` is accepted with
+probability ``min(1, K(y) / J(y))`` (Leviathan et al. 2023 / Chen et al. 2023, applied to a
+whole step), the largest possible ``1 - TV(K, J)``. On rejection the step is redrawn from
+the residual ``(K - J)+ / TV`` by rejection: propose ``y' ~ K``, accept with
+``max(0, 1 - J(y') / K(y'))``, repeat. The target probabilities are already known, so the
+loop costs no network call. Then
+
+    P(y) = J(y) min(1, K/J) + TV · (K - J)+(y) / TV = min(J, K)(y) + (K - J)+(y) = K(y).
+
+Everything is float64: products over many positions underflow early in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .scheduler import sample_categorical
+
+#: The residual loop gives up (with an error, never a biased sample) after this many
+#: proposals: it only happens when (K - J)+ has no mass left in float64.
+MAX_RESIDUAL_PROPOSALS = 1 << 24
+
+
+def log_prob(probs: Tensor, y: Tensor) -> Tensor:
+    """``log Π_i probs_i(y_i)`` per row: ``probs [B, *shape, S]``, ``y [B, *shape]`` -> ``[B]``."""
+    picked = probs.to(torch.float64).gather(-1, y.long().unsqueeze(-1)).squeeze(-1)
+    return picked.log().flatten(1).sum(1)
+
+
+def log_ratio(target_probs: Tensor, draft_probs: Tensor, y: Tensor) -> Tensor:
+    """``log K(y) - log J(y)`` per row, as a sum of per-position log-ratios.
+
+    Positions that are copied (probability 1 on both sides) and positions that stay MASK
+    (probability fixed by the shared schedule, bit-identical on both sides) add exactly 0,
+    so only newly unmasked positions contribute, and a step that unmasks nothing has a
+    ratio of exactly 1.
+    """
+    picked_k = target_probs.to(torch.float64).gather(-1, y.long().unsqueeze(-1)).squeeze(-1)
+    picked_j = draft_probs.to(torch.float64).gather(-1, y.long().unsqueeze(-1)).squeeze(-1)
+    per_position = torch.where(picked_k == picked_j, torch.zeros_like(picked_k), picked_k.log() - picked_j.log())
+    return per_position.flatten(1).sum(1)
+
+
+def step_acceptance_probability(target_probs: Tensor, draft_probs: Tensor, y: Tensor) -> Tensor:
+    """``min(1, K(y) / J(y))`` per row: the chance that a drafted step ``y ~ J`` is kept."""
+    r = log_ratio(target_probs, draft_probs, y).clamp(max=0).exp()
+    return torch.nan_to_num(r, nan=0.0)  # K(y) = J(y) = 0 cannot be drafted; never accept it
+
+
+def residual_acceptance_probability(target_probs: Tensor, draft_probs: Tensor, y: Tensor) -> Tensor:
+    """``max(0, 1 - J(y) / K(y))`` per row: the chance that a proposal ``y ~ K`` is kept by
+    the residual loop. ``K(y) · this`` is proportional to ``(K - J)+(y)``."""
+    ratio = (-log_ratio(target_probs, draft_probs, y)).exp()  # J/K; +inf where K = 0
+    return torch.nan_to_num((1 - ratio).clamp(min=0), nan=0.0)
+
+
+def sample_residual(
+    target_probs: Tensor,
+    draft_probs: Tensor,
+    generators: list[torch.Generator],
+    *,
+    first_block: int = 8,
+    max_block: int = 1024,
+) -> tuple[Tensor, Tensor]:
+    """Exact draws from ``(K - J)+ / TV``, one per row, by rejection.
+
+    ``target_probs`` / ``draft_probs``: ``[R, *shape, S]``; ``generators``: one private stream
+    per row. Each row draws blocks (8, 16, ... up to ``max_block``) of i.i.d. proposals
+    ``y' ~ K`` from its own stream, each with its own acceptance uniform, and keeps the first
+    accepted proposal in draw order. Blocking only batches the work: the first success of an
+    i.i.d. sequence has the same law whatever the block sizes, and a row's result depends on
+    its own stream only. The loop is never truncated (it raises instead, see
+    :data:`MAX_RESIDUAL_PROPOSALS`). Returns ``(y [R, *shape], proposals used [R])``.
+    """
+    rows, shape = target_probs.shape[0], target_probs.shape[1:-1]
+    if len(generators) != rows:
+        raise ValueError(f"need one generator per row: {len(generators)} for {rows} rows")
+    out = torch.empty((rows, *shape), dtype=torch.long, device=target_probs.device)
+    used = torch.zeros(rows, dtype=torch.long)
+    pending, block = torch.arange(rows), first_block
+    while pending.numel():
+        if int(used[pending].min()) >= MAX_RESIDUAL_PROPOSALS:
+            raise RuntimeError(
+                f"the rejection residual found no sample in {MAX_RESIDUAL_PROPOSALS} proposals: (K - J)+ has "
+                "(numerically) no mass although the drafted step was rejected; are the draft and target "
+                "kernels normalised and in float64?"
+            )
+        draws = [
+            (torch.rand((block, *shape), generator=generators[r], dtype=torch.float64),
+             torch.rand(block, generator=generators[r], dtype=torch.float64))
+            for r in pending.tolist()
+        ]
+        u = torch.stack([d[0] for d in draws]).to(target_probs.device)  # [P, block, *shape]
+        v = torch.stack([d[1] for d in draws]).to(target_probs.device)  # [P, block]
+        k = target_probs[pending.to(target_probs.device)].unsqueeze(1).expand(-1, block, *target_probs.shape[1:])
+        j = draft_probs[pending.to(draft_probs.device)].unsqueeze(1).expand_as(k)
+        proposals = sample_categorical(k, u)  # [P, block, *shape]
+        flat = (-1, *k.shape[2:])
+        keep = v.flatten() < residual_acceptance_probability(k.reshape(flat), j.reshape(flat), proposals.reshape(-1, *shape))
+        keep = keep.view(-1, block).cpu()
+        hit = keep.any(1)
+        first = keep.to(torch.int8).argmax(1)
+        done = pending[hit]
+        out[done.to(out.device)] = proposals[hit.to(proposals.device), first[hit].to(proposals.device)]
+        used[done] += first[hit] + 1
+        used[pending[~hit]] += block
+        pending, block = pending[~hit], min(2 * block, max_block)
+    return out, used
+
+
+def total_variation(target_probs: Tensor, draft_probs: Tensor, states: Tensor) -> Tensor:
+    """``TV(K, J) = ½ Σ_y |K(y) - J(y)|`` of ONE row's product kernels, by enumerating
+    ``states [M, *shape]`` (all next states; only for tiny spaces). ``1 - TV`` is the
+    chance that the joint coupling accepts a drafted step."""
+    m = states.shape[0]
+    k = log_prob(target_probs.expand(m, *target_probs.shape), states).exp()
+    j = log_prob(draft_probs.expand(m, *draft_probs.shape), states).exp()
+    return 0.5 * (k - j).abs().sum()

@@ -1,0 +1,106 @@
+"""DDPM ancestral step (Ho et al. 2020, eq. 6-7) for ``DDPMScheduler``.
+
+    x0      from the model output (epsilon / sample / v_prediction), then clipped or thresholded
+    mean    = sqrt(a_prev) * beta_t / (1 - a_t) * x0 + sqrt(alpha_t) * (1 - a_prev) / (1 - a_t) * x
+    std     = sqrt(posterior variance)  (fixed_small, fixed_small_log)  or  sqrt(beta_t)  (fixed_large)
+
+with ``alpha_t = a_t / a_prev``, ``beta_t = 1 - alpha_t``. ``t_prev`` is the next entry of
+``scheduler.timesteps`` (-1, i.e. ``a_prev = 1``, after the last), which is what diffusers'
+``previous_timestep`` does for every spacing and for custom timesteps. Noise is added only
+when the timestep ``t > 0`` (diffusers' rule), so a schedule ending at t = 0 ends with a
+deterministic step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import SchedulerAdapter, register_adapter, step_table, threshold_sample
+
+
+@register_adapter("DDPMScheduler", "DDPMParallelScheduler")
+class DDPMAdapter(SchedulerAdapter):
+    """Gaussian step of ``DDPMScheduler`` for variance types ``fixed_small``,
+    ``fixed_small_log`` and ``fixed_large``."""
+
+    @classmethod
+    def check(cls, scheduler, **options) -> None:
+        super().check(scheduler)
+        variance_type = scheduler.config.variance_type
+        if variance_type in ("learned", "learned_range"):
+            raise ValueError(
+                f"DDPMScheduler with variance_type={variance_type!r} is not supported: the network predicts the "
+                "step's variance, so the draft and target kernels have different std and the reflection coupling "
+                "(which needs one std fixed by the schedule) does not apply. Use variance_type='fixed_small' "
+                "(the posterior variance) or 'fixed_large'; the model's mean output is unchanged"
+            )
+        if variance_type == "fixed_large_log":
+            raise ValueError(
+                "DDPMScheduler with variance_type='fixed_large_log' is not supported: diffusers takes the square "
+                "root of a log-variance there, which is NaN at every step. Use variance_type='fixed_large' "
+                "(the same variance, beta_t, computed correctly)"
+            )
+        if variance_type not in ("fixed_small", "fixed_small_log", "fixed_large"):
+            raise ValueError(f"unknown DDPMScheduler variance_type {variance_type!r}")
+
+    def __init__(self, scheduler):
+        self.check(scheduler)
+        super().__init__(scheduler)
+        cfg = scheduler.config
+        self.clip_sample, self.clip_sample_range = cfg.clip_sample, cfg.clip_sample_range
+        self.thresholding = cfg.thresholding
+        self.dynamic_thresholding_ratio, self.sample_max_value = cfg.dynamic_thresholding_ratio, cfg.sample_max_value
+
+        alphas_cumprod = scheduler.alphas_cumprod.detach().cpu()
+        one = torch.tensor(1.0)
+        timesteps = [int(t) for t in self.timesteps]
+        sqrt_a, sqrt_b, coef_x0, coef_x, std = [], [], [], [], []
+        for k, t in enumerate(timesteps):
+            t_prev = timesteps[k + 1] if k + 1 < len(timesteps) else -1
+            # Same operations, in the same order, as DDPMScheduler.step / _get_variance.
+            a_t = alphas_cumprod[t]
+            a_prev = alphas_cumprod[t_prev] if t_prev >= 0 else one
+            b_t, b_prev = 1 - a_t, 1 - a_prev
+            alpha_t = a_t / a_prev
+            beta_t = 1 - alpha_t
+            sqrt_a.append(a_t**0.5)
+            sqrt_b.append(b_t**0.5)
+            coef_x0.append((a_prev ** (0.5) * beta_t) / b_t)
+            coef_x.append(alpha_t ** (0.5) * b_prev / b_t)
+            variance = torch.clamp((1 - a_prev) / (1 - a_t) * beta_t, min=1e-20)
+            if t == 0:
+                std.append(torch.zeros(()))
+            elif cfg.variance_type == "fixed_small":
+                std.append(variance**0.5)
+            elif cfg.variance_type == "fixed_small_log":
+                std.append(torch.exp(0.5 * torch.log(variance)))
+            else:  # fixed_large
+                std.append(beta_t**0.5)
+        self.sqrt_a, self.sqrt_b = step_table(sqrt_a), step_table(sqrt_b)
+        self.coef_x0, self.coef_x, self.std = step_table(coef_x0), step_table(coef_x), step_table(std)
+
+    def signal_and_noise(self, step: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        return self.rows(self.sqrt_a, step, like), self.rows(self.sqrt_b, step, like)
+
+    def x0_from_output(self, model_output: Tensor, x: Tensor, step: Tensor) -> Tensor:
+        """Predicted x0 (DDPM eq. 15), before clipping."""
+        sqrt_a, sqrt_b = self.signal_and_noise(step, x)
+        if self.prediction_type == "epsilon":
+            x0 = (x - sqrt_b * model_output) / sqrt_a
+        elif self.prediction_type == "sample":
+            x0 = model_output
+        else:  # v_prediction
+            x0 = sqrt_a * x - sqrt_b * model_output
+        return x0
+
+    def transition_from_x0(self, x: Tensor, step: Tensor, x0: Tensor) -> tuple[Tensor, Tensor]:
+        if self.thresholding:
+            x0 = threshold_sample(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
+        elif self.clip_sample:
+            x0 = x0.clamp(-self.clip_sample_range, self.clip_sample_range)
+        mean = self.rows(self.coef_x0, step, x) * x0 + self.rows(self.coef_x, step, x) * x
+        return mean, self.std[step.cpu()].to(x.device)
+
+    def transition(self, x: Tensor, step: Tensor, prediction: Tensor, previous: Tensor | None = None):
+        return self.transition_from_x0(x, step, self.x0_from_output(prediction, x, step))

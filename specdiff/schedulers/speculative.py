@@ -1,0 +1,296 @@
+"""``SpeculativeScheduler``: a diffusers scheduler that samples speculatively.
+
+It wraps a supported stochastic diffusers scheduler (DDPM, DDIM with eta > 0, Euler
+ancestral, DPM-Solver++ SDE) and keeps the wrapped scheduler's class name and config in
+its own config, so a pipeline holding it saves and reloads offline with
+``save_pretrained`` / ``from_pretrained``.
+
+Speculation needs the whole trajectory at once (several steps per network call), so it
+does not fit diffusers' one-step-at-a-time ``step()``. The wrapper therefore offers both:
+
+* :meth:`SpeculativeScheduler.sample` owns the speculative loop: give it the model as a
+  function ``model_fn(model_input, timesteps) -> model_output`` (one timestep per row) and
+  the initial latents; it returns ``SpeculativeOutput(sample, stats)``. Its output has
+  exactly the law of the wrapped scheduler's plain loop.
+* ``set_timesteps``, ``timesteps``, ``init_noise_sigma``, ``scale_model_input``,
+  ``add_noise`` and ``step`` delegate to the wrapped scheduler, so the wrapper stays a
+  drop-in in a plain diffusers loop (plain sequential sampling, no speculation; DDIM's
+  ``eta`` defaults to the wrapper's ``eta``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+
+import diffusers
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401 (diffusers' loader looks for this name)
+from torch import Tensor
+
+from ..drafters import Drafter
+from ..noise import GeneratorArg
+from ..sampler import SpeculativeOutput, sample_baseline, speculative_sample
+from .base import FROZEN_PREDICTIONS, ModelFn, SchedulerChain, adapter_class_for, check_scheduler_name
+
+_STEP_OPTIONS = ("eta", "use_clipped_model_output")
+
+
+def _json_safe(value):
+    """A scheduler config value as plain JSON data (it is stored inside our own config)."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _scheduler_config(scheduler) -> dict:
+    return {k: _json_safe(v) for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+
+
+class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
+    """Speculative sampling (De Bortoli et al. 2025) around a stochastic diffusers scheduler.
+
+    Build it with :meth:`from_scheduler`::
+
+        pipe.scheduler = SpeculativeScheduler.from_scheduler(pipe.scheduler, window=8)
+
+    Args:
+        base_scheduler_class: name of the wrapped diffusers scheduler class.
+        base_scheduler_config: its config (a plain dict).
+        window: steps drafted per round (L); 1 is the plain sampler.
+        drafter: ``"frozen"`` (reuse the target's last prediction; no network call). An
+            independent draft model is passed at call time (:meth:`sample`'s ``drafter``).
+        frozen_prediction: what the frozen drafter freezes: ``"sample"`` (predicted x0, the
+            default), ``"model_output"``, ``"epsilon"`` or ``"v_prediction"``. Changes acceptance
+            only, never the law (see :class:`~specdiff.schedulers.base.SchedulerChain`).
+        eta, use_clipped_model_output: DDIM's ``step()`` arguments (``eta > 0`` required).
+    """
+
+    config_name = "scheduler_config.json"
+    order = 1
+    _compatibles = []
+
+    @register_to_config
+    def __init__(
+        self,
+        base_scheduler_class: str = "DDPMScheduler",
+        base_scheduler_config: dict | None = None,
+        window: int = 8,
+        drafter: str = "frozen",
+        frozen_prediction: str = "sample",
+        eta: float | None = None,
+        use_clipped_model_output: bool | None = None,
+    ):
+        adapter_cls = check_scheduler_name(base_scheduler_class)  # before instantiating (torchsde etc.)
+        base_cls = getattr(diffusers, base_scheduler_class, None)
+        if base_cls is None or not issubclass(base_cls, SchedulerMixin):
+            raise ValueError(f"{base_scheduler_class!r} is not a diffusers scheduler class")
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise ValueError(f"window must be a positive integer (1 = plain sampler); got {window!r}")
+        if drafter != "frozen":
+            raise ValueError(
+                f"drafter={drafter!r}: the scheduler config only stores 'frozen'; pass a draft model to "
+                "sample(..., drafter=draft_model_fn) or to the pipeline (draft_unet=...)"
+            )
+        if frozen_prediction not in FROZEN_PREDICTIONS:
+            raise ValueError(f"frozen_prediction must be one of {FROZEN_PREDICTIONS}; got {frozen_prediction!r}")
+        self._base = base_cls.from_config(dict(base_scheduler_config or {}))
+        adapter_cls.check(self._base, **adapter_cls.accepted_options(self._step_options()))
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_scheduler(cls, scheduler, **options) -> SpeculativeScheduler:
+        """Wrap a diffusers scheduler (a copy of it, built from its config; the original is not
+        touched). ``options`` are this class's config arguments (``window``, ``drafter``,
+        ``frozen_prediction``, ``eta``, ``use_clipped_model_output``). Wrapping a
+        ``SpeculativeScheduler`` returns a new one with the options updated."""
+        if isinstance(scheduler, SpeculativeScheduler):
+            merged = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+            merged.update(options)
+            return cls(**merged)
+        unknown = sorted(set(options) - set(inspect.signature(cls.__init__).parameters) - {"self"})
+        if unknown:
+            raise TypeError(f"unknown SpeculativeScheduler option(s): {', '.join(unknown)}")
+        adapter_class_for(scheduler)  # a clear error for unsupported classes, before anything else
+        return cls(
+            base_scheduler_class=type(scheduler).__name__, base_scheduler_config=_scheduler_config(scheduler), **options
+        )
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """Load a SpeculativeScheduler config; a saved config of a plain diffusers scheduler
+        (``_class_name`` set) is wrapped. A live plain config has no class name: use
+        :meth:`from_scheduler` for it."""
+        if isinstance(config, Mapping):
+            name = config.get("_class_name")
+            if name not in (None, cls.__name__) and hasattr(diffusers, name):
+                options = {k: kwargs.pop(k) for k in list(kwargs) if k in inspect.signature(cls.__init__).parameters}
+                base = getattr(diffusers, name).from_config(config, **kwargs)
+                wrapped = cls.from_scheduler(base, **options)
+                return (wrapped, {}) if return_unused_kwargs else wrapped
+            if name is None and "base_scheduler_class" not in config and "base_scheduler_config" not in config:
+                if any(not k.startswith("_") for k in config):
+                    raise ValueError(
+                        "SpeculativeScheduler.from_config got the config of another scheduler; wrap the scheduler "
+                        "itself instead: SpeculativeScheduler.from_scheduler(pipe.scheduler, window=...)"
+                    )
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    # -- the wrapped scheduler ----------------------------------------------------------------
+
+    @property
+    def base_scheduler(self):
+        """The wrapped diffusers scheduler (live: ``set_timesteps`` acts on it)."""
+        return self._base
+
+    def _step_options(self, **overrides) -> dict:
+        options = {k: self.config[k] for k in _STEP_OPTIONS}
+        options.update({k: v for k, v in overrides.items() if v is not None})
+        return options
+
+    def __getattr__(self, name: str):
+        # Config attributes first (ConfigMixin's deprecated access), then the wrapped scheduler's
+        # attributes (sigmas, alphas_cumprod, step_index, ...), so the wrapper stays a drop-in.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_base")
+            if base is None or name.startswith("__"):
+                raise
+            return getattr(base, name)
+
+    def __len__(self) -> int:
+        return len(self._base)
+
+    @property
+    def timesteps(self) -> Tensor:
+        return self._base.timesteps
+
+    @property
+    def num_inference_steps(self) -> int | None:
+        return self._base.num_inference_steps
+
+    @property
+    def init_noise_sigma(self):
+        return self._base.init_noise_sigma
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None, **kwargs):
+        """The wrapped scheduler's ``set_timesteps`` (custom ``timesteps``/``sigmas`` if it accepts them)."""
+        if timesteps is not None:
+            kwargs["timesteps"] = timesteps
+        if sigmas is not None:
+            kwargs["sigmas"] = sigmas
+        if num_inference_steps is not None:
+            kwargs["num_inference_steps"] = num_inference_steps
+        return self._base.set_timesteps(device=device, **kwargs)
+
+    def scale_model_input(self, sample: Tensor, timestep=None) -> Tensor:
+        return self._base.scale_model_input(sample, timestep)
+
+    def step(self, model_output: Tensor, timestep, sample: Tensor, *args, **kwargs):
+        """One plain (non-speculative) step of the wrapped scheduler, so the wrapper works in an
+        ordinary diffusers loop. Speculative sampling runs through :meth:`sample` instead."""
+        parameters = inspect.signature(self._base.step).parameters
+        for name in _STEP_OPTIONS:
+            if name in parameters and name not in kwargs and self.config[name] is not None:
+                kwargs[name] = self.config[name]
+        return self._base.step(model_output, timestep, sample, *args, **kwargs)
+
+    # -- speculative sampling -----------------------------------------------------------------
+
+    def adapter(self, **step_options):
+        """The Gaussian-step adapter of the wrapped scheduler at its current timesteps."""
+        adapter_cls = adapter_class_for(self._base)
+        options = adapter_cls.accepted_options(self._step_options(**step_options))
+        adapter_cls.check(self._base, **options)
+        return adapter_cls(self._base, **options)
+
+    def chain(self, model_fn: ModelFn, frozen_prediction: str | None = None, **step_options) -> SchedulerChain:
+        """The :class:`specdiff.GaussianChain` of the wrapped scheduler driven by ``model_fn``
+        (for :func:`specdiff.sample_baseline` / :func:`specdiff.speculative_sample`)."""
+        frozen = frozen_prediction if frozen_prediction is not None else self.config.frozen_prediction
+        return SchedulerChain(self.adapter(**step_options), model_fn, frozen_prediction=frozen)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model_fn: ModelFn,
+        latents: Tensor,
+        *,
+        num_inference_steps: int | None = None,
+        generator: GeneratorArg = None,
+        window: int | None = None,
+        drafter: str | ModelFn | Drafter | None = None,
+        frozen_prediction: str | None = None,
+        progress: bool | Callable = False,
+        callback: Callable[[dict], None] | None = None,
+        **step_options,
+    ) -> SpeculativeOutput:
+        """Run the whole sampler speculatively from ``latents`` (already scaled by
+        ``init_noise_sigma``); returns ``SpeculativeOutput(sample, stats)``.
+
+        Args:
+            model_fn: ``model_fn(model_input, timesteps) -> model_output``, batched, one timestep
+                per row; it receives ``scale_model_input`` of the state.
+            num_inference_steps: if given, ``set_timesteps(num_inference_steps)`` first.
+            generator: one ``torch.Generator`` for the batch or a list, one per sample; the
+                step noise is drawn exactly as the wrapped scheduler draws it, so ``window=1``
+                reproduces its plain loop.
+            window: steps per round (default: the config's).
+            drafter: ``"frozen"`` (default), a draft model function with ``model_fn``'s signature
+                (an independent cheaper model with the same schedule), or a :class:`specdiff.Drafter`
+                working on the chain's predictions.
+            progress: ``True`` for a tqdm bar, or ``progress(total=) -> tqdm``-like.
+            callback: called after every round with ``{"round", "x", "step", "stats"}``.
+            step_options: DDIM's ``eta`` / ``use_clipped_model_output`` for this call.
+        """
+        if num_inference_steps is not None:
+            self.set_timesteps(num_inference_steps, device=latents.device)
+        chain = self.chain(model_fn, frozen_prediction=frozen_prediction, **step_options)
+        drafter = self.config.drafter if drafter is None else drafter
+        if drafter != "frozen" and not isinstance(drafter, Drafter):
+            if not callable(drafter):
+                raise TypeError(f"drafter must be 'frozen', a model function or a specdiff.Drafter; got {drafter!r}")
+            drafter = chain.drafter(drafter)
+        return speculative_sample(
+            chain,
+            latents,
+            window=self.config.window if window is None else window,
+            drafter=drafter,
+            generator=generator,
+            progress=progress,
+            callback=callback,
+        )
+
+    @torch.no_grad()
+    def sample_baseline(
+        self,
+        model_fn: ModelFn,
+        latents: Tensor,
+        *,
+        num_inference_steps: int | None = None,
+        generator: GeneratorArg = None,
+        progress: bool | Callable = False,
+        **step_options,
+    ) -> Tensor:
+        """The plain sequential sampler through the same adapter (one network call per step)."""
+        if num_inference_steps is not None:
+            self.set_timesteps(num_inference_steps, device=latents.device)
+        return sample_baseline(self.chain(model_fn, **step_options), latents, generator=generator, progress=progress)
+
+    def __repr__(self) -> str:
+        return (
+            f"SpeculativeScheduler({self.config.base_scheduler_class}, window={self.config.window}, "
+            f"drafter={self.config.drafter!r})\n{self.to_json_string()}"
+        )

@@ -1,0 +1,236 @@
+"""SpeculativeDDPMPipeline is a drop-in DDPMPipeline with the same law.
+
+Tiny randomly initialised UNets (no download): ``window=1`` gives DDPMPipeline's images
+bit for bit; ``window > 1`` passes a two-sample test against DDPMPipeline, with the frozen
+drafter and with a smaller draft UNet; the pipeline saves, reloads and loads as a diffusers
+custom pipeline offline.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, EulerAncestralDiscreteScheduler, UNet2DModel
+
+import specdiff
+from specdiff.pipelines import SpeculativeDDPMPipeline, SpeculativeImagePipelineOutput
+from specdiff.schedulers import SpeculativeScheduler
+from specdiff.testing import assert_same_law
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny convolutions on a shared CPU are fastest (and far less jittery) on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_unet(seed: int = 0, channels=(8, 16)) -> UNet2DModel:
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=channels, layers_per_block=1,
+        norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        add_attention=False,
+    ).eval()  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ddpm_pipe():
+    pipe = DDPMPipeline(unet=tiny_unet(0), scheduler=DDPMScheduler(num_train_timesteps=1000))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def spec_from(pipe, **options) -> SpeculativeDDPMPipeline:
+    spec = SpeculativeDDPMPipeline.from_pipe(pipe, **options)
+    spec.set_progress_bar_config(disable=True)
+    return spec
+
+
+# -- window = 1: the same images as DDPMPipeline -----------------------------------------------------
+
+
+@pytest.mark.parametrize("output_type", ["np", "pt"])
+def test_window_one_gives_ddpm_pipeline_images_batch_one(ddpm_pipe, output_type):
+    want = ddpm_pipe(batch_size=1, generator=torch.Generator().manual_seed(0), num_inference_steps=10, output_type=output_type).images
+    got = spec_from(ddpm_pipe)(
+        batch_size=1, generator=torch.Generator().manual_seed(0), num_inference_steps=10, output_type=output_type, window=1
+    ).images
+    assert type(got) is type(want) and got.shape == want.shape
+    assert (got == want).all(), "bit-identical images expected"
+
+
+def test_window_one_gives_ddpm_pipeline_images_with_a_generator_list(ddpm_pipe):
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (3, 4, 5)]  # noqa: E731
+    want = ddpm_pipe(batch_size=3, generator=gens(), num_inference_steps=10, output_type="np").images
+    got = spec_from(ddpm_pipe)(batch_size=3, generator=gens(), num_inference_steps=10, output_type="np", window=1).images
+    np.testing.assert_array_equal(got, want)
+
+
+def test_window_one_gives_ddpm_pipeline_images_with_one_generator_for_a_batch(ddpm_pipe):
+    want = ddpm_pipe(batch_size=4, generator=torch.Generator().manual_seed(7), num_inference_steps=10, output_type="np").images
+    got = spec_from(ddpm_pipe)(batch_size=4, generator=torch.Generator().manual_seed(7), num_inference_steps=10, output_type="np", window=1).images
+    np.testing.assert_array_equal(got, want)
+
+
+def test_pil_output_and_tuple_return(ddpm_pipe):
+    spec = spec_from(ddpm_pipe, window=3)
+    out = spec(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=6)
+    assert isinstance(out, SpeculativeImagePipelineOutput)
+    assert len(out.images) == 2 and out.images[0].size == (8, 8)
+    assert isinstance(out.stats, specdiff.SpeculativeStats) and out.stats.num_steps == 6
+    images, stats = spec(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=6, output_type="np", return_dict=False)
+    np.testing.assert_array_equal((images * 255).round().astype("uint8"), np.stack([np.asarray(im) for im in out.images]))
+    assert stats.target_calls == out.stats.target_calls
+
+
+# -- window > 1: the law of DDPMPipeline ---------------------------------------------------------------
+
+N_LAW = 2000
+STEPS_LAW = 10
+
+
+@pytest.fixture(scope="module")
+def ddpm_samples(ddpm_pipe):
+    return ddpm_pipe(batch_size=N_LAW, generator=torch.Generator().manual_seed(100), num_inference_steps=STEPS_LAW, output_type="pt").images
+
+
+@pytest.mark.parametrize("drafter", ["frozen", "draft_unet"])
+def test_speculative_images_have_the_law_of_ddpm_pipeline(ddpm_pipe, ddpm_samples, drafter):
+    spec = spec_from(ddpm_pipe, window=3)
+    kwargs = {"draft_unet": tiny_unet(1, channels=(4, 8))} if drafter == "draft_unet" else {"drafter": "frozen"}
+    out = spec(batch_size=N_LAW, generator=torch.Generator().manual_seed(200), num_inference_steps=STEPS_LAW, output_type="pt", **kwargs)
+    assert out.images.shape == ddpm_samples.shape
+    assert_same_law(out.images, ddpm_samples, alpha=1e-3)
+    stats = out.stats
+    assert stats.proposed > 0 and 0 < stats.acceptance_rate <= 1
+    assert (stats.draft_calls > 0) == (drafter == "draft_unet")
+
+
+# -- construction, from_pipe, save / load, custom pipeline ---------------------------------------------
+
+
+def test_constructor_wraps_a_plain_scheduler_and_accepts_a_speculative_one():
+    unet = tiny_unet(0)
+    pipe = SpeculativeDDPMPipeline(unet=unet, scheduler=DDPMScheduler(variance_type="fixed_large"))
+    assert isinstance(pipe.scheduler, SpeculativeScheduler)
+    assert pipe.scheduler.base_scheduler.config.variance_type == "fixed_large"
+    spec = SpeculativeScheduler.from_scheduler(DDPMScheduler(), window=2)
+    assert SpeculativeDDPMPipeline(unet=unet, scheduler=spec).scheduler is spec
+
+
+def test_from_pipe_shares_the_unet_and_sets_scheduler_options(ddpm_pipe):
+    spec = SpeculativeDDPMPipeline.from_pipe(ddpm_pipe, window=5)
+    assert spec.unet is ddpm_pipe.unet
+    assert isinstance(spec.scheduler, SpeculativeScheduler) and spec.scheduler.config.window == 5
+    assert isinstance(ddpm_pipe.scheduler, DDPMScheduler), "the original pipeline is untouched"
+
+
+def test_unsupported_scheduler_is_refused_with_a_clear_error():
+    from diffusers import PNDMScheduler
+
+    with pytest.raises(ValueError, match="deterministic"):
+        SpeculativeDDPMPipeline(unet=tiny_unet(0), scheduler=PNDMScheduler())
+
+
+def test_save_pretrained_round_trips_offline(tmp_path, ddpm_pipe):
+    spec = spec_from(ddpm_pipe, window=4)
+    spec.register_modules(draft_unet=tiny_unet(1, channels=(4, 8)))
+    spec.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["scheduler"] == ["specdiff.schedulers.speculative", "SpeculativeScheduler"]
+    assert (tmp_path / "draft_unet" / "config.json").exists()
+
+    loaded = SpeculativeDDPMPipeline.from_pretrained(tmp_path, local_files_only=True)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.scheduler.config.window == 4 and isinstance(loaded.draft_unet, UNet2DModel)
+    kwargs = dict(batch_size=2, num_inference_steps=5, output_type="np")
+    a = spec(generator=torch.Generator().manual_seed(0), **kwargs).images
+    b = loaded(generator=torch.Generator().manual_seed(0), **kwargs).images
+    np.testing.assert_allclose(a, b, atol=1e-5)  # reloaded UNet: same weights, may differ in the last bit
+
+
+def test_loads_as_a_diffusers_custom_pipeline_by_file_path(tmp_path, ddpm_pipe, monkeypatch):
+    import diffusers.utils.dynamic_modules_utils as dynamic
+
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))  # keep the copy local
+    ddpm_pipe.save_pretrained(tmp_path / "ddpm")
+    pipe = DiffusionPipeline.from_pretrained(
+        tmp_path / "ddpm",
+        custom_pipeline=str(ROOT / "pipelines" / "pipeline_speculative_ddpm.py"),
+        trust_remote_code=True,
+        local_files_only=True,
+    )
+    assert type(pipe).__name__ == "SpeculativeDDPMPipeline"
+    assert type(pipe.scheduler).__name__ == "SpeculativeScheduler"
+    pipe.set_progress_bar_config(disable=True)
+    # Compare with DDPMPipeline loaded from the same files: a UNet reloaded from disk can differ
+    # from the in-memory one in the last bit (same weights, different conv kernels picked).
+    plain = DDPMPipeline.from_pretrained(tmp_path / "ddpm", local_files_only=True)
+    plain.set_progress_bar_config(disable=True)
+    want = plain(generator=torch.Generator().manual_seed(1), num_inference_steps=5, output_type="np").images
+    got = pipe(generator=torch.Generator().manual_seed(1), num_inference_steps=5, output_type="np", window=1).images
+    np.testing.assert_array_equal(got, want)
+
+
+# -- progress bar, callbacks, drafters, other schedulers -------------------------------------------
+
+
+def test_progress_bar_is_silenced_by_set_progress_bar_config(ddpm_pipe, capsys):
+    spec = SpeculativeDDPMPipeline.from_pipe(ddpm_pipe, window=3)
+    spec.set_progress_bar_config(disable=True)
+    spec(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=5, output_type="np")
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == ""
+    spec.set_progress_bar_config(disable=False)
+    spec(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=5, output_type="np")
+    assert "10/10" in capsys.readouterr().err  # counted in sample-steps: 2 samples x 5 steps
+
+
+def test_callback_on_step_end_sees_every_round_and_cannot_change_latents(ddpm_pipe):
+    spec = spec_from(ddpm_pipe, window=3)
+    seen = []
+
+    def callback(pipe, i, t, kwargs):
+        seen.append((i, int(t), kwargs["latents"].shape, kwargs["steps"].tolist()))
+        return kwargs
+
+    out = spec(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=6, output_type="np",
+               callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents", "steps"])  # fmt: skip
+    assert len(seen) == out.stats.rounds
+    assert seen[-1][0] == 5 and seen[-1][3] == [6, 6] and seen[0][2] == (2, 3, 8, 8)
+
+    def meddler(pipe, i, t, kwargs):
+        return {"latents": kwargs["latents"] + 1}
+
+    with pytest.raises(ValueError, match="cannot take modified tensors"):
+        spec(batch_size=1, generator=torch.Generator().manual_seed(0), num_inference_steps=4, callback_on_step_end=meddler)
+
+
+def test_drafter_can_be_a_model_function(ddpm_pipe):
+    spec = spec_from(ddpm_pipe, window=3)
+    calls = []
+    draft = tiny_unet(2, channels=(4, 8))
+
+    def drafter(x, t):
+        calls.append(x.shape[0])
+        return draft(x, t).sample
+
+    out = spec(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=6, output_type="np", drafter=drafter)
+    assert calls and out.stats.draft_calls == len(calls)
+
+
+def test_other_stochastic_schedulers_run_in_the_pipeline():
+    pipe = SpeculativeDDPMPipeline(unet=tiny_unet(0), scheduler=EulerAncestralDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=5, output_type="np", window=2)
+    assert np.isfinite(out.images).all() and out.images.shape == (2, 8, 8, 3)
