@@ -1,18 +1,26 @@
 """Speculative diffusers pipelines, one per file (diffusers' convention).
 
 Each file also works on its own as a diffusers custom pipeline
-(``custom_pipeline="path/to/pipeline_xxx.py"``, ``trust_remote_code=True``).
+(``custom_pipeline="path/to/pipeline_xxx.py"``, ``trust_remote_code=True``). Pipelines
+with heavier dependencies (Stable Diffusion needs ``transformers``) are imported on first use.
 """
 
-from .pipeline_speculative_ddpm import SpeculativeDDPMPipeline, SpeculativeImagePipelineOutput
-from .pipeline_speculative_stable_diffusion import (
-    SpeculativeStableDiffusionPipeline,
-    SpeculativeStableDiffusionPipelineOutput,
-)
+from importlib import import_module
 
-__all__ = [
-    "SpeculativeDDPMPipeline",
-    "SpeculativeImagePipelineOutput",
-    "SpeculativeStableDiffusionPipeline",
-    "SpeculativeStableDiffusionPipelineOutput",
-]
+from .pipeline_speculative_ddpm import SpeculativeDDPMPipeline, SpeculativeImagePipelineOutput
+
+_LAZY = {
+    "SpeculativeStableDiffusionPipeline": "pipeline_speculative_stable_diffusion",
+    "SpeculativeStableDiffusionPipelineOutput": "pipeline_speculative_stable_diffusion",
+    "SpeculativeMaskedDiffusionPipeline": "pipeline_speculative_masked_diffusion",
+    "MaskedDiffusionPipelineOutput": "pipeline_speculative_masked_diffusion",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["SpeculativeDDPMPipeline", "SpeculativeImagePipelineOutput"] + list(_LAZY)

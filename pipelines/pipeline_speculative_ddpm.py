@@ -45,6 +45,7 @@ def round_callback(pipe, callback_on_step_end, tensor_inputs, timesteps):
         return None
     if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
         tensor_inputs = callback_on_step_end.tensor_inputs
+    tensor_inputs = tensor_inputs or ["latents"]
     unknown = [k for k in tensor_inputs if k not in pipe._callback_tensor_inputs]
     if unknown:
         raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} not in {pipe._callback_tensor_inputs}")
@@ -94,17 +95,20 @@ class SpeculativeDDPMPipeline(DiffusionPipeline):
     def from_pipe(cls, pipeline, **kwargs):
         """From a ``DDPMPipeline`` (or any pipeline with ``unet`` and ``scheduler``), sharing its
         components. Scheduler options (``window``, ``frozen_prediction``, ``eta``) may be passed."""
-        options = {k: kwargs.pop(k) for k in ("window", "frozen_prediction", "eta", "use_clipped_model_output") if k in kwargs}
+        options = {
+            k: kwargs.pop(k) for k in ("window", "frozen_prediction", "eta", "use_clipped_model_output") if k in kwargs
+        }
         pipe = super().from_pipe(pipeline, **kwargs)
         if options:
             pipe.scheduler = SpeculativeScheduler.from_scheduler(pipe.scheduler, **options)
         return pipe
 
     def _drafter(self, drafter, draft_unet):
-        draft_unet = draft_unet if draft_unet is not None else (None if drafter is not None else self.draft_unet)
+        if draft_unet is not None and drafter is not None:
+            raise ValueError("pass either drafter= or draft_unet=, not both")
+        if draft_unet is None and drafter is None:
+            draft_unet = self.draft_unet  # the pipeline's own draft model, if it has one
         if draft_unet is not None:
-            if drafter not in (None, "model"):
-                raise ValueError("pass either drafter= or draft_unet=, not both")
             return lambda x, t: draft_unet(x, t).sample
         return drafter  # None (the scheduler's: frozen), "frozen", a model function or a specdiff.Drafter
 
@@ -120,7 +124,7 @@ class SpeculativeDDPMPipeline(DiffusionPipeline):
         drafter: str | Callable | None = None,
         draft_unet: UNet2DModel | None = None,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' convention)
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> SpeculativeImagePipelineOutput | tuple:
         r"""Generate images.
 
@@ -140,7 +144,12 @@ class SpeculativeDDPMPipeline(DiffusionPipeline):
             ``SpeculativeImagePipelineOutput(images, stats)``, or ``(images, stats)``.
         """
         if isinstance(self.unet.config.sample_size, int):
-            shape = (batch_size, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
+            shape = (
+                batch_size,
+                self.unet.config.in_channels,
+                self.unet.config.sample_size,
+                self.unet.config.sample_size,
+            )
         else:
             shape = (batch_size, self.unet.config.in_channels, *self.unet.config.sample_size)
         device = self._execution_device
@@ -160,7 +169,9 @@ class SpeculativeDDPMPipeline(DiffusionPipeline):
             window=window,
             drafter=self._drafter(drafter, draft_unet),
             progress=progress_for(self),
-            callback=round_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs, self.scheduler.timesteps),
+            callback=round_callback(
+                self, callback_on_step_end, callback_on_step_end_tensor_inputs, self.scheduler.timesteps
+            ),
         )
 
         image = (output.sample / 2 + 0.5).clamp(0, 1)

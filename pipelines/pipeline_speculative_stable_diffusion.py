@@ -130,7 +130,9 @@ class SpeculativeStableDiffusionPipeline(StableDiffusionPipeline):
     def from_pipe(cls, pipeline, **kwargs):
         """From a ``StableDiffusionPipeline``, sharing its components. Scheduler options
         (``window``, ``frozen_prediction``, ``eta``) may be passed."""
-        options = {k: kwargs.pop(k) for k in ("window", "frozen_prediction", "eta", "use_clipped_model_output") if k in kwargs}
+        options = {
+            k: kwargs.pop(k) for k in ("window", "frozen_prediction", "eta", "use_clipped_model_output") if k in kwargs
+        }
         pipe = super().from_pipe(pipeline, **kwargs)
         if options:
             pipe.scheduler = SpeculativeScheduler.from_scheduler(pipe.scheduler, **options)
@@ -188,7 +190,7 @@ class SpeculativeStableDiffusionPipeline(StableDiffusionPipeline):
         guidance_rescale: float = 0.0,
         clip_skip: int | None = None,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' convention)
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
         window: int | None = None,
         drafter: str | Callable | None = None,
         draft_unet: UNet2DConditionModel | None = None,
@@ -245,7 +247,9 @@ class SpeculativeStableDiffusionPipeline(StableDiffusionPipeline):
         )  # fmt: skip
 
         # 2. Timesteps and initial latents (scaled by init_noise_sigma), as the parent does.
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, timesteps, sigmas
+        )
         self._num_timesteps = len(timesteps)
         total = batch_size * num_images_per_prompt
         latents = self.prepare_latents(
@@ -259,15 +263,15 @@ class SpeculativeStableDiffusionPipeline(StableDiffusionPipeline):
             ).to(device=device, dtype=latents.dtype)
 
         # 3. The speculative sampler, one run per distinct conditioning.
-        draft_unet = draft_unet if draft_unet is not None else (None if drafter is not None else self.draft_unet)
-        if draft_unet is not None and drafter not in (None, "model"):
+        if draft_unet is not None and drafter is not None:
             raise ValueError("pass either drafter= or draft_unet=, not both")
+        if draft_unet is None and drafter is None:
+            draft_unet = self.draft_unet  # the pipeline's own draft model, if it has one
         callback = round_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs, timesteps)
         parts = []
         for rows in condition_groups(prompt_embeds, negative_prompt_embeds):
             first = rows[:1].to(device)
-            pick = lambda t: None if t is None else t[first]  # noqa: E731
-            args = (pick(prompt_embeds), pick(negative_prompt_embeds), pick(timestep_cond))
+            args = [None if c is None else c[first] for c in (prompt_embeds, negative_prompt_embeds, timestep_cond)]
             group_drafter = self._guided_model(draft_unet, *args) if draft_unet is not None else drafter
             if isinstance(generator, list):
                 group_generator = [generator[i] for i in rows.tolist()]
@@ -298,4 +302,6 @@ class SpeculativeStableDiffusionPipeline(StableDiffusionPipeline):
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image, has_nsfw_concept, stats)
-        return SpeculativeStableDiffusionPipelineOutput(images=image, nsfw_content_detected=has_nsfw_concept, stats=stats)
+        return SpeculativeStableDiffusionPipelineOutput(
+            images=image, nsfw_content_detected=has_nsfw_concept, stats=stats
+        )

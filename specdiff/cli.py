@@ -59,7 +59,7 @@ def _load_pipeline(model: str, device: str):
         pipe = SpeculativeDDPMPipeline.from_pipe(base)
     except (ValueError, TypeError) as err:
         raise CLIError(f"{model}: {err}") from err
-    return pipe.to(torch.device(device))
+    return pipe if torch.device(device).type == "cpu" else pipe.to(torch.device(device))
 
 
 def _save_grid(images, path: Path) -> None:

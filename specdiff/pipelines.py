@@ -1,19 +1,16 @@
 """The speculative diffusers pipelines, as ``specdiff.pipelines.<Name>``.
 
 They live in the top-level ``pipelines`` package (one file per pipeline, so each file also
-loads as a diffusers custom pipeline); this module re-exports them.
+loads as a diffusers custom pipeline); this module forwards to it. Pipelines with heavier
+dependencies (Stable Diffusion needs ``transformers``) are imported on first use.
 """
 
-from pipelines import (  # noqa: F401
-    SpeculativeDDPMPipeline,
-    SpeculativeImagePipelineOutput,
-    SpeculativeStableDiffusionPipeline,
-    SpeculativeStableDiffusionPipelineOutput,
-)
+import pipelines as _pipelines
 
-__all__ = [
-    "SpeculativeDDPMPipeline",
-    "SpeculativeImagePipelineOutput",
-    "SpeculativeStableDiffusionPipeline",
-    "SpeculativeStableDiffusionPipelineOutput",
-]
+__all__ = list(_pipelines.__all__)
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        return getattr(_pipelines, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -258,12 +258,18 @@ def train_classifier(args, out: Path, generator: torch.Generator) -> dict:
     }
 
 
-def train_ddpm(args, out: Path, generator: torch.Generator) -> dict:
-    reseed("ddpm", args.seed, generator)
+def train_ddpm(args, out: Path, generator: torch.Generator, previous: Optional[dict] = None) -> dict:
+    """Train the target UNet; with ``--resume``, continue from the saved (EMA) weights."""
+    path = out / DDPM_DIR
+    done = previous.get("iters", 0) if (args.resume and previous) else 0
+    if args.resume and not (path / "unet").exists():
+        raise FileNotFoundError(f"--resume needs a saved pipeline at {path}")
+    # a resumed run draws fresh batches: offset the seed by the iterations already done
+    reseed("ddpm", args.seed + done, generator)
     x_train, _ = load_digits_images("train")
     x_test, _ = load_digits_images("test")
     scheduler = make_scheduler()
-    model = make_target_unet()
+    model = UNet2DModel.from_pretrained(path / "unet") if args.resume else make_target_unet()
     ema = EMA(model, decay=args.ema_decay)
     iters = args.ddpm_iters
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
@@ -288,16 +294,19 @@ def train_ddpm(args, out: Path, generator: torch.Generator) -> dict:
     wall = time.time() - start
     ema.copy_to(model)
     model.eval()
-    path = out / DDPM_DIR
     DDPMPipeline(unet=model, scheduler=scheduler).save_pretrained(path, safe_serialization=True)
     test_mse = eps_mse(model, None, x_test, scheduler, torch.Generator().manual_seed(args.seed), args.metric_repeats)
+    phase = {"iters": iters, "lr": args.lr, "wall_clock_s": round(wall, 1), "final_loss": _tail_mean(losses)}
+    phases = (previous.get("phases") or [_phase_of(previous)]) if done else []
+    phases = phases + [phase]
     return {
-        "iters": iters,
+        "iters": done + iters,
+        "phases": phases,
         "batch_size": args.batch_size,
         "lr": args.lr,
         "ema_decay": args.ema_decay,
-        "wall_clock_s": round(wall, 1),
-        "final_loss": _tail_mean(losses),
+        "wall_clock_s": round(sum(p["wall_clock_s"] for p in phases), 1),
+        "final_loss": phase["final_loss"],
         "test_eps_mse": test_mse,
         "params": n_params(model),
         "flops_per_sample": flops_per_sample(model, x_test[:1], torch.tensor([500])),
@@ -411,6 +420,10 @@ def _save_grid(samples: torch.Tensor, path: str, nrow: int = 16) -> None:
     Image.fromarray(grid.numpy()).resize((nrow * w * 4, n // nrow * h * 4), Image.NEAREST).save(path)
 
 
+def _phase_of(summary: dict) -> dict:
+    return {k: summary[k] for k in ("iters", "lr", "wall_clock_s", "final_loss")}
+
+
 def _tail_mean(values: List[float], n: int = 100) -> float:
     tail = values[-n:]
     return float(sum(tail) / max(1, len(tail)))
@@ -425,6 +438,14 @@ def _fmt_size(n: int) -> str:
 
 def _files_table(files: Dict[str, int]) -> str:
     return ", ".join(f"`{k}` ({_fmt_size(v)})" for k, v in files.items() if k.endswith(".safetensors"))
+
+
+def _phases_text(d: dict) -> str:
+    phases = d.get("phases") or []
+    if len(phases) < 2:
+        return ""
+    parts = [f"{p['iters']} at peak lr {p['lr']}" for p in phases]
+    return " (" + ", then resumed for ".join(parts) + ", each with its own warm-up and cosine decay)"
 
 
 def write_model_card(out: Path, summary: dict) -> None:
@@ -452,7 +473,10 @@ def write_model_card(out: Path, summary: dict) -> None:
             )
     lines += ["", "## Training", ""]
     lines += [
-        f"Command: `{summary['command']}`  ",
+        "Commands, run in this order from the repository root:",
+        "",
+        *[f"    {cmd}" for cmd in summary["commands"]],
+        "",
         f"Seed {summary['seed']}, {summary['threads']} CPU thread(s), torch {summary['torch']}, "
         f"diffusers {summary['diffusers']}. Each stage reseeds one `torch.Generator` from the seed, "
         "so `--only STAGE` reproduces that stage of a full run. "
@@ -469,7 +493,7 @@ def write_model_card(out: Path, summary: dict) -> None:
             "attention only in the 4x4 block)`, schedule `" + sched + "`. "
             f"Epsilon-MSE objective, AdamW lr {d['lr']} (warm-up + cosine decay), batch {d['batch_size']}, "
             f"random +-1 px shifts (no flips), EMA {d['ema_decay']} (EMA weights saved). "
-            f"{d['iters']} iterations in {d['wall_clock_s'] / 60:.1f} min; final training loss "
+            f"{d['iters']} iterations{_phases_text(d)} in {d['wall_clock_s'] / 60:.1f} min; final training loss "
             f"(mean of last 100 iterations) {d['final_loss']:.4f}; eps-MSE on the test split {d['test_eps_mse']:.4f}.",
             "",
         ]
@@ -547,7 +571,10 @@ def build_parser() -> argparse.ArgumentParser:
         )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    p.add_argument("--only", choices=STAGES, default=None, help="train only this stage")
+    p.add_argument("--only", choices=(*STAGES, "eval"), default=None,
+                   help="run only this stage ('eval': only sample and measure quality)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue training the ddpm stage from the pipeline saved in --out")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the UNets")
     p.add_argument("--ema-decay", type=float, default=0.998)
@@ -575,22 +602,28 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
     summary_path = out / SUMMARY_FILE
     summary = json.loads(summary_path.read_text()) if (args.only and summary_path.exists()) else {}
+    command = "python -m specdiff.train " + " ".join(argv)
     summary.update(
-        command="python -m specdiff.train " + " ".join(argv),
+        commands=summary.get("commands", []) + [command],
         seed=args.seed,
         threads=args.threads,
         torch=torch.__version__,
         diffusers=_diffusers_version(),
     )
     generator = torch.Generator()
-    stages = [args.only] if args.only else list(STAGES)
-    train_fns = {"classifier": train_classifier, "ddpm": train_ddpm, "draft": train_draft}
+    stages = list(STAGES) if args.only is None else [] if args.only == "eval" else [args.only]
     for stage in stages:
-        summary[stage] = train_fns[stage](args, out, generator)
+        if stage == "ddpm":
+            summary[stage] = train_ddpm(args, out, generator, summary.get("ddpm"))
+        else:
+            summary[stage] = {"classifier": train_classifier, "draft": train_draft}[stage](args, out, generator)
         _write_json(summary_path, summary)
-    if args.eval_samples > 0 and (out / DDPM_DIR).exists() and (out / CLASSIFIER_DIR).exists():
-        if args.only in (None, "ddpm", "classifier"):
-            summary["eval"] = evaluate_samples(args, out, generator)
+    run_eval = args.only in (None, "eval") or (args.only == "ddpm" and args.eval_samples > 0)
+    if run_eval and args.eval_samples > 0:
+        for needed in (DDPM_DIR, CLASSIFIER_DIR):
+            if not (out / needed).exists():
+                raise FileNotFoundError(f"evaluation needs {out / needed}")
+        summary["eval"] = evaluate_samples(args, out, generator)
     _write_json(summary_path, summary)
     write_model_card(out, summary)
     _print_summary(summary)

@@ -108,6 +108,15 @@ def test_train_smoke_run_saves_loadable_diffusers_folders(tmp_path):
     logits = clf(torch.zeros(3, 1, 16, 16))
     assert logits.shape == (3, 10) and clf.features(torch.zeros(3, 1, 16, 16)).shape == (3, 64)
 
+    # resuming the ddpm stage adds iterations; --only eval samples and scores the pipeline
+    quick = ["--out", str(out), "--iters", "1", "--metric-repeats", "1"]
+    summary = train.main([*quick, "--only", "ddpm", "--resume", "--eval-samples", "0"])
+    assert summary["ddpm"]["iters"] == 4 and len(summary["ddpm"]["phases"]) == 2
+    summary = train.main([*quick, "--only", "eval", "--eval-samples", "3", "--eval-steps", "2"])
+    assert 0.0 <= summary["eval"]["confident_fraction_0.9"] <= 1.0
+    assert summary["eval"]["digit_fd_vs_test"] >= 0.0
+    assert len(summary["commands"]) == 3
+
 
 def test_train_only_stage_reproduces_the_same_weights(tmp_path):
     args = ["--iters", "2", "--seed", "3", "--eval-samples", "0", "--metric-repeats", "1", "--only", "classifier"]

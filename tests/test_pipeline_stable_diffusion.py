@@ -26,15 +26,6 @@ from specdiff.schedulers import SpeculativeScheduler
 from specdiff.testing import assert_same_law
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions on a shared CPU are fastest (and far less jittery) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 MAX_TOKENS = 12
 
 
@@ -76,11 +67,15 @@ def sd_components(scheduler) -> dict:
 
 
 def ddpm_scheduler():
-    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)
+    return DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1
+    )
 
 
 def euler_scheduler():
-    return EulerAncestralDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    return EulerAncestralDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    )
 
 
 SCHEDULERS = {"ddpm": ddpm_scheduler, "euler-ancestral": euler_scheduler}
@@ -115,8 +110,10 @@ def test_window_one_gives_stable_diffusion_images_batch_one(scheduler):
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_window_one_gives_stable_diffusion_images_with_a_generator_list(scheduler):
     base = sd_pipe(SCHEDULERS[scheduler]())
-    gens = lambda: [torch.Generator().manual_seed(s) for s in (1, 2, 3)]  # noqa: E731
-    kwargs = dict(prompt="a red fox", negative_prompt="blur", num_images_per_prompt=3, num_inference_steps=5, output_type="np")
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    kwargs = dict(
+        prompt="a red fox", negative_prompt="blur", num_images_per_prompt=3, num_inference_steps=5, output_type="np"
+    )
     want = base(generator=gens(), **kwargs).images
     got = speculative(base)(generator=gens(), window=1, **kwargs).images
     np.testing.assert_array_equal(got, want)
@@ -124,7 +121,7 @@ def test_window_one_gives_stable_diffusion_images_with_a_generator_list(schedule
 
 def test_different_prompts_run_one_group_each_and_keep_stable_diffusion_images():
     base = sd_pipe(ddpm_scheduler())
-    gens = lambda: [torch.Generator().manual_seed(s) for s in (4, 5, 6, 7)]  # noqa: E731
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (4, 5, 6, 7)]
     kwargs = dict(prompt=["a cat", "a dog"], num_images_per_prompt=2, num_inference_steps=5, output_type="np")
     want = base(generator=gens(), **kwargs).images
     out = speculative(base)(generator=gens(), window=1, **kwargs)
@@ -138,7 +135,9 @@ def test_prompt_embeds_are_accepted_in_place_of_prompts():
     embeds, negative = spec.encode_prompt("a red fox", "cpu", 1, True, "blur")
     common = dict(num_inference_steps=5, output_type="np", guidance_scale=5.0)
     a = spec(prompt="a red fox", negative_prompt="blur", generator=torch.Generator().manual_seed(0), **common).images
-    b = spec(prompt_embeds=embeds, negative_prompt_embeds=negative, generator=torch.Generator().manual_seed(0), **common).images
+    b = spec(
+        prompt_embeds=embeds, negative_prompt_embeds=negative, generator=torch.Generator().manual_seed(0), **common
+    ).images
     np.testing.assert_array_equal(a, b)
 
 
@@ -148,7 +147,7 @@ def test_prompt_embeds_are_accepted_in_place_of_prompts():
 @pytest.mark.parametrize("drafter", ["frozen", "draft_unet"])
 def test_speculative_latents_have_the_law_of_stable_diffusion(drafter):
     base = sd_pipe(euler_scheduler())
-    n, kwargs = 1000, dict(prompt="a red fox", num_inference_steps=8, guidance_scale=4.0, output_type="latent")
+    n, kwargs = 500, dict(prompt="a red fox", num_inference_steps=6, guidance_scale=4.0, output_type="latent")
     want = base(num_images_per_prompt=n, generator=torch.Generator().manual_seed(10), **kwargs).images
     spec = speculative(base, window=3)
     extra = {"draft_unet": tiny_unet(1, channels=(4, 4))} if drafter == "draft_unet" else {}
@@ -200,3 +199,21 @@ def test_pil_output_and_tuple_return():
     assert out.images[0].size == (8, 8)
     images, nsfw, stats = spec(prompt="a fox", num_inference_steps=3, output_type="np", return_dict=False)
     assert images.shape == (1, 8, 8, 3) and nsfw is None and stats.num_steps == 3
+
+
+def test_loads_as_a_diffusers_custom_pipeline_by_file_path(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import diffusers.utils.dynamic_modules_utils as dynamic
+    from diffusers import DiffusionPipeline
+
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))  # keep the copy local
+    sd_pipe(ddpm_scheduler()).save_pretrained(tmp_path / "sd")
+    path = Path(__file__).resolve().parents[1] / "pipelines" / "pipeline_speculative_stable_diffusion.py"
+    pipe = DiffusionPipeline.from_pretrained(
+        tmp_path / "sd", custom_pipeline=str(path), trust_remote_code=True, local_files_only=True
+    )
+    assert type(pipe).__name__ == "SpeculativeStableDiffusionPipeline"
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a fox", num_inference_steps=3, output_type="np", window=2, generator=torch.Generator().manual_seed(0))
+    assert np.isfinite(out.images).all() and out.stats.num_steps == 3

@@ -22,15 +22,6 @@ from specdiff.schedulers import SpeculativeScheduler
 from specdiff.testing import assert_same_law
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions on a shared CPU are fastest (and far less jittery) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -61,24 +52,36 @@ def spec_from(pipe, **options) -> SpeculativeDDPMPipeline:
 
 @pytest.mark.parametrize("output_type", ["np", "pt"])
 def test_window_one_gives_ddpm_pipeline_images_batch_one(ddpm_pipe, output_type):
-    want = ddpm_pipe(batch_size=1, generator=torch.Generator().manual_seed(0), num_inference_steps=10, output_type=output_type).images
+    want = ddpm_pipe(
+        batch_size=1, generator=torch.Generator().manual_seed(0), num_inference_steps=10, output_type=output_type
+    ).images
     got = spec_from(ddpm_pipe)(
-        batch_size=1, generator=torch.Generator().manual_seed(0), num_inference_steps=10, output_type=output_type, window=1
+        batch_size=1,
+        generator=torch.Generator().manual_seed(0),
+        num_inference_steps=10,
+        output_type=output_type,
+        window=1,
     ).images
     assert type(got) is type(want) and got.shape == want.shape
     assert (got == want).all(), "bit-identical images expected"
 
 
 def test_window_one_gives_ddpm_pipeline_images_with_a_generator_list(ddpm_pipe):
-    gens = lambda: [torch.Generator().manual_seed(s) for s in (3, 4, 5)]  # noqa: E731
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (3, 4, 5)]
     want = ddpm_pipe(batch_size=3, generator=gens(), num_inference_steps=10, output_type="np").images
-    got = spec_from(ddpm_pipe)(batch_size=3, generator=gens(), num_inference_steps=10, output_type="np", window=1).images
+    got = spec_from(ddpm_pipe)(
+        batch_size=3, generator=gens(), num_inference_steps=10, output_type="np", window=1
+    ).images
     np.testing.assert_array_equal(got, want)
 
 
 def test_window_one_gives_ddpm_pipeline_images_with_one_generator_for_a_batch(ddpm_pipe):
-    want = ddpm_pipe(batch_size=4, generator=torch.Generator().manual_seed(7), num_inference_steps=10, output_type="np").images
-    got = spec_from(ddpm_pipe)(batch_size=4, generator=torch.Generator().manual_seed(7), num_inference_steps=10, output_type="np", window=1).images
+    want = ddpm_pipe(
+        batch_size=4, generator=torch.Generator().manual_seed(7), num_inference_steps=10, output_type="np"
+    ).images
+    got = spec_from(ddpm_pipe)(
+        batch_size=4, generator=torch.Generator().manual_seed(7), num_inference_steps=10, output_type="np", window=1
+    ).images
     np.testing.assert_array_equal(got, want)
 
 
@@ -88,8 +91,16 @@ def test_pil_output_and_tuple_return(ddpm_pipe):
     assert isinstance(out, SpeculativeImagePipelineOutput)
     assert len(out.images) == 2 and out.images[0].size == (8, 8)
     assert isinstance(out.stats, specdiff.SpeculativeStats) and out.stats.num_steps == 6
-    images, stats = spec(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=6, output_type="np", return_dict=False)
-    np.testing.assert_array_equal((images * 255).round().astype("uint8"), np.stack([np.asarray(im) for im in out.images]))
+    images, stats = spec(
+        batch_size=2,
+        generator=torch.Generator().manual_seed(0),
+        num_inference_steps=6,
+        output_type="np",
+        return_dict=False,
+    )
+    np.testing.assert_array_equal(
+        (images * 255).round().astype("uint8"), np.stack([np.asarray(im) for im in out.images])
+    )
     assert stats.target_calls == out.stats.target_calls
 
 
@@ -101,14 +112,22 @@ STEPS_LAW = 10
 
 @pytest.fixture(scope="module")
 def ddpm_samples(ddpm_pipe):
-    return ddpm_pipe(batch_size=N_LAW, generator=torch.Generator().manual_seed(100), num_inference_steps=STEPS_LAW, output_type="pt").images
+    return ddpm_pipe(
+        batch_size=N_LAW, generator=torch.Generator().manual_seed(100), num_inference_steps=STEPS_LAW, output_type="pt"
+    ).images
 
 
 @pytest.mark.parametrize("drafter", ["frozen", "draft_unet"])
 def test_speculative_images_have_the_law_of_ddpm_pipeline(ddpm_pipe, ddpm_samples, drafter):
     spec = spec_from(ddpm_pipe, window=3)
     kwargs = {"draft_unet": tiny_unet(1, channels=(4, 8))} if drafter == "draft_unet" else {"drafter": "frozen"}
-    out = spec(batch_size=N_LAW, generator=torch.Generator().manual_seed(200), num_inference_steps=STEPS_LAW, output_type="pt", **kwargs)
+    out = spec(
+        batch_size=N_LAW,
+        generator=torch.Generator().manual_seed(200),
+        num_inference_steps=STEPS_LAW,
+        output_type="pt",
+        **kwargs,
+    )
     assert out.images.shape == ddpm_samples.shape
     assert_same_law(out.images, ddpm_samples, alpha=1e-3)
     stats = out.stats
@@ -213,7 +232,12 @@ def test_callback_on_step_end_sees_every_round_and_cannot_change_latents(ddpm_pi
         return {"latents": kwargs["latents"] + 1}
 
     with pytest.raises(ValueError, match="cannot take modified tensors"):
-        spec(batch_size=1, generator=torch.Generator().manual_seed(0), num_inference_steps=4, callback_on_step_end=meddler)
+        spec(
+            batch_size=1,
+            generator=torch.Generator().manual_seed(0),
+            num_inference_steps=4,
+            callback_on_step_end=meddler,
+        )
 
 
 def test_drafter_can_be_a_model_function(ddpm_pipe):
@@ -225,12 +249,20 @@ def test_drafter_can_be_a_model_function(ddpm_pipe):
         calls.append(x.shape[0])
         return draft(x, t).sample
 
-    out = spec(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=6, output_type="np", drafter=drafter)
+    out = spec(
+        batch_size=2,
+        generator=torch.Generator().manual_seed(0),
+        num_inference_steps=6,
+        output_type="np",
+        drafter=drafter,
+    )
     assert calls and out.stats.draft_calls == len(calls)
 
 
 def test_other_stochastic_schedulers_run_in_the_pipeline():
     pipe = SpeculativeDDPMPipeline(unet=tiny_unet(0), scheduler=EulerAncestralDiscreteScheduler())
     pipe.set_progress_bar_config(disable=True)
-    out = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=5, output_type="np", window=2)
+    out = pipe(
+        batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=5, output_type="np", window=2
+    )
     assert np.isfinite(out.images).all() and out.images.shape == (2, 8, 8, 3)

@@ -29,15 +29,6 @@ from specdiff import sample_baseline, speculative_sample
 from specdiff.schedulers import SchedulerChain, SpeculativeScheduler, adapter_for, supported_schedulers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions on a shared CPU are fastest (and far less jittery) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 SHAPE = (2, 3, 4, 4)
 
 
@@ -69,7 +60,12 @@ CASES = []
 for variance in ("fixed_small", "fixed_small_log", "fixed_large"):
     for prediction in ("epsilon", "sample", "v_prediction"):
         CASES.append(
-            (f"ddpm-{variance}-{prediction}", lambda v=variance, p=prediction: ddpm(variance_type=v, prediction_type=p), {"num_inference_steps": 10}, {})
+            (
+                f"ddpm-{variance}-{prediction}",
+                lambda v=variance, p=prediction: ddpm(variance_type=v, prediction_type=p),
+                {"num_inference_steps": 10},
+                {},
+            )
         )
 CASES += [
     ("ddpm-no-clip", lambda: ddpm(clip_sample=False), {"num_inference_steps": 10}, {}),
@@ -79,38 +75,109 @@ CASES += [
     ("ddpm-trailing-13", lambda: ddpm(timestep_spacing="trailing"), {"num_inference_steps": 13}, {}),
     ("ddpm-linspace-13", lambda: ddpm(timestep_spacing="linspace"), {"num_inference_steps": 13}, {}),
     ("ddpm-custom-timesteps", lambda: ddpm(), {"timesteps": [999, 800, 650, 401, 200, 57, 10, 0]}, {}),
-    ("ddpm-cosine-zero-snr-v", lambda: ddpm(beta_schedule="squaredcos_cap_v2", rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"), {"num_inference_steps": 10}, {}),
+    (
+        "ddpm-cosine-zero-snr-v",
+        lambda: ddpm(
+            beta_schedule="squaredcos_cap_v2",
+            rescale_betas_zero_snr=True,
+            prediction_type="v_prediction",
+            timestep_spacing="trailing",
+        ),
+        {"num_inference_steps": 10},
+        {},
+    ),
     ("ddpm-all-train-steps", lambda: DDPMScheduler(num_train_timesteps=40), {}, {}),
 ]
 for eta in (1.0, 0.5):
     for prediction in ("epsilon", "sample", "v_prediction"):
-        CASES.append((f"ddim-eta{eta}-{prediction}", lambda p=prediction: ddim(prediction_type=p), {"num_inference_steps": 10}, {"eta": eta}))
+        CASES.append(
+            (
+                f"ddim-eta{eta}-{prediction}",
+                lambda p=prediction: ddim(prediction_type=p),
+                {"num_inference_steps": 10},
+                {"eta": eta},
+            )
+        )
 CASES += [
-    ("ddim-thresholding", lambda: ddim(thresholding=True, sample_max_value=1.5), {"num_inference_steps": 10}, {"eta": 1.0}),
-    ("ddim-no-clip-alpha-not-one", lambda: ddim(clip_sample=False, set_alpha_to_one=False, steps_offset=1), {"num_inference_steps": 10}, {"eta": 0.7}),
-    ("ddim-use-clipped-output", lambda: ddim(), {"num_inference_steps": 10}, {"eta": 1.0, "use_clipped_model_output": True}),
+    (
+        "ddim-thresholding",
+        lambda: ddim(thresholding=True, sample_max_value=1.5),
+        {"num_inference_steps": 10},
+        {"eta": 1.0},
+    ),
+    (
+        "ddim-no-clip-alpha-not-one",
+        lambda: ddim(clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+        {"num_inference_steps": 10},
+        {"eta": 0.7},
+    ),
+    (
+        "ddim-use-clipped-output",
+        lambda: ddim(),
+        {"num_inference_steps": 10},
+        {"eta": 1.0, "use_clipped_model_output": True},
+    ),
     ("ddim-trailing-divisible", lambda: ddim(timestep_spacing="trailing"), {"num_inference_steps": 10}, {"eta": 1.0}),
 ]
 for prediction in ("epsilon", "v_prediction"):
     for spacing in ("linspace", "leading", "trailing"):
         CASES.append(
-            (f"euler-a-{prediction}-{spacing}", lambda p=prediction, s=spacing: euler(prediction_type=p, timestep_spacing=s, steps_offset=int(s == "leading")), {"num_inference_steps": 10}, {})
+            (
+                f"euler-a-{prediction}-{spacing}",
+                lambda p=prediction, s=spacing: euler(
+                    prediction_type=p, timestep_spacing=s, steps_offset=int(s == "leading")
+                ),
+                {"num_inference_steps": 10},
+                {},
+            )
         )
-CASES.append(("euler-a-scaled-linear", lambda: euler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012), {"num_inference_steps": 7}, {}))
+CASES.append(
+    (
+        "euler-a-scaled-linear",
+        lambda: euler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+        {"num_inference_steps": 7},
+        {},
+    )
+)
 for order in (1, 2):
     for solver in ("midpoint", "heun"):
         for prediction in ("epsilon", "sample", "v_prediction"):
             CASES.append(
-                (f"dpm-sde-o{order}-{solver}-{prediction}", lambda o=order, s=solver, p=prediction: dpm(solver_order=o, solver_type=s, prediction_type=p), {"num_inference_steps": 10}, {})
+                (
+                    f"dpm-sde-o{order}-{solver}-{prediction}",
+                    lambda o=order, s=solver, p=prediction: dpm(solver_order=o, solver_type=s, prediction_type=p),
+                    {"num_inference_steps": 10},
+                    {},
+                )
             )
 CASES += [
-    ("dpm-sde-16-steps-no-lower-order-final", lambda: dpm(lower_order_final=False, final_sigmas_type="sigma_min"), {"num_inference_steps": 16}, {}),
+    (
+        "dpm-sde-16-steps-no-lower-order-final",
+        lambda: dpm(lower_order_final=False, final_sigmas_type="sigma_min"),
+        {"num_inference_steps": 16},
+        {},
+    ),
     ("dpm-sde-16-steps-lower-order-final", lambda: dpm(final_sigmas_type="sigma_min"), {"num_inference_steps": 16}, {}),
-    ("dpm-sde-euler-at-final", lambda: dpm(euler_at_final=True, lower_order_final=False, final_sigmas_type="sigma_min"), {"num_inference_steps": 16}, {}),
+    (
+        "dpm-sde-euler-at-final",
+        lambda: dpm(euler_at_final=True, lower_order_final=False, final_sigmas_type="sigma_min"),
+        {"num_inference_steps": 16},
+        {},
+    ),
     ("dpm-sde-karras", lambda: dpm(use_karras_sigmas=True), {"num_inference_steps": 12}, {}),
-    ("dpm-sde-thresholding", lambda: dpm(thresholding=True, prediction_type="epsilon", sample_max_value=1.5), {"num_inference_steps": 10}, {}),
+    (
+        "dpm-sde-thresholding",
+        lambda: dpm(thresholding=True, prediction_type="epsilon", sample_max_value=1.5),
+        {"num_inference_steps": 10},
+        {},
+    ),
     ("dpm-sde-trailing", lambda: dpm(timestep_spacing="trailing"), {"num_inference_steps": 9}, {}),
-    ("dpm-sde-flow", lambda: dpm(use_flow_sigmas=True, prediction_type="flow_prediction"), {"num_inference_steps": 10}, {}),
+    (
+        "dpm-sde-flow",
+        lambda: dpm(use_flow_sigmas=True, prediction_type="flow_prediction"),
+        {"num_inference_steps": 10},
+        {},
+    ),
 ]
 
 
@@ -198,7 +265,12 @@ def test_adapter_steps_rows_at_different_steps_in_one_batch(case, frozen):
 def test_adapter_never_mutates_the_live_scheduler():
     scheduler = dpm(solver_order=2)
     scheduler.set_timesteps(10)
-    before = (scheduler.step_index, scheduler.lower_order_nums, list(scheduler.model_outputs), scheduler.timesteps.clone())
+    before = (
+        scheduler.step_index,
+        scheduler.lower_order_nums,
+        list(scheduler.model_outputs),
+        scheduler.timesteps.clone(),
+    )
     chain = SchedulerChain(adapter_for(scheduler), toy_model)
     sample_baseline(chain, torch.randn(SHAPE), generator=torch.Generator().manual_seed(0))
     assert (scheduler.step_index, scheduler.lower_order_nums, list(scheduler.model_outputs)) == before[:3]
@@ -250,7 +322,9 @@ def test_ddim_eta_one_equals_ddpm_posterior_on_the_same_timesteps():
     p = ddpm(clip_sample=False)
     p.set_timesteps(timesteps=d.timesteps.tolist())
     x = x_init(d)
-    got = sample_baseline(SchedulerChain(adapter_for(d, eta=1.0), toy_model), x, generator=torch.Generator().manual_seed(2))
+    got = sample_baseline(
+        SchedulerChain(adapter_for(d, eta=1.0), toy_model), x, generator=torch.Generator().manual_seed(2)
+    )
     want = sample_baseline(SchedulerChain(adapter_for(p), toy_model), x, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
@@ -261,7 +335,13 @@ def test_ddim_eta_one_equals_ddpm_posterior_on_the_same_timesteps():
 @pytest.mark.parametrize("frozen", ["epsilon", "sample", "v_prediction"])
 @pytest.mark.parametrize(
     "factory,step_kwargs",
-    [(lambda: ddpm(), {}), (lambda: ddpm(prediction_type="v_prediction"), {}), (lambda: ddim(prediction_type="sample"), {"eta": 1.0}), (lambda: euler(), {}), (lambda: euler(prediction_type="v_prediction"), {})],
+    [
+        (lambda: ddpm(), {}),
+        (lambda: ddpm(prediction_type="v_prediction"), {}),
+        (lambda: ddim(prediction_type="sample"), {"eta": 1.0}),
+        (lambda: euler(), {}),
+        (lambda: euler(prediction_type="v_prediction"), {}),
+    ],
     ids=["ddpm-eps", "ddpm-v", "ddim-sample", "euler-eps", "euler-v"],
 )
 def test_frozen_prediction_reparameterisation_keeps_the_same_chain(factory, step_kwargs, frozen):
@@ -274,7 +354,21 @@ def test_frozen_prediction_reparameterisation_keeps_the_same_chain(factory, step
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("ddpm-fixed_small-epsilon", "ddim-eta1.0-epsilon", "euler-a-epsilon-linspace", "dpm-sde-o2-midpoint-epsilon")], ids=lambda c: c[0])
+@pytest.mark.parametrize(
+    "case",
+    [
+        c
+        for c in CASES
+        if c[0]
+        in (
+            "ddpm-fixed_small-epsilon",
+            "ddim-eta1.0-epsilon",
+            "euler-a-epsilon-linspace",
+            "dpm-sde-o2-midpoint-epsilon",
+        )
+    ],
+    ids=lambda c: c[0],
+)
 def test_speculative_window_one_reproduces_diffusers_loop(case):
     _, factory, timestep_kwargs, step_kwargs = case
     scheduler = build(factory, timestep_kwargs)
@@ -300,7 +394,16 @@ def test_speculative_window_one_reproduces_diffusers_loop(case):
         (lambda: EulerDiscreteScheduler(), "EulerAncestralDiscreteScheduler"),
         (lambda: euler(prediction_type="sample"), "prediction_type='sample'"),
     ],
-    ids=["ddpm-learned", "ddpm-learned-range", "ddpm-fixed-large-log", "dpm-order-3", "dpm-ode", "pndm", "euler-ode", "euler-sample"],
+    ids=[
+        "ddpm-learned",
+        "ddpm-learned-range",
+        "ddpm-fixed-large-log",
+        "dpm-order-3",
+        "dpm-ode",
+        "pndm",
+        "euler-ode",
+        "euler-sample",
+    ],
 )
 def test_unsupported_configurations_raise_clear_errors(make, message):
     scheduler = make()

@@ -26,15 +26,6 @@ from specdiff.schedulers import SpeculativeScheduler
 from specdiff.testing import assert_same_law
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions on a shared CPU are fastest (and far less jittery) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 DIM = 4
 MEANS = torch.tensor([[1.2, -0.8, 0.5, 0.0], [-1.0, 0.9, -0.6, 0.7]])
 DATA_STD = 0.25
@@ -53,7 +44,9 @@ class MixtureDenoiser:
 
     def __call__(self, x, t):
         self.calls += 1
-        sigma = torch.from_numpy(np.interp(t.double().cpu().numpy(), np.arange(len(self.sigma_table)), self.sigma_table))
+        sigma = torch.from_numpy(
+            np.interp(t.double().cpu().numpy(), np.arange(len(self.sigma_table)), self.sigma_table)
+        )
         a = (1 / (1 + sigma**2))[:, None]  # alpha_bar at t
         xd = x.double().flatten(1)
         var = a * DATA_STD**2 + 1 - a
@@ -75,7 +68,9 @@ FAMILIES = {
 def plain_diffusers_samples(scheduler, model, latents, generator, step_kwargs):
     for t in scheduler.timesteps:
         model_input = scheduler.scale_model_input(latents, t)
-        latents = scheduler.step(model(model_input, t.expand(latents.shape[0])), t, latents, generator=generator, **step_kwargs).prev_sample
+        latents = scheduler.step(
+            model(model_input, t.expand(latents.shape[0])), t, latents, generator=generator, **step_kwargs
+        ).prev_sample
     return latents
 
 
@@ -111,11 +106,19 @@ def test_speculative_samples_have_the_law_of_the_plain_diffusers_loop(family, dr
     base.set_timesteps(20)
     model = MixtureDenoiser(base)
     n = 2000
-    want = plain_diffusers_samples(base, model, initial(base, n, seed=10), torch.Generator().manual_seed(11), step_kwargs)
+    want = plain_diffusers_samples(
+        base, model, initial(base, n, seed=10), torch.Generator().manual_seed(11), step_kwargs
+    )
 
     spec = SpeculativeScheduler.from_scheduler(base, window=4, **step_kwargs)
     draft = MixtureDenoiser(base, means=MEANS * 0.8) if drafter == "model" else "frozen"
-    out = spec.sample(model, initial(base, n, seed=20), num_inference_steps=20, generator=torch.Generator().manual_seed(21), drafter=draft)
+    out = spec.sample(
+        model,
+        initial(base, n, seed=20),
+        num_inference_steps=20,
+        generator=torch.Generator().manual_seed(21),
+        drafter=draft,
+    )
 
     assert torch.isfinite(out.sample).all()
     assert_same_law(out.sample, want, alpha=1e-3)
@@ -130,7 +133,7 @@ def test_speculative_generator_list_makes_each_sample_independent_of_its_batch()
     spec = SpeculativeScheduler.from_scheduler(base, window=3)
     model = MixtureDenoiser(base)
     x = initial(base, 4, seed=0)
-    gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(4)]  # noqa: E731
+    gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(4)]
     full = spec.sample(model, x, num_inference_steps=15, generator=gens()).sample
     alone = spec.sample(model, x[2:3], num_inference_steps=15, generator=gens()[2:3]).sample
     assert torch.equal(full[2:3], alone)
@@ -159,7 +162,7 @@ def test_save_pretrained_round_trips_offline(tmp_path, base, options):
 
     loaded = SpeculativeScheduler.from_pretrained(tmp_path, local_files_only=True)
     assert type(loaded.base_scheduler) is type(base)
-    strip = lambda c: {k: v for k, v in dict(c).items() if not k.startswith("_")}  # noqa: E731
+    strip = lambda c: {k: v for k, v in dict(c).items() if not k.startswith("_")}
     assert strip(loaded.config) == strip(spec.config)
     assert torch.equal(loaded.base_scheduler.alphas_cumprod, base.alphas_cumprod)
     for k, v in options.items():
@@ -191,7 +194,11 @@ def test_from_scheduler_copies_and_never_touches_the_original():
 
 @pytest.mark.parametrize(
     "kwargs,message",
-    [({"window": 0}, "window must be a positive integer"), ({"drafter": "medusa"}, "only stores 'frozen'"), ({"frozen_prediction": "x0"}, "frozen_prediction must be one of")],
+    [
+        ({"window": 0}, "window must be a positive integer"),
+        ({"drafter": "medusa"}, "only stores 'frozen'"),
+        ({"frozen_prediction": "x0"}, "frozen_prediction must be one of"),
+    ],
 )
 def test_bad_options_raise_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -255,8 +262,12 @@ def test_sample_reports_progress_and_calls_back_every_round():
             updates.append(n)
 
     out = spec.sample(
-        model, initial(base, 5, 0), num_inference_steps=10, generator=torch.Generator().manual_seed(0),
-        progress=lambda total: Bar(total), callback=lambda info: rounds.append(info["round"]),
+        model,
+        initial(base, 5, 0),
+        num_inference_steps=10,
+        generator=torch.Generator().manual_seed(0),
+        progress=lambda total: Bar(total),
+        callback=lambda info: rounds.append(info["round"]),
     )
     assert sum(updates) == 5 * 10
     assert rounds == list(range(1, out.stats.rounds + 1))

@@ -133,7 +133,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--drafter-model", type=Path, default=Path("assets/models/digits-mdm/drafter"),
                    help="a smaller transformer (transformer/ subfolder) for the independent-model drafter; skipped if absent")
     p.add_argument("--steps", type=int, nargs="+", default=[64, 256])
-    p.add_argument("--windows", type=int, nargs="+", default=[4, 8, 16])
+    p.add_argument("--windows", type=int, nargs="+", default=[4, 8, 16, 32])
     p.add_argument("--num-samples", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--latency-samples", type=int, default=8, help="samples timed one at a time (batch 1)")

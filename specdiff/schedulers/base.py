@@ -156,7 +156,9 @@ class SchedulerAdapter:
     """Base class: the Gaussian step of one diffusers scheduler family.
 
     Subclasses validate with :meth:`check`, set per-step tables in ``__init__`` and
-    implement :meth:`transition`.
+    implement :meth:`transition`. Families whose step is a function of x0 also define
+    ``x0_from_output(model_output, x, step)`` and ``transition_from_x0(x, step, x0)``, so
+    that a chain freezing x0 steps from it directly (no round trip through the model output).
     ``step`` arguments are always ``LongTensor[B]`` step indices (0 = first denoising step),
     one per row. To support a new scheduler family: subclass, decorate with
     :func:`register_adapter`, and add its configurations to ``tests/test_scheduler_adapters.py``.

@@ -27,7 +27,7 @@ import diffusers
 import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401 (diffusers' loader looks for this name)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor
 
 from ..drafters import Drafter
@@ -139,12 +139,12 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
                 base = getattr(diffusers, name).from_config(config, **kwargs)
                 wrapped = cls.from_scheduler(base, **options)
                 return (wrapped, {}) if return_unused_kwargs else wrapped
-            if name is None and "base_scheduler_class" not in config and "base_scheduler_config" not in config:
-                if any(not k.startswith("_") for k in config):
-                    raise ValueError(
-                        "SpeculativeScheduler.from_config got the config of another scheduler; wrap the scheduler "
-                        "itself instead: SpeculativeScheduler.from_scheduler(pipe.scheduler, window=...)"
-                    )
+            foreign = name is None and "base_scheduler_class" not in config and "base_scheduler_config" not in config
+            if foreign and any(not k.startswith("_") for k in config):
+                raise ValueError(
+                    "SpeculativeScheduler.from_config got the config of another scheduler; wrap the scheduler "
+                    "itself instead: SpeculativeScheduler.from_scheduler(pipe.scheduler, window=...)"
+                )
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     # -- the wrapped scheduler ----------------------------------------------------------------
