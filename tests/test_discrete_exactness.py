@@ -32,7 +32,9 @@ ALPHA = 1e-3  # level of every Monte-Carlo test below (fixed seeds: deterministi
 
 
 def make_chain(seed=1, steps=STEPS, schedule="linear", temperature=1.0, zero_fraction=0.0):
-    scheduler = MaskedDiffusionScheduler(vocab_size=V, alpha_schedule=schedule, temperature=temperature, num_inference_steps=steps)
+    scheduler = MaskedDiffusionScheduler(
+        vocab_size=V, alpha_schedule=schedule, temperature=temperature, num_inference_steps=steps
+    )
     return MaskedDiffusionChain(LookupDenoiser(V, LENGTH, seed=seed, zero_fraction=zero_fraction), scheduler)
 
 
@@ -59,9 +61,9 @@ def test_speculative_output_law_equals_baseline_law_by_enumeration(drafter, wind
 @pytest.mark.parametrize(
     "config",
     [
-        dict(schedule="cosine", temperature=0.7),
-        dict(zero_fraction=0.3),  # target kernels with zero probabilities (K = 0 < J somewhere)
-        dict(steps=6, schedule="cosine", seed=3),
+        {"schedule": "cosine", "temperature": 0.7},
+        {"zero_fraction": 0.3},  # target kernels with zero probabilities (K = 0 < J somewhere)
+        {"steps": 6, "schedule": "cosine", "seed": 3},
     ],
 )
 def test_exact_law_holds_for_other_schedules_temperatures_and_sparse_targets(config):
@@ -87,7 +89,9 @@ def test_enumeration_detects_a_wrong_residual(monkeypatch):
     and the enumeration sees it."""
     chain = make_chain()
     baseline = exact_baseline_law(chain, START)
-    monkeypatch.setattr(chain_module, "residual_acceptance_probability", lambda k, j, y: torch.ones(y.shape[0], dtype=torch.float64))
+    monkeypatch.setattr(
+        chain_module, "residual_acceptance_probability", lambda k, j, y: torch.ones(y.shape[0], dtype=torch.float64)
+    )
     wrong = exact_speculative_law(chain, START, window=2, drafter=ScaledDrafter(-3.0))
     assert (wrong - baseline).abs().max() > 1e-2
 
@@ -104,7 +108,9 @@ def test_sampler_matches_the_exact_law_chi_square(drafter, window):
     chain = make_chain()
     law = exact_baseline_law(chain, START)
     x = START.expand(20_000, LENGTH).clone()
-    out = speculative_sample_discrete(chain, x, window=window, drafter=DRAFTERS[drafter], generator=torch.Generator().manual_seed(0))
+    out = speculative_sample_discrete(
+        chain, x, window=window, drafter=DRAFTERS[drafter], generator=torch.Generator().manual_seed(0)
+    )
     assert out.stats.proposed > out.stats.accepted  # rejections (and residual draws) did happen
     assert out.stats.residual_draws >= out.stats.proposed - out.stats.accepted
     assert _chi_square_p(out.sample, law) > ALPHA
@@ -122,7 +128,9 @@ def test_chi_square_has_power_against_a_wrong_residual(monkeypatch):
     monkeypatch.setattr(sampler_module, "sample_residual", plain_target_draw)
     chain = make_chain()
     x = START.expand(20_000, LENGTH).clone()
-    out = speculative_sample_discrete(chain, x, window=2, drafter=DRAFTERS["bad-inverted"], generator=torch.Generator().manual_seed(0))
+    out = speculative_sample_discrete(
+        chain, x, window=2, drafter=DRAFTERS["bad-inverted"], generator=torch.Generator().manual_seed(0)
+    )
     assert _chi_square_p(out.sample, exact_baseline_law(chain, START)) < 1e-20
 
 
@@ -143,7 +151,9 @@ def test_sampler_acceptance_rate_matches_one_minus_total_variation():
         j1 = chain.transition(y1[None], torch.tensor([1]), frozen)[0]
         expected += p * (1 - float(total_variation(k1, j1, states)))
     n = 20_000
-    out = speculative_sample_discrete(chain, start.expand(n, -1).clone(), window=2, generator=torch.Generator().manual_seed(1))
+    out = speculative_sample_discrete(
+        chain, start.expand(n, -1).clone(), window=2, generator=torch.Generator().manual_seed(1)
+    )
     assert out.stats.proposed_by_position == [0, n]
     rate = out.stats.accepted_by_position[1] / n
     se = (expected * (1 - expected) / n) ** 0.5
@@ -155,7 +165,9 @@ def _random_kernels(seed, rows=1):
     scheduler = MaskedDiffusionScheduler(vocab_size=V, num_inference_steps=3)
     x = torch.tensor([[V, V, 0]]).expand(rows, -1)
     k = scheduler.transition_probs(x, torch.tensor([1]), torch.randn(rows, LENGTH, V, generator=g, dtype=torch.float64))
-    j = scheduler.transition_probs(x, torch.tensor([1]), 2 * torch.randn(rows, LENGTH, V, generator=g, dtype=torch.float64))
+    j = scheduler.transition_probs(
+        x, torch.tensor([1]), 2 * torch.randn(rows, LENGTH, V, generator=g, dtype=torch.float64)
+    )
     return k, j
 
 
@@ -168,7 +180,9 @@ def test_step_coupling_acceptance_rate_is_one_minus_tv_and_output_has_the_target
     n = 20_000
     g = torch.Generator().manual_seed(2)
     y = sample_categorical(j.expand(n, -1, -1), torch.rand(n, LENGTH, generator=g, dtype=torch.float64))
-    keep = torch.rand(n, generator=g, dtype=torch.float64) < step_acceptance_probability(k.expand(n, -1, -1), j.expand(n, -1, -1), y)
+    keep = torch.rand(n, generator=g, dtype=torch.float64) < step_acceptance_probability(
+        k.expand(n, -1, -1), j.expand(n, -1, -1), y
+    )
     se = (tv * (1 - tv) / n) ** 0.5
     assert abs(keep.double().mean() - (1 - tv)) < 4 * se
     rejected = int((~keep).sum())
@@ -192,7 +206,9 @@ def test_residual_sampler_draws_from_the_normalised_positive_part():
     residual = (joint_k - joint_j).clamp(min=0)
     residual = residual / residual.sum()
     n = 8_000
-    y, _ = sample_residual(k.expand(n, -1, -1), j.expand(n, -1, -1), [torch.Generator().manual_seed(i) for i in range(n)])
+    y, _ = sample_residual(
+        k.expand(n, -1, -1), j.expand(n, -1, -1), [torch.Generator().manual_seed(i) for i in range(n)]
+    )
     counts = torch.bincount(_state_index(y, V + 1), minlength=m).double()
     assert counts[residual == 0].sum() == 0
     assert sps.chisquare(counts[residual > 0].numpy(), (residual[residual > 0] * n).numpy()).pvalue > ALPHA

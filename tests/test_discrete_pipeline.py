@@ -19,7 +19,9 @@ BUNDLED = Path(__file__).resolve().parents[1] / "assets" / "models" / "digits-md
 
 def tiny_pipeline(seed=0):
     torch.manual_seed(seed)
-    transformer = MaskedDiffusionTransformer(vocab_size=4, sample_size=4, hidden_size=16, num_layers=1, num_heads=2).eval()
+    transformer = MaskedDiffusionTransformer(
+        vocab_size=4, sample_size=4, hidden_size=16, num_layers=1, num_heads=2
+    ).eval()
     pipe = SpeculativeMaskedDiffusionPipeline(transformer, MaskedDiffusionScheduler(vocab_size=4))
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -27,7 +29,7 @@ def tiny_pipeline(seed=0):
 
 def test_window_one_equals_the_plain_scheduler_loop():
     pipe = tiny_pipeline()
-    kw = dict(batch_size=3, num_inference_steps=12, output_type="latent")
+    kw = {"batch_size": 3, "num_inference_steps": 12, "output_type": "latent"}
     plain = pipe(window=None, generator=torch.Generator().manual_seed(0), **kw)
     cached = pipe(window=None, cache=True, generator=torch.Generator().manual_seed(0), **kw)
     spec = pipe(window=1, generator=torch.Generator().manual_seed(0), **kw)
@@ -63,9 +65,15 @@ def test_progress_bar_can_be_disabled(capsys):
 
 def test_generator_list_makes_samples_batch_independent_and_save_load_round_trips(tmp_path):
     pipe = tiny_pipeline()
-    gens = lambda: [torch.Generator().manual_seed(s) for s in (3, 4, 5)]  # noqa: E731
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (3, 4, 5)]
     batch = pipe(batch_size=3, num_inference_steps=10, window=4, generator=gens(), output_type="latent").sequences
-    alone = pipe(batch_size=1, num_inference_steps=10, window=4, generator=[torch.Generator().manual_seed(4)], output_type="latent")
+    alone = pipe(
+        batch_size=1,
+        num_inference_steps=10,
+        window=4,
+        generator=[torch.Generator().manual_seed(4)],
+        output_type="latent",
+    )
     assert torch.equal(alone.sequences[0], batch[1])
     pipe.save_pretrained(tmp_path)
     loaded = SpeculativeMaskedDiffusionPipeline.from_pretrained(tmp_path)
@@ -77,16 +85,50 @@ def test_generator_list_makes_samples_batch_independent_and_save_load_round_trip
 def test_training_script_and_benchmark_run_on_a_tiny_config(tmp_path):
     from specdiff.discrete import bench, train
 
-    result = train.main(["--out", str(tmp_path / "m"), "--iterations", "2", "--batch-size", "8", "--hidden-size", "16",
-                         "--num-layers", "1", "--num-heads", "2", "--levels", "4", "--log-every", "1"])
+    result = train.main(
+        [
+            "--out",
+            str(tmp_path / "m"),
+            "--iterations",
+            "2",
+            "--batch-size",
+            "8",
+            "--hidden-size",
+            "16",
+            "--num-layers",
+            "1",
+            "--num-heads",
+            "2",
+            "--levels",
+            "4",
+            "--log-every",
+            "1",
+        ]
+    )
     assert result["iterations"] == 2 and np.isfinite(result["test_elbo_nats_per_token"])
     pipe = SpeculativeMaskedDiffusionPipeline.from_pretrained(tmp_path / "m")
     assert pipe.scheduler.config.vocab_size == 4
     out = tmp_path / "bench.json"
-    bench.main(["--model", str(tmp_path / "m"), "--steps", "6", "--windows", "3", "--num-samples", "8",
-                "--batch-size", "4", "--latency-samples", "1", "--out", str(out)])
+    bench.main(
+        [
+            "--model",
+            str(tmp_path / "m"),
+            "--steps",
+            "6",
+            "--windows",
+            "3",
+            "--num-samples",
+            "8",
+            "--batch-size",
+            "4",
+            "--latency-samples",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     record = json.loads(out.read_text())
-    spec = [r for r in record["runs"] if r["sampler"] == "speculative"][0]
+    spec = next(r for r in record["runs"] if r["sampler"] == "speculative")
     assert {"target_calls_per_sample", "speedup_calls_vs_cached", "same_law_as_plain"} <= set(spec)
     assert out.with_suffix(".png").exists()
 
@@ -95,6 +137,8 @@ def test_training_script_and_benchmark_run_on_a_tiny_config(tmp_path):
 def test_bundled_digits_model_loads_and_samples_digits():
     pipe = SpeculativeMaskedDiffusionPipeline.from_pretrained(BUNDLED)
     pipe.set_progress_bar_config(disable=True)
-    out = pipe(batch_size=2, num_inference_steps=16, window=4, generator=torch.Generator().manual_seed(0), output_type="np")
+    out = pipe(
+        batch_size=2, num_inference_steps=16, window=4, generator=torch.Generator().manual_seed(0), output_type="np"
+    )
     assert out.images.shape == (2, 8, 8, 1)
     assert (out.sequences < pipe.scheduler.config.vocab_size).all()

@@ -55,7 +55,11 @@ def test_drafter_equal_to_target_accepts_everything_and_reproduces_the_baseline(
     chain = markov_chain()
     target = MarkovDenoiser.random(V, seed=0)
     spec = speculative_sample_discrete(
-        chain, start(5), window=6, drafter=ModelDrafter(lambda x, step: target(x)), generator=torch.Generator().manual_seed(4)
+        chain,
+        start(5),
+        window=6,
+        drafter=ModelDrafter(lambda x, step: target(x)),
+        generator=torch.Generator().manual_seed(4),
     )
     base = sample_baseline_discrete(chain, start(5), torch.Generator().manual_seed(4))
     assert spec.stats.accepted == spec.stats.proposed
@@ -126,7 +130,9 @@ def test_model_drafter_counts_draft_calls_and_time_conditioned_chains_work():
     base = sample_baseline_discrete(chain, x, torch.Generator().manual_seed(0))
     spec = speculative_sample_discrete(chain, x, window=1, generator=torch.Generator().manual_seed(0))
     assert torch.equal(base, spec.sample)
-    out = speculative_sample_discrete(chain, x, window=3, drafter=lambda x, step: net(x), generator=torch.Generator().manual_seed(0))
+    out = speculative_sample_discrete(
+        chain, x, window=3, drafter=lambda x, step: net(x), generator=torch.Generator().manual_seed(0)
+    )
     assert out.stats.draft_calls > 0
     with pytest.raises(ValueError, match="time_conditioned"):
         sample_baseline_discrete(chain, x, cached=True)
@@ -164,8 +170,12 @@ def test_callback_progress_and_argument_checks():
 
 def test_same_seed_repeats_and_global_seed_is_respected():
     chain = markov_chain()
-    a = speculative_sample_discrete(chain, start(3), window=4, drafter=ScaledDrafter(-1.0), generator=torch.Generator().manual_seed(9))
-    b = speculative_sample_discrete(chain, start(3), window=4, drafter=ScaledDrafter(-1.0), generator=torch.Generator().manual_seed(9))
+    a = speculative_sample_discrete(
+        chain, start(3), window=4, drafter=ScaledDrafter(-1.0), generator=torch.Generator().manual_seed(9)
+    )
+    b = speculative_sample_discrete(
+        chain, start(3), window=4, drafter=ScaledDrafter(-1.0), generator=torch.Generator().manual_seed(9)
+    )
     assert torch.equal(a.sample, b.sample)
     torch.manual_seed(0)
     c = speculative_sample_discrete(chain, start(3), window=4)

@@ -1,11 +1,11 @@
 """Masked (absorbing-state) discrete diffusion: scheduler, chain, and exact speculative sampling.
 
-    scheduler  MaskedDiffusionScheduler   the MDLM / MD4 ancestral kernel, diffusers-style
-    chain      MaskedDiffusionChain       scheduler + model as a CategoricalChain; test networks;
-                                          exact output laws by enumeration
-    coupling   joint step acceptance min(1, K/J) and the exact (K - J)+ residual by rejection
-    sampler    sample_baseline_discrete (plain / cached), speculative_sample_discrete
-    model      MaskedDiffusionTransformer (diffusers ModelMixin)
+scheduler  MaskedDiffusionScheduler   the MDLM / MD4 ancestral kernel, diffusers-style
+chain      MaskedDiffusionChain       scheduler + model as a CategoricalChain; test networks;
+                                      exact output laws by enumeration
+coupling   joint step acceptance min(1, K/J) and the exact (K - J)+ residual by rejection
+sampler    sample_baseline_discrete (plain / cached), speculative_sample_discrete
+model      MaskedDiffusionTransformer (diffusers ModelMixin)
 """
 
 from .chain import LookupDenoiser, MarkovDenoiser, MaskedDiffusionChain, exact_baseline_law, exact_speculative_law

@@ -130,8 +130,12 @@ def bench_config(kind, chain, length, args, seed, window=None, drafter=None) -> 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Benchmark discrete speculative sampling on the bundled digits model")
     p.add_argument("--model", type=Path, default=Path("assets/models/digits-mdm"))
-    p.add_argument("--drafter-model", type=Path, default=Path("assets/models/digits-mdm/drafter"),
-                   help="a smaller transformer (transformer/ subfolder) for the independent-model drafter; skipped if absent")
+    p.add_argument(
+        "--drafter-model",
+        type=Path,
+        default=Path("assets/models/digits-mdm/drafter"),
+        help="a smaller transformer (transformer/ subfolder) for the independent-model drafter; skipped if absent",
+    )
     p.add_argument("--steps", type=int, nargs="+", default=[64, 256])
     p.add_argument("--windows", type=int, nargs="+", default=[4, 8, 16, 32])
     p.add_argument("--num-samples", type=int, default=256)
@@ -179,13 +183,21 @@ def main(argv=None) -> dict:
             if draft_model is not None:
                 configs += [(w, lambda x, step: draft_model(x).logits) for w in args.windows]
             for w, drafter in configs:
-                rec, spec_x = bench_config("speculative", chain, length, args, seed=args.seed + 3, window=w, drafter=drafter)
+                rec, spec_x = bench_config(
+                    "speculative", chain, length, args, seed=args.seed + 3, window=w, drafter=drafter
+                )
                 rec["speedup_calls_vs_cached"] = cached["target_calls_per_sample"] / rec["target_calls_per_sample"]
                 rec["speedup_wall_batch_vs_plain"] = plain["wall_clock_batch_seconds"] / rec["wall_clock_batch_seconds"]
-                rec["speedup_wall_batch_vs_cached"] = cached["wall_clock_batch_seconds"] / rec["wall_clock_batch_seconds"]
+                rec["speedup_wall_batch_vs_cached"] = (
+                    cached["wall_clock_batch_seconds"] / rec["wall_clock_batch_seconds"]
+                )
                 if rec["wall_clock_batch1_seconds_per_sample"]:
-                    rec["speedup_wall_batch1_vs_plain"] = plain["wall_clock_batch1_seconds_per_sample"] / rec["wall_clock_batch1_seconds_per_sample"]
-                    rec["speedup_wall_batch1_vs_cached"] = cached["wall_clock_batch1_seconds_per_sample"] / rec["wall_clock_batch1_seconds_per_sample"]
+                    rec["speedup_wall_batch1_vs_plain"] = (
+                        plain["wall_clock_batch1_seconds_per_sample"] / rec["wall_clock_batch1_seconds_per_sample"]
+                    )
+                    rec["speedup_wall_batch1_vs_cached"] = (
+                        cached["wall_clock_batch1_seconds_per_sample"] / rec["wall_clock_batch1_seconds_per_sample"]
+                    )
                 rec["same_law_as_plain"] = same_law_check(spec_x, plain_x, levels, args.alpha)
                 results["runs"].append(rec)
                 print(
@@ -219,7 +231,9 @@ def plot(results: dict, path: Path) -> None:
         labels, width = [], 0.8 / max(len(steps), 1)
         for si, n in enumerate(steps):
             runs = [r for r in results["runs"] if r["num_steps"] == n]
-            names = [r["sampler"] if r["sampler"] != "speculative" else f"spec {r['drafter']} L={r['window']}" for r in runs]
+            names = [
+                r["sampler"] if r["sampler"] != "speculative" else f"spec {r['drafter']} L={r['window']}" for r in runs
+            ]
             values = [r[key] or 0.0 for r in runs]
             ax.bar(np.arange(len(runs)) + si * width, values, width, label=f"N = {n}")
             labels = names

@@ -129,8 +129,11 @@ class MarkovDenoiser:
 
     def __call__(self, x: Tensor) -> Tensor:
         v, (b, length) = self.vocab_size, x.shape
-        obs = torch.where((x == v)[..., None], torch.ones(b, length, v, dtype=torch.float64),
-                          torch.nn.functional.one_hot(x.clamp(max=v - 1), v).double())  # evidence e_i(v)
+        obs = torch.where(
+            (x == v)[..., None],
+            torch.ones(b, length, v, dtype=torch.float64),
+            torch.nn.functional.one_hot(x.clamp(max=v - 1), v).double(),
+        )  # evidence e_i(v)
         fwd, bwd = torch.empty(b, length, v, dtype=torch.float64), torch.ones(b, length, v, dtype=torch.float64)
         f = self.initial * obs[:, 0]
         fwd[:, 0] = f = f / f.sum(-1, keepdim=True)
@@ -183,7 +186,9 @@ def exact_baseline_law(chain, x_init: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def exact_speculative_law(chain, x_init: Tensor, *, window: int, drafter: Drafter | Callable | str | None = None) -> Tensor:
+def exact_speculative_law(
+    chain, x_init: Tensor, *, window: int, drafter: Drafter | Callable | str | None = None
+) -> Tensor:
     """Output pmf of :func:`~specdiff.discrete.speculative_sample_discrete` started at ONE
     state ``x_init [L]``, by enumerating its rounds.
 
@@ -223,13 +228,19 @@ def exact_speculative_law(chain, x_init: Tensor, *, window: int, drafter: Drafte
                 step, nxt = n + j, defaultdict(float)
                 for y, p in depth.items():
                     exact = j == 0 and fresh
-                    guess = frozen if exact else drafter.predict(states[y : y + 1], torch.tensor([step]), frozen[None])[0]
+                    guess = (
+                        frozen if exact else drafter.predict(states[y : y + 1], torch.tensor([step]), frozen[None])[0]
+                    )
                     k_probs, j_probs = kernel(y, step, target(y)), kernel(y, step, guess)
                     j_law = _joint(j_probs, states)
                     support = (j_law > 0).nonzero().squeeze(1)
                     m = support.numel()
-                    keep = torch.ones(m, dtype=torch.float64) if exact else step_acceptance_probability(
-                        k_probs.expand(m, *k_probs.shape), j_probs.expand(m, *j_probs.shape), states[support]
+                    keep = (
+                        torch.ones(m, dtype=torch.float64)
+                        if exact
+                        else step_acceptance_probability(
+                            k_probs.expand(m, *k_probs.shape), j_probs.expand(m, *j_probs.shape), states[support]
+                        )
                     )
                     for y2, w in zip(support.tolist(), (j_law[support] * keep).tolist()):
                         nxt[y2] += p * w

@@ -96,8 +96,10 @@ def sample_residual(
                 "kernels normalised and in float64?"
             )
         draws = [
-            (torch.rand((block, *shape), generator=generators[r], dtype=torch.float64),
-             torch.rand(block, generator=generators[r], dtype=torch.float64))
+            (
+                torch.rand((block, *shape), generator=generators[r], dtype=torch.float64),
+                torch.rand(block, generator=generators[r], dtype=torch.float64),
+            )
             for r in pending.tolist()
         ]
         u = torch.stack([d[0] for d in draws]).to(target_probs.device)  # [P, block, *shape]
@@ -106,7 +108,9 @@ def sample_residual(
         j = draft_probs[pending.to(draft_probs.device)].unsqueeze(1).expand_as(k)
         proposals = sample_categorical(k, u)  # [P, block, *shape]
         flat = (-1, *k.shape[2:])
-        keep = v.flatten() < residual_acceptance_probability(k.reshape(flat), j.reshape(flat), proposals.reshape(-1, *shape))
+        keep = v.flatten() < residual_acceptance_probability(
+            k.reshape(flat), j.reshape(flat), proposals.reshape(-1, *shape)
+        )
         keep = keep.view(-1, block).cpu()
         hit = keep.any(1)
         first = keep.to(torch.int8).argmax(1)

@@ -65,11 +65,10 @@ class CategoricalNoise:
             self.groups = [(generator, list(range(batch)))]
         else:
             self.groups = [(g, [b]) for b, g in enumerate(per_sample)]
-        self.group_of = torch.empty(batch, dtype=torch.long)
-        self.slot_of = torch.empty(batch, dtype=torch.long)
+        self._group, self._slot = [0] * batch, [0] * batch  # sample -> (its group, its row there)
         for gi, (_, rows) in enumerate(self.groups):
-            self.group_of[rows] = gi
-            self.slot_of[rows] = torch.arange(len(rows))
+            for slot, b in enumerate(rows):
+                self._group[b], self._slot[b] = gi, slot
         self.companions = [_companion(g) for g, _ in self.groups]
         self.shape, self.device = tuple(like.shape[1:]), like.device
         self._tables: list[dict[int, tuple[Tensor, Tensor, Tensor]]] = [{} for _ in self.groups]
@@ -78,23 +77,33 @@ class CategoricalNoise:
     def _draw_until(self, gi: int, step: int) -> None:
         generator, rows = self.groups[gi]
         while self._drawn[gi] <= step:
-            draft = torch.rand((len(rows), *self.shape), generator=generator, device=generator.device, dtype=torch.float64)
+            draft = torch.rand(
+                (len(rows), *self.shape), generator=generator, device=generator.device, dtype=torch.float64
+            )
             accept = torch.rand(len(rows), generator=self.companions[gi], dtype=torch.float64)
             seeds = torch.randint(0, 2**62, (len(rows),), generator=self.companions[gi])
             self._tables[gi][self._drawn[gi]] = (draft.to(self.device), accept, seeds)
             self._drawn[gi] += 1
 
     def _lookup(self, what: int, rows: Tensor, steps: Tensor) -> Tensor:
-        rows, steps = rows.cpu(), steps.cpu()
-        groups, out = self.group_of[rows], None
-        for gi, k in torch.unique(torch.stack([groups, steps], 1), dim=0).tolist():
-            at = ((groups == gi) & (steps == k)).nonzero().squeeze(1)
+        rows_l, steps_l = rows.tolist(), steps.tolist()
+        if len(self.groups) == 1:  # one generator: gather per distinct step
+            out = None
+            for k in sorted(set(steps_l)):
+                self._draw_until(0, k)
+                table = self._tables[0][k][what]
+                at = [i for i, s in enumerate(steps_l) if s == k]
+                picked = table[[self._slot[rows_l[i]] for i in at]]
+                if out is None:
+                    out = table.new_empty((len(rows_l), *table.shape[1:]))
+                out[at] = picked
+            return out
+        picked = []  # one generator per sample: one (1, ...) table per step and sample
+        for b, k in zip(rows_l, steps_l):
+            gi = self._group[b]
             self._draw_until(gi, k)
-            table = self._tables[gi][k][what]
-            if out is None:
-                out = table.new_empty((len(rows), *table.shape[1:]))
-            out[at.to(out.device)] = table[self.slot_of[rows[at]].to(table.device)]
-        return out
+            picked.append(self._tables[gi][k][what][0])
+        return torch.stack(picked)
 
     def draft(self, rows: Tensor, steps: Tensor) -> Tensor:
         """Per-position uniforms ``[len(rows), *shape]`` of ``steps[i]`` for sample ``rows[i]``."""
@@ -110,8 +119,9 @@ class CategoricalNoise:
 
     def forget_before(self, steps: Tensor) -> None:
         """Drop randomness no sample can need again (every row of a group is past it)."""
+        steps_l = steps.tolist()
         for gi, (_, rows) in enumerate(self.groups):
-            oldest = int(steps[rows].min())
+            oldest = min(steps_l[b] for b in rows)
             for k in [k for k in self._tables[gi] if k < oldest]:
                 del self._tables[gi][k]
 
@@ -191,7 +201,9 @@ def sample_baseline_discrete(
             ask = changed if cached else torch.ones_like(changed)
             if ask.any():
                 new = _check_finite(chain.predict(x[ask], step[ask]), step[ask], "target")
-                prediction = new if prediction is None or ask.all() else prediction.index_put((ask,), new.to(prediction))
+                prediction = (
+                    new if prediction is None or ask.all() else prediction.index_put((ask,), new.to(prediction))
+                )
                 stats.target_calls += 1
                 stats.target_rows += int(ask.sum())
                 for b in ask.nonzero().squeeze(1).tolist():
@@ -227,8 +239,9 @@ def speculative_sample_discrete(
     residual ``(K - J)+`` by rejection. Samples advance at their own pace (ragged batching).
 
     On a time-free chain a drafted state equal to its predecessor (nothing unmasked) reuses
-    the predecessor's target prediction, so the sampler never calls the network more often
-    than the cached baseline. ``callback`` receives ``{"round", "x", "step", "stats"}``.
+    the predecessor's target prediction, and a round whose drafts unmask nothing costs no
+    call at all: the cached sampler's saving is included (with the frozen drafter such a
+    step has ratio exactly 1). ``callback`` receives ``{"round", "x", "step", "stats"}``.
     """
     _check_chain(chain, x_init)
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
@@ -271,7 +284,7 @@ def _round(chain, drafter, noise, stats, window, x, n, pred, fresh, ids):
     length = (num_steps - n).clamp(max=window)  # L_i: steps this sample may commit
     span = int(length.max())
     states = x.unsqueeze(0).repeat(span + 1, *[1] * x.ndim)  # y_0 .. y_L per sample
-    draft_probs: list[tuple[Tensor, Tensor]] = []
+    draft_probs = None  # J(. | y_j) per (j, sample): [span, m, *shape, states]
 
     # 1. Draft y_{j+1} ~ J(. | y_j) with the step's own uniforms. A fresh sample's first step
     #    uses its exact target prediction (J = K: accepted with certainty).
@@ -290,7 +303,9 @@ def _round(chain, drafter, noise, stats, window, x, n, pred, fresh, ids):
             stats.draft_calls += int(drafter.network_calls)
         probs = chain.transition(states[j, a.to(device)], step.to(device), guess)
         states[j + 1, a.to(device)] = sample_categorical(probs, noise.draft(ids[a], step)).to(x.dtype)
-        draft_probs.append((a, probs))
+        if draft_probs is None:
+            draft_probs = probs.new_empty((span, m, *probs.shape[1:]))
+        draft_probs[j, a.to(device)] = probs
 
     # 2. Verify: ONE batched target call on every drafted state whose prediction is unknown:
     #    y_0 unless fresh, y_1..y_L except states at the final step, and, on a time-free chain,
@@ -299,7 +314,7 @@ def _round(chain, drafter, noise, stats, window, x, n, pred, fresh, ids):
     live_state = (jj <= length) & (n + jj < num_steps)
     same = torch.zeros(span + 1, m, dtype=torch.bool)
     if _time_free(chain):
-        same[1:] = torch.stack([_unchanged(states[j + 1], states[j]).cpu() for j in range(span)])
+        same[1:] = (states[1:] == states[:-1]).flatten(2).all(2).cpu()
     need = live_state & ((jj > 0) | ~fresh) & ~same
     target = pred.new_empty((span + 1, *pred.shape))
     target[0, fresh.to(device)] = pred[fresh.to(device)]
@@ -319,35 +334,33 @@ def _round(chain, drafter, noise, stats, window, x, n, pred, fresh, ids):
 
     # 3. Accept each drafted step w.p. min(1, K(y)/J(y)); only the prefix up to the first
     #    rejection counts. Fresh first steps have J = K exactly and are accepted outright.
+    drafted = jj[:span] < length
+    j_rows, i_rows = jj[:span][drafted], ii[:span][drafted]
+    jd, id_ = j_rows.to(device), i_rows.to(device)
+    step = n[i_rows] + j_rows
+    target_probs = chain.transition(states[jd, id_], step.to(device), target[jd, id_])
+    p = step_acceptance_probability(target_probs, draft_probs[jd, id_], states[jd + 1, id_]).cpu()
     accept = torch.ones(span, m, dtype=torch.bool)
-    target_probs: list[Tensor] = []
-    for j, (a, probs) in enumerate(draft_probs):
-        ad = a.to(device)
-        k_probs = chain.transition(states[j, ad], (n[a] + j).to(device), target[j, ad])
-        p = step_acceptance_probability(k_probs, probs, states[j + 1, ad]).cpu()
-        ok = noise.accept(ids[a], n[a] + j) < p
-        accept[j, a] = ok | ((j == 0) & fresh[a])
-        target_probs.append(k_probs)
+    accept[j_rows, i_rows] = (noise.accept(ids[i_rows], step) < p) | ((j_rows == 0) & fresh[i_rows])
 
     n_acc = torch.where(accept.all(0), length, (~accept).int().argmax(0)).clamp(max=length)
     committed = (n_acc + 1).clamp(max=length)
     whole = n_acc == length
     cols = torch.arange(m)
     x_next = states[length.to(device), cols.to(device)].clone()
-    new_pred = target[length.clamp(max=span).to(device), cols.to(device)].clone()
+    new_pred = target[length.to(device), cols.to(device)].clone()
 
     # 4. Rejected step j: redraw it from (K - J)+, each with its step's private sub-stream.
     rejected = (~whole).nonzero().squeeze(1)
     if rejected.numel():
         j_rej = n_acc[rejected]
-        k_rows, j_rows = [], []
-        for i, j in zip(rejected.tolist(), j_rej.tolist()):
-            a, probs = draft_probs[j]
-            at = int(torch.searchsorted(a, i))  # `a` is sorted: the row's position in step j's draft
-            k_rows.append(target_probs[j][at])
-            j_rows.append(probs[at])
+        flat = torch.full((span, m), -1, dtype=torch.long)
+        flat[j_rows, i_rows] = torch.arange(len(j_rows))
+        at = flat[j_rej, rejected].to(device)
         y, draws = sample_residual(
-            torch.stack(k_rows), torch.stack(j_rows), noise.residual_generators(ids[rejected], n[rejected] + j_rej)
+            target_probs[at],
+            draft_probs[j_rej.to(device), rejected.to(device)],
+            noise.residual_generators(ids[rejected], n[rejected] + j_rej),
         )
         x_next[rejected.to(device)] = y.to(x.dtype)
         new_pred[rejected.to(device)] = target[j_rej.to(device), rejected.to(device)]
@@ -355,11 +368,10 @@ def _round(chain, drafter, noise, stats, window, x, n, pred, fresh, ids):
     still = n + committed < num_steps
     new_fresh = whole & still
     if _time_free(chain):  # a residual equal to the state it left from keeps its prediction
-        rejected_from = states[n_acc.clamp(max=span).to(device), cols.to(device)]
+        rejected_from = states[n_acc.to(device), cols.to(device)]
         new_fresh |= ~whole & still & _unchanged(x_next, rejected_from).cpu()
 
     # Accounting: decisions up to and including the first rejection, minus exact fresh steps.
-    drafted = jj[:span] < length
     counted = (jj[:span] <= n_acc) & drafted & ~((jj[:span] == 0) & fresh)
     stats.proposed += int(counted.sum())
     stats.accepted += int((counted & accept).sum())

@@ -225,7 +225,9 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
 
     # -- training side ----------------------------------------------------------------------
 
-    def add_noise(self, original_samples: Tensor, timesteps: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def add_noise(
+        self, original_samples: Tensor, timesteps: Tensor, generator: torch.Generator | None = None
+    ) -> Tensor:
         """Forward process ``q(x_t | x_0)``: mask each position independently w.p. ``1 - α_t``;
         ``timesteps`` are continuous times in [0, 1], one per row."""
         t = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1).expand(original_samples.shape[0])

@@ -43,7 +43,7 @@ def tokens_to_images(tokens: torch.Tensor, levels: int) -> torch.Tensor:
     """``(B, 64)`` or ``(B, 8, 8)`` tokens -> ``(B, 1, 8, 8)`` grey images in [0, 1]; any
     leftover MASK (id ``levels``) shows as 0."""
     b = tokens.shape[0]
-    side = int(math.isqrt(tokens[0].numel()))
+    side = math.isqrt(tokens[0].numel())
     t = tokens.reshape(b, 1, side, side).float()
     return torch.where(t >= levels, torch.zeros_like(t), t / max(levels - 1, 1))
 
@@ -61,7 +61,9 @@ def elbo_loss(model, scheduler, x0: torch.Tensor, generator: torch.Generator, t_
     return scheduler.elbo_weight(t).to(per_token) * per_token
 
 
-def masked_mean_loss(model, scheduler, x0: torch.Tensor, generator: torch.Generator, t_min: float = 1e-3) -> torch.Tensor:
+def masked_mean_loss(
+    model, scheduler, x0: torch.Tensor, generator: torch.Generator, t_min: float = 1e-3
+) -> torch.Tensor:
     """Per-sample mean cross-entropy over the masked positions (MaskGIT-style). Under the
     linear schedule ``E[#masked] = t · L``, so this is the ELBO term with its ``1/t`` weight
     replaced by the realised mask count: the same minimiser, much lower variance."""
@@ -99,8 +101,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-layers", type=int, default=4)
     p.add_argument("--num-heads", type=int, default=4)
     p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--objective", choices=("masked-mean", "elbo"), default="masked-mean",
-                   help="training loss (the held-out ELBO is reported either way)")
+    p.add_argument(
+        "--objective",
+        choices=("masked-mean", "elbo"),
+        default="masked-mean",
+        help="training loss (the held-out ELBO is reported either way)",
+    )
     p.add_argument("--alpha-schedule", choices=("linear", "cosine"), default="linear")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -149,7 +155,10 @@ def main(argv=None) -> dict:
         elapsed = time.perf_counter() - started
         if iteration % args.log_every == 0 or iteration == args.iterations:
             log.append({"iteration": iteration, "train_loss_ema": running, "seconds": round(elapsed, 1)})
-            print(f"iter {iteration:5d}  train {args.objective} loss (EMA) {running:.4f} nats/token  {elapsed:7.1f}s", flush=True)
+            print(
+                f"iter {iteration:5d}  train {args.objective} loss (EMA) {running:.4f} nats/token  {elapsed:7.1f}s",
+                flush=True,
+            )
         if args.max_minutes is not None and elapsed > 60 * args.max_minutes:
             print(f"stopping after {iteration} iterations: --max-minutes {args.max_minutes} reached", flush=True)
             break
@@ -171,7 +180,9 @@ def main(argv=None) -> dict:
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "log": log,
     }
-    print(f"test ELBO {test_elbo:.4f} nats/token ({result['test_elbo_bits_per_token']:.4f} bits), {wall:.0f}s", flush=True)
+    print(
+        f"test ELBO {test_elbo:.4f} nats/token ({result['test_elbo_bits_per_token']:.4f} bits), {wall:.0f}s", flush=True
+    )
     save(model, scheduler, args.out)
     (args.out / "training_log.json").write_text(json.dumps(result, indent=2))
     return result
