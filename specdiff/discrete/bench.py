@@ -132,9 +132,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, default=Path("assets/models/digits-mdm"))
     p.add_argument(
         "--drafter-model",
-        type=Path,
-        default=Path("assets/models/digits-mdm/drafter"),
-        help="a smaller transformer (transformer/ subfolder) for the independent-model drafter; skipped if absent",
+        default=None,
+        help="folder of a smaller transformer (transformer/ subfolder) for the independent-model drafter; "
+        "default: MODEL/drafter if it exists; 'none' to skip",
     )
     p.add_argument("--steps", type=int, nargs="+", default=[64, 256])
     p.add_argument("--windows", type=int, nargs="+", default=[4, 8, 16, 32])
@@ -158,9 +158,16 @@ def main(argv=None) -> dict:
     def target(x):
         return transformer(x).logits
 
+    draft_dir = args.model / "drafter" if args.drafter_model is None else Path(args.drafter_model)
     draft_model = None
-    if args.drafter_model is not None and (args.drafter_model / "transformer").exists():
-        draft_model = MaskedDiffusionTransformer.from_pretrained(args.drafter_model, subfolder="transformer").eval()
+    if args.drafter_model != "none" and (draft_dir / "transformer").exists():
+        draft_model = MaskedDiffusionTransformer.from_pretrained(draft_dir, subfolder="transformer").eval()
+        if draft_model.config.vocab_size != levels or draft_model.config.sample_size**2 != length:
+            raise ValueError(
+                f"the drafter in {draft_dir} does not match the target's tokens ({levels} levels, {length} positions)"
+            )
+    elif args.drafter_model not in (None, "none"):
+        raise FileNotFoundError(f"no transformer/ folder in --drafter-model {draft_dir}")
 
     results = {
         "command": "python -m specdiff.discrete.bench",
