@@ -1,4 +1,5 @@
-"""Command line: ``specdiff generate`` (the main job), ``specdiff analytic``,
+"""Command line: ``specdiff generate`` (the main job; DDPM-style or masked-diffusion models),
+``specdiff analytic``,
 ``specdiff bench``, ``specdiff train-digits``. Also ``python -m specdiff``."""
 
 from __future__ import annotations
@@ -42,24 +43,48 @@ def _writable(folder: Path) -> Path:
     return folder
 
 
+def _is_masked(model: str) -> bool:
+    index = Path(model) / "model_index.json"
+    return index.exists() and "MaskedDiffusion" in index.read_text()
+
+
 def _load_pipeline(model: str, device: str):
+    """The speculative pipeline for ``model``: masked (discrete) diffusion or a DDPM-style
+    image pipeline whose scheduler specdiff supports."""
     import torch
     from diffusers import DiffusionPipeline
 
-    from .pipelines import SpeculativeDDPMPipeline
+    from .pipelines import SpeculativeDDPMPipeline, SpeculativeMaskedDiffusionPipeline
 
     local = Path(model)
     if not local.exists() and (local.is_absolute() or model.startswith(".") or model.count("/") != 1):
         raise CLIError(f"model path {model} does not exist; pass a diffusers model folder or a hub id (org/name)")
     try:
-        base = DiffusionPipeline.from_pretrained(model)
-    except Exception as err:  # hub errors, missing files, wrong format
-        raise CLIError(f"could not load a diffusers pipeline from {model}: {err}") from err
-    try:
-        pipe = SpeculativeDDPMPipeline.from_pipe(base)
+        if _is_masked(model):
+            pipe = SpeculativeMaskedDiffusionPipeline.from_pretrained(model)
+        else:
+            pipe = SpeculativeDDPMPipeline.from_pipe(DiffusionPipeline.from_pretrained(model))
     except (ValueError, TypeError) as err:
         raise CLIError(f"{model}: {err}") from err
+    except Exception as err:  # hub errors, missing files, wrong format
+        raise CLIError(f"could not load a diffusers pipeline from {model}: {err}") from err
     return pipe if torch.device(device).type == "cpu" else pipe.to(torch.device(device))
+
+
+def _draft_kwargs(args, masked: bool) -> dict:
+    if args.drafter == "frozen":
+        return {}
+    path = Path(args.draft_model or (Path(args.model) / "drafter" if masked else DEFAULT_DRAFT))
+    if not path.exists():
+        raise CLIError(f"draft model {path} does not exist; pass --draft-model or use --drafter frozen")
+    if masked:
+        from .discrete.model import MaskedDiffusionTransformer
+
+        weights = path / "transformer" if (path / "transformer").is_dir() else path  # a pipeline folder or a model
+        return {"drafter": MaskedDiffusionTransformer.from_pretrained(weights).to(args.device)}
+    from diffusers import UNet2DModel
+
+    return {"draft_unet": UNet2DModel.from_pretrained(path).to(args.device)}
 
 
 def _save_grid(images, path: Path) -> None:
@@ -73,43 +98,34 @@ def cmd_generate(args) -> int:
     import torch
 
     out = _writable(Path(args.out))
+    masked = _is_masked(args.model)
     pipe = _load_pipeline(args.model, args.device)
     pipe.set_progress_bar_config(disable=args.no_progress)
-    draft_unet = None
-    if args.drafter == "model":
-        from diffusers import UNet2DModel
+    draft = _draft_kwargs(args, masked)
 
-        path = Path(args.draft_model)
-        if not path.exists():
-            raise CLIError(f"draft model {path} does not exist; pass --draft-model or use --drafter frozen")
-        draft_unet = UNet2DModel.from_pretrained(path).to(args.device)
+    def run(window, **kwargs):
+        seeds = [torch.Generator(device="cpu").manual_seed(args.seed + i) for i in range(args.num_images)]
+        started = time.perf_counter()
+        result = pipe(batch_size=args.num_images, generator=seeds, num_inference_steps=args.steps, window=window,
+                      output_type="pt", **kwargs)
+        return result, time.perf_counter() - started
 
-    def seeds():
-        return [torch.Generator(device="cpu").manual_seed(args.seed + i) for i in range(args.num_images)]
-
-    started = time.perf_counter()
-    result = pipe(
-        batch_size=args.num_images, generator=seeds(), num_inference_steps=args.steps, window=args.window,
-        draft_unet=draft_unet, output_type="pt",
-    )
-    wall = time.perf_counter() - started
+    result, wall = run(args.window, **draft)
     stats = result.stats
     _save_grid(result.images, out / "speculative.png")
     report = {"model": str(args.model), "steps": args.steps, "window": args.window, "drafter": args.drafter,
               "num_images": args.num_images, "seed": args.seed, "wall_clock_s": wall, "speculative": stats.to_dict()}
     print(f"speculative: {stats.summary()}; {wall:.1f}s wall-clock")
     if args.compare:
-        started = time.perf_counter()
-        plain = pipe(batch_size=args.num_images, generator=seeds(), num_inference_steps=args.steps, window=1,
-                     output_type="pt")
-        plain_wall = time.perf_counter() - started
-        _save_grid(plain.images, out / "baseline.png")
-        report["baseline"] = {"target_calls": plain.stats.target_calls, "target_rows": plain.stats.target_rows,
-                              "wall_clock_s": plain_wall}
-        report["wall_clock_ratio"] = plain_wall / wall
-        print(f"plain:       {plain.stats.target_calls} target calls; {plain_wall:.1f}s wall-clock")
-        print(f"=> {plain.stats.target_calls / stats.target_calls:.2f}x fewer sequential target calls, "
-              f"{plain_wall / wall:.2f}x wall-clock")
+        # The plain sampler on the same seeds (and, for masked diffusion, the cached one too).
+        baselines = {"plain": run(None if masked else 1)} | ({"cached": run(None, cache=True)} if masked else {})
+        _save_grid(baselines["plain"][0].images, out / "baseline.png")
+        for name, (plain, plain_wall) in baselines.items():
+            report[name] = {"target_calls": plain.stats.target_calls, "target_rows": plain.stats.target_rows,
+                            "wall_clock_s": plain_wall, "wall_clock_ratio": plain_wall / wall}
+            print(f"{name + ':':12} {plain.stats.target_calls} target calls; {plain_wall:.1f}s wall-clock => "
+                  f"{plain.stats.target_calls / stats.target_calls:.2f}x fewer sequential target calls, "
+                  f"{plain_wall / wall:.2f}x wall-clock")
     (out / "stats.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {out / 'speculative.png'} and {out / 'stats.json'}")
     return 0
@@ -155,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=_positive(int), default=1000, help="number of denoising steps")
     gen.add_argument("--window", type=_positive(int), default=16, help="drafted steps per round (1 = plain sampler)")
     gen.add_argument("--drafter", choices=["frozen", "model"], default="frozen")
-    gen.add_argument("--draft-model", default=str(DEFAULT_DRAFT), help="UNet2DModel folder for --drafter model")
+    gen.add_argument("--draft-model", default=None,
+                     help="draft model folder for --drafter model (default: the bundled digits draft UNet, or "
+                          "the masked model's drafter/ subfolder)")
     gen.add_argument("--seed", type=int, default=0, help="image i uses torch.Generator().manual_seed(seed + i)")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--out", default="outputs/generate", help="folder for the PNG grid and stats.json")

@@ -1,6 +1,7 @@
 """The `specdiff` command: the main job end to end on a tiny model, and clear errors."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,10 +26,22 @@ def test_generate_writes_a_grid_and_stats_and_compares_with_the_plain_sampler(tm
                  "--out", str(out), "--compare", "--no-progress"]) == 0
     report = json.loads((out / "stats.json").read_text())
     assert (out / "speculative.png").stat().st_size > 0 and (out / "baseline.png").stat().st_size > 0
-    assert report["speculative"]["num_steps"] == 20 and report["baseline"]["target_calls"] == 20
+    assert report["speculative"]["num_steps"] == 20 and report["plain"]["target_calls"] == 20
     assert report["speculative"]["target_calls"] <= 20
     printed = capsys.readouterr().out
     assert "target calls" in printed and "wall-clock" in printed
+
+
+def test_generate_from_the_bundled_masked_diffusion_model_compares_plain_and_cached(tmp_path, capsys):
+    model = Path(__file__).resolve().parent.parent / "assets" / "models" / "digits-mdm"
+    out = tmp_path / "out"
+    assert main(["generate", "--model", str(model), "--num-images", "2", "--steps", "16", "--window", "4",
+                 "--out", str(out), "--compare", "--no-progress", "--drafter", "model"]) == 0
+    report = json.loads((out / "stats.json").read_text())
+    assert report["plain"]["target_calls"] == 16
+    assert report["cached"]["target_calls"] <= 16
+    assert report["speculative"]["draft_calls"] > 0
+    assert "cached:" in capsys.readouterr().out
 
 
 def test_unknown_model_path_is_a_clear_error(tmp_path, capsys):

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 
 import torch
 from torch import Tensor
@@ -36,7 +35,7 @@ from torch import Tensor
 from ..chains import CategoricalChain
 from ..drafters import Drafter, as_drafter
 from ..noise import GeneratorArg, split_generators
-from ..sampler import SpeculativeOutput
+from ..sampler import SpeculativeOutput, _progress
 from ..stats import SpeculativeStats
 from .coupling import sample_residual, step_acceptance_probability
 from .scheduler import sample_categorical
@@ -124,16 +123,6 @@ class CategoricalNoise:
             oldest = min(steps_l[b] for b in rows)
             for k in [k for k in self._tables[gi] if k < oldest]:
                 del self._tables[gi][k]
-
-
-def _progress(progress: bool | Callable, total: int):
-    if callable(progress):
-        return progress(total=total)
-    if progress:
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, unit="step")
-    return nullcontext()
 
 
 def _check_chain(chain, x_init: Tensor) -> None:
