@@ -142,17 +142,13 @@ def speculative_sample(
     prev = pred.clone()
     fresh = torch.ones(batch, dtype=torch.bool)
     stats.target_calls, stats.target_rows = 1, batch
-    # Tensor tallies, turned into the stats' lists at the end.
-    stats.sample_calls = torch.ones(batch, dtype=torch.long)
-    stats.sample_counts = torch.zeros(batch, 2, dtype=torch.long)  # proposed, accepted
-    stats.position_counts = torch.zeros(window, 2, dtype=torch.long)
-    stats.round_counts = torch.zeros(window + 1, dtype=torch.long)
+    tally = _Tally(batch, window)
 
     with _progress(progress, batch * num_steps) as bar:
         while (live := (n < num_steps).nonzero().squeeze(1)).numel():
             stats.rounds += 1
             committed, x_next, state = _round(
-                chain, drafter, noise, stats, window, x[live], n[live], pred[live], prev[live], fresh[live], live
+                chain, drafter, noise, stats, tally, window, x[live], n[live], pred[live], prev[live], fresh[live], live
             )
             x[live], n[live] = x_next, n[live] + committed
             pred[live], prev[live], fresh[live] = state
@@ -161,16 +157,28 @@ def speculative_sample(
                 bar.update(int(committed.sum()))
             if callback is not None:
                 callback({"round": stats.rounds, "x": x, "step": n.clone(), "stats": stats})
-    stats.per_sample_target_calls = stats.sample_calls.tolist()
-    stats.per_sample_proposed, stats.per_sample_accepted = stats.sample_counts.T.tolist()
-    stats.proposed_by_position, stats.accepted_by_position = stats.position_counts.T.tolist()
-    stats.committed_per_round = stats.round_counts.tolist()
-    del stats.sample_calls, stats.sample_counts, stats.position_counts, stats.round_counts
+    tally.write(stats)
     stats.wall_clock = time.perf_counter() - started
     return SpeculativeOutput(sample=x, stats=stats)
 
 
-def _round(chain, drafter, noise, stats, window, x, n, pred, prev, fresh, ids):
+class _Tally:
+    """Per-sample and per-position counts kept as tensors during a run (see SpeculativeStats)."""
+
+    def __init__(self, batch: int, window: int):
+        self.sample_calls = torch.ones(batch, dtype=torch.long)  # the warm-up call served everyone
+        self.sample_counts = torch.zeros(batch, 2, dtype=torch.long)  # proposed, accepted
+        self.position_counts = torch.zeros(window, 2, dtype=torch.long)
+        self.round_counts = torch.zeros(window + 1, dtype=torch.long)
+
+    def write(self, stats: SpeculativeStats) -> None:
+        stats.per_sample_target_calls = self.sample_calls.tolist()
+        stats.per_sample_proposed, stats.per_sample_accepted = self.sample_counts.T.tolist()
+        stats.proposed_by_position, stats.accepted_by_position = self.position_counts.T.tolist()
+        stats.committed_per_round = self.round_counts.tolist()
+
+
+def _round(chain, drafter, noise, stats, tally, window, x, n, pred, prev, fresh, ids):
     """One speculative round for the live samples ``ids`` (SPEC §3).
 
     Position ``j`` of sample ``i`` is its drafted step ``n_i + j``, used when ``j < L_i``.
@@ -215,7 +223,7 @@ def _round(chain, drafter, noise, stats, window, x, n, pred, prev, fresh, ids):
         target[need] = _check_finite(chain.predict(states[need], at.to(device)), at, "target")
         stats.target_calls += 1
         stats.target_rows += int(need.sum())
-        stats.sample_calls[ids[need.any(0)]] += 1
+        tally.sample_calls[ids[need.any(0)]] += 1
 
     # 3. Accept or reflect every drafted step at once; only the prefix up to the first
     #    rejection is used (decisions are per step and keyed noise, so extra ones are harmless).
@@ -252,9 +260,9 @@ def _round(chain, drafter, noise, stats, window, x, n, pred, prev, fresh, ids):
     counted = drafted & (pos[:span] <= n_acc) & ~((pos[:span] == 0) & fresh)
     stats.proposed += int(counted.sum())
     stats.accepted += int((counted & accept).sum())
-    stats.position_counts[:span] += torch.stack([counted.sum(1), (counted & accept).sum(1)], 1)
-    stats.sample_counts[ids] += torch.stack([counted.sum(0), (counted & accept).sum(0)], 1)
-    stats.round_counts += torch.bincount(committed, minlength=window + 1)
+    tally.position_counts[:span] += torch.stack([counted.sum(1), (counted & accept).sum(1)], 1)
+    tally.sample_counts[ids] += torch.stack([counted.sum(0), (counted & accept).sum(0)], 1)
+    tally.round_counts += torch.bincount(committed, minlength=window + 1)
     return committed, x_next, (new_pred, new_prev, new_fresh)
 
 
