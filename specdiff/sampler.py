@@ -68,6 +68,11 @@ def _progress(progress: bool | Callable, total: int):
     return nullcontext()
 
 
+def _check_window(window) -> None:
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"window must be a positive integer (1 = plain sampler); got {window!r}")
+
+
 def _check_chain(chain, x_init: Tensor) -> None:
     if not isinstance(chain, GaussianChain):
         raise TypeError(f"{type(chain).__name__} is not a GaussianChain (needs num_steps, predict, transition)")
@@ -125,8 +130,7 @@ def speculative_sample(
     ``callback`` receives ``{"round", "x", "step", "stats"}`` after every round.
     """
     _check_chain(chain, x_init)
-    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-        raise ValueError(f"window must be a positive integer (1 = plain sampler); got {window!r}")
+    _check_window(window)
     drafter = as_drafter(drafter)
     started = time.perf_counter()
     num_steps, batch, device = chain.num_steps, x_init.shape[0], x_init.device

@@ -259,6 +259,35 @@ def train_classifier(args, out: Path, generator: torch.Generator) -> dict:
     }
 
 
+def fit_epsilon(model, x_train, scheduler, generator, args, iters: int, label: str, teacher=None):
+    """AdamW + warm-up/cosine lr + EMA on the epsilon-MSE objective (the ``teacher``'s epsilon
+    predictions replace the true noise when distilling). Returns ``(losses, seconds, ema)``."""
+    ema = EMA(model, decay=args.ema_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(iters))
+    model.train()
+    losses: List[float] = []
+    start = time.time()
+    bar = progress(range(iters), label)
+    for step in bar:
+        x0 = random_shift(sample_batch(x_train, args.batch_size, generator), generator)
+        xt, t, noise = noisy_batch(x0, scheduler, generator)
+        if teacher is not None:
+            with torch.no_grad():
+                noise = teacher(xt, t).sample
+        loss = F.mse_loss(model(xt, t).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        ema.update(model)
+        losses.append(loss.item())
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{_tail_mean(losses):.4f}")
+    return losses, time.time() - start, ema
+
+
 def train_ddpm(args, out: Path, generator: torch.Generator, previous: Optional[dict] = None) -> dict:
     """Train the target UNet; with ``--resume``, continue from the saved (EMA) weights."""
     path = out / DDPM_DIR
@@ -271,28 +300,8 @@ def train_ddpm(args, out: Path, generator: torch.Generator, previous: Optional[d
     x_test, _ = load_digits_images("test")
     scheduler = make_scheduler()
     model = UNet2DModel.from_pretrained(path / "unet") if args.resume else make_target_unet()
-    ema = EMA(model, decay=args.ema_decay)
     iters = args.ddpm_iters
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(iters))
-    model.train()
-    losses: List[float] = []
-    start = time.time()
-    bar = progress(range(iters), "ddpm")
-    for step in bar:
-        x0 = random_shift(sample_batch(x_train, args.batch_size, generator), generator)
-        xt, t, noise = noisy_batch(x0, scheduler, generator)
-        loss = F.mse_loss(model(xt, t).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema.update(model)
-        losses.append(loss.item())
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{_tail_mean(losses):.4f}")
-    wall = time.time() - start
+    losses, wall, ema = fit_epsilon(model, x_train, scheduler, generator, args, iters, "ddpm")
     ema.copy_to(model)
     model.eval()
     DDPMPipeline(unet=model, scheduler=scheduler).save_pretrained(path, safe_serialization=True)
@@ -328,31 +337,11 @@ def train_draft(args, out: Path, generator: torch.Generator) -> dict:
     if target is not None:
         target.eval().requires_grad_(False)
     model = make_draft_unet()
-    ema = EMA(model, decay=args.ema_decay)
     iters = args.draft_iters
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(iters))
-    model.train()
-    losses: List[float] = []
-    start = time.time()
-    bar = progress(range(iters), f"draft ({objective})")
-    for step in bar:
-        x0 = random_shift(sample_batch(x_train, args.batch_size, generator), generator)
-        xt, t, noise = noisy_batch(x0, scheduler, generator)
-        if objective == "distill":
-            with torch.no_grad():
-                noise = target(xt, t).sample
-        loss = F.mse_loss(model(xt, t).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema.update(model)
-        losses.append(loss.item())
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{_tail_mean(losses):.4f}")
-    wall = time.time() - start
+    losses, wall, ema = fit_epsilon(
+        model, x_train, scheduler, generator, args, iters, f"draft ({objective})",
+        teacher=target if objective == "distill" else None,
+    )
     ema.copy_to(model)
     model.eval()
     path = out / DRAFT_DIR

@@ -35,7 +35,7 @@ from torch import Tensor
 from ..chains import CategoricalChain
 from ..drafters import Drafter, as_drafter
 from ..noise import GeneratorArg, split_generators
-from ..sampler import SpeculativeOutput, _progress
+from ..sampler import SpeculativeOutput, _check_window, _progress
 from ..stats import SpeculativeStats
 from .coupling import sample_residual, step_acceptance_probability
 from .scheduler import sample_categorical
@@ -233,8 +233,7 @@ def speculative_sample_discrete(
     step has ratio exactly 1). ``callback`` receives ``{"round", "x", "step", "stats"}``.
     """
     _check_chain(chain, x_init)
-    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-        raise ValueError(f"window must be a positive integer (1 = plain sampler); got {window!r}")
+    _check_window(window)
     drafter = as_drafter(drafter)
     started = time.perf_counter()
     num_steps, batch, device = chain.num_steps, x_init.shape[0], x_init.device
