@@ -179,6 +179,56 @@ def _plot_digits(summary, path: Path) -> None:
     plt.close(fig)
 
 
+def report(out: Path) -> str:
+    """Markdown tables of the results under ``out`` (what the README shows)."""
+    lines = []
+    if (out / "digits.json").exists():
+        d = json.loads((out / "digits.json").read_text())
+        lines += [f"Bundled digits DDPM, {d['num_steps']} steps, batch 1, CPU ({d['environment']['threads']} thread), "
+                  f"mean of {d['summary'][0]['runs']} seeds (`{d['command']}`):", "",
+                  "| sampler | window | sequential target calls | rows evaluated | draft calls | acceptance "
+                  "| wall-clock (s) | calls speedup | wall-clock speedup |", "|" + " --- |" * 9]
+        for r in d["summary"]:
+            acc = "" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.3f}"
+            lines.append(f"| {r['sampler']} | {r['window']} | {r['target_calls']:.0f} | {r['target_rows']:.0f} "
+                         f"| {r['draft_calls']:.0f} | {acc} | {r['wall_clock_s']:.2f} | {r['call_speedup']:.2f}x "
+                         f"| {r['wall_clock_speedup']:.2f}x |")
+        q = d["quality"]
+        lines += ["", f"Quality over {q['samples']} images per sampler (speculative: frozen drafter, window "
+                  f"{q['window']}): digit FD vs the held-out split {q['fd_vs_test']['plain']:.2f} (plain) / "
+                  f"{q['fd_vs_test']['speculative']:.2f} (speculative); classifier confidence >= 0.9 on "
+                  f"{q['confident_fraction_0.9']['plain']:.1%} / {q['confident_fraction_0.9']['speculative']:.1%}; "
+                  f"two-sample test in classifier features: {q['two_sample']}.", ""]
+    if (out / "analytic.json").exists():
+        a = json.loads((out / "analytic.json").read_text())
+        dims = sorted({r["dim"] for r in a["rows"]})
+        windows = sorted({r["window"] for r in a["rows"]})
+        cell = {(r["dim"], r["window"]): r for r in a["rows"]}
+        lines += [f"Analytic mixture, {a['num_steps']} DDPM steps, {a['rows'][0]['samples']} samples, frozen drafter: "
+                  f"speedup in sequential calls (acceptance) (`{a['command']}`):", "",
+                  "| dim | " + " | ".join(f"L={w}" for w in windows) + " |", "|" + " --- |" * (len(windows) + 1)]
+        for dim in dims:
+            lines.append(f"| {dim} | " + " | ".join(
+                f"{cell[dim, w]['speedup']:.2f}x ({cell[dim, w]['acceptance_rate']:.2f})" for w in windows) + " |")
+        same = all(r["same_law"] for r in a["rows"])
+        lines += ["", f"Every setting passes the two-sample test against the plain sampler: {same}.", ""]
+    if (out / "discrete.json").exists():
+        d = json.loads((out / "discrete.json").read_text())
+        lines += [f"Bundled digits masked-diffusion model, {d['args']['num_samples']} samples per row, {d['device']} "
+                  f"(`{d['command']}`):", "",
+                  "| steps | sampler | window | target calls / sample | vs plain | vs cached | acceptance "
+                  "| same law as plain |", "|" + " --- |" * 8]
+        for r in d["runs"]:
+            name = r["sampler"] + (f" ({r['drafter']})" if r.get("drafter") else "")
+            acc = f"{r['acceptance_rate']:.3f}" if "acceptance_rate" in r else ""
+            same = r["same_law_as_plain"]["passed"] if "same_law_as_plain" in r else ""
+            vs_cached = f"{r['speedup_calls_vs_cached']:.2f}x" if "speedup_calls_vs_cached" in r else ""
+            lines.append(f"| {r['num_steps']} | {name} | {r['window'] or ''} | {r['target_calls_per_sample']:.1f} "
+                         f"| {r['speedup_calls_vs_plain']:.2f}x | {vs_cached} | {acc} | {same} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def _write(path: Path, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
@@ -186,7 +236,8 @@ def _write(path: Path, result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="specdiff bench", description=__doc__.split("\n")[0])
-    parser.add_argument("which", nargs="?", choices=["analytic", "digits", "discrete", "all"], default="all")
+    parser.add_argument("which", nargs="?", choices=["analytic", "digits", "discrete", "all", "report"], default="all",
+                        help="report: print the README's tables from the saved results")
     parser.add_argument("--quick", action="store_true", help="fewer settings and samples (smoke run)")
     parser.add_argument("--out", default=str(ASSETS / "bench"))
     parser.add_argument("--samples", type=int, default=128, help="digits: images per sampler for the quality check")
@@ -196,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
+    if args.which == "report":
+        print(report(out))
+        return 0
     if args.which in ("analytic", "all"):
         bench_analytic(out, args.quick)
     if args.which in ("digits", "all"):
