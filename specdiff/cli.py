@@ -49,8 +49,9 @@ def _is_masked(model: str) -> bool:
 
 
 def _load_pipeline(model: str, device: str):
-    """The speculative pipeline for ``model``: masked (discrete) diffusion or a DDPM-style
-    image pipeline whose scheduler specdiff supports."""
+    """``(speculative pipeline, plain pipeline)`` for ``model``: masked (discrete) diffusion
+    (the plain sampler is the same pipeline with ``window=None``) or a DDPM-style image
+    pipeline whose scheduler specdiff supports (the plain sampler is diffusers' own)."""
     import torch
     from diffusers import DiffusionPipeline
 
@@ -61,14 +62,17 @@ def _load_pipeline(model: str, device: str):
         raise CLIError(f"model path {model} does not exist; pass a diffusers model folder or a hub id (org/name)")
     try:
         if _is_masked(model):
-            pipe = SpeculativeMaskedDiffusionPipeline.from_pretrained(model)
+            pipe = plain = SpeculativeMaskedDiffusionPipeline.from_pretrained(model)
         else:
-            pipe = SpeculativeDDPMPipeline.from_pipe(DiffusionPipeline.from_pretrained(model))
+            plain = DiffusionPipeline.from_pretrained(model)
+            pipe = SpeculativeDDPMPipeline.from_pipe(plain)
     except (ValueError, TypeError) as err:
         raise CLIError(f"{model}: {err}") from err
     except Exception as err:  # hub errors, missing files, wrong format
         raise CLIError(f"could not load a diffusers pipeline from {model}: {err}") from err
-    return pipe if torch.device(device).type == "cpu" else pipe.to(torch.device(device))
+    if torch.device(device).type != "cpu":
+        pipe, plain = pipe.to(torch.device(device)), plain.to(torch.device(device))
+    return pipe, plain
 
 
 def _draft_kwargs(args, masked: bool) -> dict:
@@ -91,7 +95,10 @@ def _save_grid(images, path: Path) -> None:
     import torch
     from torchvision.utils import save_image
 
-    save_image(torch.as_tensor(images), path, nrow=max(1, int(len(images) ** 0.5)), padding=1)
+    images = torch.as_tensor(images)
+    if images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):  # numpy NHWC (diffusers' "np") -> NCHW
+        images = images.permute(0, 3, 1, 2)
+    save_image(images, path, nrow=max(1, int(len(images) ** 0.5)), padding=1)
 
 
 def cmd_generate(args) -> int:
@@ -99,18 +106,19 @@ def cmd_generate(args) -> int:
 
     out = _writable(Path(args.out))
     masked = _is_masked(args.model)
-    pipe = _load_pipeline(args.model, args.device)
-    pipe.set_progress_bar_config(disable=args.no_progress)
+    pipe, plain_pipe = _load_pipeline(args.model, args.device)
+    for p in (pipe, plain_pipe):
+        p.set_progress_bar_config(disable=args.no_progress)
     draft = _draft_kwargs(args, masked)
 
-    def run(window, **kwargs):
+    def run(pipeline, **kwargs):
         seeds = [torch.Generator(device="cpu").manual_seed(args.seed + i) for i in range(args.num_images)]
         started = time.perf_counter()
-        result = pipe(batch_size=args.num_images, generator=seeds, num_inference_steps=args.steps, window=window,
-                      output_type="pt", **kwargs)
+        result = pipeline(batch_size=args.num_images, generator=seeds, num_inference_steps=args.steps,
+                          output_type="pt", **kwargs)
         return result, time.perf_counter() - started
 
-    result, wall = run(args.window, **draft)
+    result, wall = run(pipe, window=args.window, **draft)
     stats = result.stats
     _save_grid(result.images, out / "speculative.png")
     report = {"model": str(args.model), "steps": args.steps, "window": args.window, "drafter": args.drafter,
@@ -118,14 +126,18 @@ def cmd_generate(args) -> int:
     print(f"speculative: {stats.summary()}; {wall:.1f}s wall-clock")
     if args.compare:
         # The plain sampler on the same seeds (and, for masked diffusion, the cached one too).
-        baselines = {"plain": run(None if masked else 1)} | ({"cached": run(None, cache=True)} if masked else {})
+        if masked:
+            baselines = {"plain": run(plain_pipe, window=None), "cached": run(plain_pipe, window=None, cache=True)}
+        else:
+            baselines = {"plain": run(plain_pipe)}
         _save_grid(baselines["plain"][0].images, out / "baseline.png")
         for name, (plain, plain_wall) in baselines.items():
-            report[name] = {"target_calls": plain.stats.target_calls, "target_rows": plain.stats.target_rows,
-                            "wall_clock_s": plain_wall, "wall_clock_ratio": plain_wall / wall}
-            print(f"{name + ':':12} {plain.stats.target_calls} target calls; {plain_wall:.1f}s wall-clock => "
-                  f"{plain.stats.target_calls / stats.target_calls:.2f}x fewer sequential target calls, "
-                  f"{plain_wall / wall:.2f}x wall-clock")
+            calls = plain.stats.target_calls if hasattr(plain, "stats") else args.steps
+            rows = plain.stats.target_rows if hasattr(plain, "stats") else args.steps * args.num_images
+            report[name] = {"target_calls": calls, "target_rows": rows, "wall_clock_s": plain_wall,
+                            "wall_clock_ratio": plain_wall / wall}
+            print(f"{name + ':':12} {calls} target calls; {plain_wall:.1f}s wall-clock => "
+                  f"{calls / stats.target_calls:.2f}x fewer sequential target calls, {plain_wall / wall:.2f}x wall-clock")
     (out / "stats.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {out / 'speculative.png'} and {out / 'stats.json'}")
     return 0
