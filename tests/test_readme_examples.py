@@ -41,3 +41,12 @@ def test_readme_example_runs(heading, tmp_path, monkeypatch):
     for i, block in enumerate(SECTIONS[heading]):
         exec(compile(block, f"README[{heading}][{i}]", "exec"), namespace)  # noqa: S102
     assert "out" in namespace and namespace["out"].stats.target_calls > 0
+
+
+def test_readme_benchmark_tables_are_the_saved_results():
+    """The README's numbers are exactly what `python -m specdiff.bench report` prints."""
+    from specdiff.bench import report
+
+    text = (ROOT / "README.md").read_text()
+    shown = text.split("<!-- bench-report -->\n", 1)[1].split("\n<!-- /bench-report -->", 1)[0]
+    assert shown.strip() == report(ROOT / "assets" / "bench").strip()
