@@ -95,13 +95,8 @@ class SpeculativeDDPMPipeline(DiffusionPipeline):
     def from_pipe(cls, pipeline, **kwargs):
         """From a ``DDPMPipeline`` (or any pipeline with ``unet`` and ``scheduler``), sharing its
         components. Scheduler options (``window``, ``frozen_prediction``, ``eta``) may be passed."""
-        options = {
-            k: kwargs.pop(k) for k in ("window", "frozen_prediction", "eta", "use_clipped_model_output") if k in kwargs
-        }
-        pipe = super().from_pipe(pipeline, **kwargs)
-        if options:
-            pipe.scheduler = SpeculativeScheduler.from_scheduler(pipe.scheduler, **options)
-        return pipe
+        rewrap = SpeculativeScheduler.wrap_pipeline_scheduler(kwargs)
+        return rewrap(super().from_pipe(pipeline, **kwargs))
 
     def _drafter(self, drafter, draft_unet):
         if draft_unet is not None and drafter is not None:

@@ -130,13 +130,8 @@ class SpeculativeStableDiffusionPipeline(StableDiffusionPipeline):
     def from_pipe(cls, pipeline, **kwargs):
         """From a ``StableDiffusionPipeline``, sharing its components. Scheduler options
         (``window``, ``frozen_prediction``, ``eta``) may be passed."""
-        options = {
-            k: kwargs.pop(k) for k in ("window", "frozen_prediction", "eta", "use_clipped_model_output") if k in kwargs
-        }
-        pipe = super().from_pipe(pipeline, **kwargs)
-        if options:
-            pipe.scheduler = SpeculativeScheduler.from_scheduler(pipe.scheduler, **options)
-        return pipe
+        rewrap = SpeculativeScheduler.wrap_pipeline_scheduler(kwargs)
+        return rewrap(super().from_pipe(pipeline, **kwargs))
 
     def _guided_model(self, unet, prompt_embeds, negative_prompt_embeds, timestep_cond) -> Callable:
         """``model_fn(latent_input, timesteps)`` for rows that share ``prompt_embeds[0]``: each

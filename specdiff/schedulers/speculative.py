@@ -128,6 +128,23 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
         )
 
     @classmethod
+    def wrap_pipeline_scheduler(cls, kwargs: dict):
+        """For a pipeline's ``from_pipe``: pop this class's options (``window``,
+        ``frozen_prediction``, ``eta``, ``use_clipped_model_output``) from ``kwargs`` and,
+        if any were given, re-wrap ``pipe.scheduler`` with them; returns a callable doing that
+        to the new pipeline."""
+        options = {
+            k: kwargs.pop(k) for k in ("window", "frozen_prediction", "eta", "use_clipped_model_output") if k in kwargs
+        }
+
+        def apply(new_pipe):
+            if options:
+                new_pipe.scheduler = cls.from_scheduler(new_pipe.scheduler, **options)
+            return new_pipe
+
+        return apply
+
+    @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
         """Load a SpeculativeScheduler config; a saved config of a plain diffusers scheduler
         (``_class_name`` set) is wrapped. A live plain config has no class name: use
