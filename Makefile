@@ -20,7 +20,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 bench: install
-	$(BIN)/python -m specdiff.bench
+	$(BIN)/python -m specdiff.workbench.bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info

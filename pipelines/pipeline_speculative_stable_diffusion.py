@@ -26,7 +26,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
 
-from pipelines.pipeline_speculative_ddpm import progress_for, round_callback
+from specdiff.pipelines.pipeline_speculative_ddpm import progress_for, round_callback
 from specdiff.schedulers import SpeculativeScheduler
 from specdiff.stats import SpeculativeStats
 

@@ -10,7 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "models" / "digits-ddpm"
+from .paths import asset
+
+DEFAULT_MODEL = asset("models", "digits-ddpm")
 DEFAULT_DRAFT = DEFAULT_MODEL.parent / "digits-draft"
 
 
@@ -162,13 +164,13 @@ def cmd_analytic(args) -> int:
 
 
 def cmd_train_digits(args) -> int:
-    from .train import main as train_main
+    from .workbench.train_digits import main as train_main
 
     return train_main(args.rest) or 0
 
 
 def cmd_bench(args) -> int:
-    from .bench import main as bench_main
+    from .workbench.bench import main as bench_main
 
     return bench_main(args.rest) or 0
 

@@ -58,6 +58,14 @@ def _transition(chain, x: Tensor, step: Tensor, prediction: Tensor, previous: Te
     return mean, _per_row(std, x)
 
 
+def predict(chain, x: Tensor, step: Tensor, sample: Tensor) -> Tensor:
+    """The chain's network call on rows ``x`` at ``step``; a chain with ``uses_sample_index``
+    also learns which sample each row belongs to (per-sample conditioning, e.g. prompts)."""
+    if getattr(chain, "uses_sample_index", False):
+        return chain.predict(x, step, sample=sample.to(x.device))
+    return chain.predict(x, step)
+
+
 def _progress(progress: bool | Callable, total: int):
     if callable(progress):
         return progress(total=total)
@@ -99,7 +107,7 @@ def sample_baseline(
     with _progress(progress, chain.num_steps) as bar:
         for k in range(chain.num_steps):
             step = torch.full((batch,), k, dtype=torch.long, device=x.device)
-            prediction = _check_finite(chain.predict(x, step), step, "target")
+            prediction = _check_finite(predict(chain, x, step, rows), step, "target")
             mean, std = _transition(chain, x, step, prediction, prediction if previous is None else previous)
             z = noise.gaussian(rows, torch.full((batch,), k))
             x = (mean + std * z).to(x_init.dtype)
@@ -142,7 +150,7 @@ def speculative_sample(
     # `prev` is the target prediction of step n-1 (for multistep chains).
     x = x_init.clone()
     n = torch.zeros(batch, dtype=torch.long)
-    pred = _check_finite(chain.predict(x, n.to(device)), n, "target")
+    pred = _check_finite(predict(chain, x, n.to(device), torch.arange(batch)), n, "target")
     prev = pred.clone()
     fresh = torch.ones(batch, dtype=torch.bool)
     stats.target_calls, stats.target_rows = 1, batch
@@ -224,7 +232,9 @@ def _round(chain, drafter, noise, stats, tally, window, x, n, pred, prev, fresh,
     target[0, fresh] = pred[fresh]
     if need.any():
         at = steps[need]
-        target[need] = _check_finite(chain.predict(states[need], at.to(device)), at, "target")
+        target[need] = _check_finite(
+            predict(chain, states[need], at.to(device), ids.expand(span + 1, m)[need]), at, "target"
+        )
         stats.target_calls += 1
         stats.target_rows += int(need.sum())
         tally.sample_calls[ids[need.any(0)]] += 1

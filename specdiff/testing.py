@@ -69,7 +69,8 @@ class GaussianMixtureDDPM:
         ab = self.alphas_cumprod[t]
         ab_prev = torch.where(t > 0, self.alphas_cumprod[(t - 1).clamp(min=0)], torch.ones_like(ab))
         shape = (-1, *[1] * (like.ndim - 1))
-        return [c.to(like).view(shape) for c in (ab, ab_prev)]
+        work = torch.promote_types(like.dtype, torch.float32)  # half-precision latents, float32 maths
+        return [c.to(device=like.device, dtype=work).view(shape) for c in (ab, ab_prev)]
 
     def predict(self, x: Tensor, step: Tensor) -> Tensor:
         self.predict_calls += 1
@@ -83,7 +84,7 @@ class GaussianMixtureDDPM:
         x0 = x0.view_as(x).to(x.dtype)
         if self.prediction_type == "sample":
             return x0
-        return (x - ab.sqrt() * x0) / (1 - ab).sqrt()
+        return ((x - ab.sqrt() * x0) / (1 - ab).sqrt()).to(x.dtype)
 
     def transition(self, x: Tensor, step: Tensor, prediction: Tensor) -> tuple[Tensor, Tensor]:
         ab, ab_prev = self._coefficients(step, x)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDPMPipeline
 
-from specdiff.digits import DigitClassifier, classifier_features
+from specdiff.workbench.digits import DigitClassifier, classifier_features
 from specdiff.pipelines import SpeculativeDDPMPipeline
 from specdiff.testing import two_sample_test
 

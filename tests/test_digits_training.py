@@ -10,8 +10,8 @@ pytest.importorskip("sklearn")
 
 from diffusers import DDPMPipeline, UNet2DModel  # noqa: E402
 
-from specdiff import train  # noqa: E402
-from specdiff.digits import (  # noqa: E402
+from specdiff.workbench import train_digits as train  # noqa: E402
+from specdiff.workbench.digits import (  # noqa: E402
     DigitClassifier,
     confident_fraction,
     frechet_distance,

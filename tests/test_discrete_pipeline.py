@@ -9,7 +9,7 @@ import PIL.Image
 import pytest
 import torch
 
-from pipelines.pipeline_speculative_masked_diffusion import SpeculativeMaskedDiffusionPipeline
+from specdiff.pipelines.pipeline_speculative_masked_diffusion import SpeculativeMaskedDiffusionPipeline
 from specdiff.discrete import MaskedDiffusionScheduler
 from specdiff.discrete.model import MaskedDiffusionTransformer
 from specdiff.stats import SpeculativeStats
@@ -83,7 +83,7 @@ def test_generator_list_makes_samples_batch_independent_and_save_load_round_trip
 
 
 def test_training_script_and_benchmark_run_on_a_tiny_config(tmp_path):
-    from specdiff.discrete import bench, train
+    from specdiff.workbench import bench_discrete as bench, train_mdm as train
 
     result = train.main(
         [

@@ -44,8 +44,8 @@ def test_readme_example_runs(heading, tmp_path, monkeypatch):
 
 
 def test_readme_benchmark_tables_are_the_saved_results():
-    """The README's numbers are exactly what `python -m specdiff.bench report` prints."""
-    from specdiff.bench import report
+    """The README's numbers are exactly what `python -m specdiff.workbench.bench report` prints."""
+    from specdiff.workbench.bench import report
 
     text = (ROOT / "README.md").read_text()
     shown = text.split("<!-- bench-report -->\n", 1)[1].split("\n<!-- /bench-report -->", 1)[0]

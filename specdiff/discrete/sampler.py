@@ -35,7 +35,7 @@ from torch import Tensor
 from ..chains import CategoricalChain
 from ..drafters import Drafter, as_drafter
 from ..noise import GeneratorArg, split_generators
-from ..sampler import SpeculativeOutput, _check_window, _progress
+from ..sampler import SpeculativeOutput, _check_window, _progress, predict
 from ..stats import SpeculativeStats
 from .coupling import sample_residual, step_acceptance_probability
 from .scheduler import sample_categorical
@@ -189,7 +189,7 @@ def sample_baseline_discrete(
             step = torch.full((batch,), k, dtype=torch.long, device=x.device)
             ask = changed if cached else torch.ones_like(changed)
             if ask.any():
-                new = _check_finite(chain.predict(x[ask], step[ask]), step[ask], "target")
+                new = _check_finite(predict(chain, x[ask], step[ask], rows[ask.cpu()]), step[ask], "target")
                 prediction = (
                     new if prediction is None or ask.all() else prediction.index_put((ask,), new.to(prediction))
                 )
@@ -244,7 +244,7 @@ def speculative_sample_discrete(
     # it, at (x, n) when `fresh`, else at the state the last rejected step left from.
     x = x_init.clone()
     n = torch.zeros(batch, dtype=torch.long)
-    pred = _check_finite(chain.predict(x, n.to(device)), n, "target")
+    pred = _check_finite(predict(chain, x, n.to(device), torch.arange(batch)), n, "target")
     fresh = torch.ones(batch, dtype=torch.bool)
     stats.target_calls, stats.target_rows = 1, batch
     stats.per_sample_target_calls = [1] * batch
@@ -310,7 +310,7 @@ def _round(chain, drafter, noise, stats, window, x, n, pred, fresh, ids):
         j_rows, i_rows = jj[need], ii[need]
         step = n[i_rows] + j_rows
         target[j_rows.to(device), i_rows.to(device)] = _check_finite(
-            chain.predict(states[j_rows.to(device), i_rows.to(device)], step.to(device)), step, "target"
+            predict(chain, states[j_rows.to(device), i_rows.to(device)], step.to(device), ids[i_rows]), step, "target"
         ).to(pred.dtype)
         stats.target_calls += 1
         stats.target_rows += int(need.sum())

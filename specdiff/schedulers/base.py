@@ -18,15 +18,26 @@ Notation (diffusers' names): ``a_t = alphas_cumprod[t]``, ``a_prev = alphas_cump
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-ModelFn = Callable[[Tensor, Tensor], Tensor]
+ModelFn = Callable[..., Tensor]
 """``model_fn(model_input, timesteps) -> model_output``: the network, batched over rows,
-one timestep per row (``timesteps`` are the scheduler's own, e.g. 999, 899, ...)."""
+one timestep per row (``timesteps`` are the scheduler's own, e.g. 999, 899, ...). A model
+function that also takes a ``sample`` keyword receives the batch index of each row
+(``LongTensor[rows]``), for per-sample conditioning (different prompts in one batch)."""
+
+
+def takes_sample_index(model_fn: ModelFn) -> bool:
+    """Whether ``model_fn`` accepts the ``sample=`` keyword (per-sample conditioning)."""
+    try:
+        return "sample" in inspect.signature(model_fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 _ADAPTERS: dict[str, type[SchedulerAdapter]] = {}
 
@@ -328,11 +339,14 @@ class SchedulerChain:
         self.frozen_prediction = frozen_prediction
         self.num_steps = adapter.num_steps
         self.uses_previous_prediction = adapter.uses_previous_prediction
+        self.uses_sample_index = takes_sample_index(model_fn)
 
-    def predict_with(self, model_fn: ModelFn, x: Tensor, step: Tensor) -> Tensor:
-        """The chain's prediction at ``(x, step)`` computed by ``model_fn`` (the target's or a drafter's)."""
+    def predict_with(self, model_fn: ModelFn, x: Tensor, step: Tensor, sample: Tensor | None = None) -> Tensor:
+        """The chain's prediction at ``(x, step)`` computed by ``model_fn`` (the target's or a drafter's);
+        ``sample`` (the batch index of each row) is passed on to a model function that takes it."""
         adapter = self.adapter
-        output = model_fn(adapter.scale_model_input(x, step), adapter.model_timesteps(step, x.device))
+        extra = {"sample": sample} if sample is not None and takes_sample_index(model_fn) else {}
+        output = model_fn(adapter.scale_model_input(x, step), adapter.model_timesteps(step, x.device), **extra)
         if self._mode == "x0":
             return adapter.x0_from_output(output, x, step)
         prediction = adapter.prediction(output, x, step)
@@ -340,8 +354,8 @@ class SchedulerChain:
             prediction = output_to(adapter, self.frozen_prediction, prediction, x, step)
         return prediction
 
-    def predict(self, x: Tensor, step: Tensor) -> Tensor:
-        return self.predict_with(self.model_fn, x, step)
+    def predict(self, x: Tensor, step: Tensor, sample: Tensor | None = None) -> Tensor:
+        return self.predict_with(self.model_fn, x, step, sample)
 
     def drafter(self, draft_model_fn: ModelFn) -> Callable[[Tensor, Tensor], Tensor]:
         """A drafter ``predict(x, step)`` from an independent (cheaper) model with the same schedule."""

@@ -1,6 +1,6 @@
 """Train the bundled masked-diffusion model on scikit-learn's 8x8 digits (offline, CPU).
 
-    python -m specdiff.discrete.train --out assets/models/digits-mdm
+    python -m specdiff.workbench.train_mdm --out assets/models/digits-mdm
 
 Each 8x8 digit (grey values 0..16) is quantised to ``--levels`` grey levels and read as a
 64-token sequence (row-major). The reported metric is the continuous-time masked-diffusion
@@ -25,14 +25,14 @@ from pathlib import Path
 
 import torch
 
-from .model import MaskedDiffusionTransformer
-from .scheduler import MaskedDiffusionScheduler
+from ..discrete.model import MaskedDiffusionTransformer
+from ..discrete.scheduler import MaskedDiffusionScheduler
 
 
 def load_digit_tokens(split: str = "train", levels: int = 8) -> torch.Tensor:
-    """The digits of ``split`` (the fixed split of :mod:`specdiff.digits`) as ``(N, 64)``
+    """The digits of ``split`` (the fixed split of :mod:`specdiff.workbench.digits`) as ``(N, 64)``
     tokens in ``0..levels-1``: grey value ``g`` in 0..16 becomes ``floor(g · levels / 17)``."""
-    from ..digits import load_digits_images
+    from .digits import load_digits_images
 
     images, _ = load_digits_images(split=split, size=8)
     grey = ((images + 1) * 8).round().long().clamp(0, 16)  # back to the original 0..16
@@ -165,7 +165,7 @@ def main(argv=None) -> dict:
     wall = time.perf_counter() - started
     test_elbo = evaluate(model, scheduler, test)
     result = {
-        "command": "python -m specdiff.discrete.train " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m specdiff.workbench.train_mdm " + " ".join(argv if argv is not None else sys.argv[1:]),
         "iterations": iteration,
         "seed": args.seed,
         "threads": args.threads,
@@ -193,7 +193,7 @@ def save(model: MaskedDiffusionTransformer, scheduler: MaskedDiffusionScheduler,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        from pipelines.pipeline_speculative_masked_diffusion import SpeculativeMaskedDiffusionPipeline
+        from specdiff.pipelines.pipeline_speculative_masked_diffusion import SpeculativeMaskedDiffusionPipeline
     except ImportError:  # the pipelines package is not importable: write the same layout by hand
         import diffusers
 

@@ -2,12 +2,12 @@
 
 Usage::
 
-    python -m specdiff.train --out assets/models [--iters N] [--seed S] [--threads T]
+    python -m specdiff.workbench.train_digits --out assets/models [--iters N] [--seed S] [--threads T]
                              [--only classifier|ddpm|draft|eval] [--resume]
 
 Trains, in this order, and saves in diffusers format under ``--out``:
 
-* ``digits-classifier/`` -- :class:`specdiff.digits.DigitClassifier` (used to judge samples);
+* ``digits-classifier/`` -- :class:`specdiff.workbench.digits.DigitClassifier` (used to judge samples);
 * ``digits-ddpm/``       -- a :class:`diffusers.DDPMPipeline` (target model, EMA weights);
 * ``digits-draft/``      -- a much smaller :class:`diffusers.UNet2DModel` on the same
   noise schedule, distilled from the target's epsilon predictions (the draft model
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
-from specdiff.digits import (
+from specdiff.workbench.digits import (
     DigitClassifier,
     confident_fraction,
     digit_fd,
@@ -445,7 +445,7 @@ def write_model_card(out: Path, summary: dict) -> None:
         "",
         "Small models trained on CPU on scikit-learn's bundled handwritten digits "
         "(`sklearn.datasets.load_digits`: 1797 8x8 images, upsampled bilinearly to 16x16, "
-        "scaled to [-1, 1]; fixed 80/20 train/test split, see `specdiff.digits.load_digits_images`). "
+        "scaled to [-1, 1]; fixed 80/20 train/test split, see `specdiff.workbench.digits.load_digits_images`). "
         "They let specdiff's tests, benchmarks and examples run offline with real trained models.",
         "",
         "| folder | what | params | forward MFLOPs / sample | weights |",
@@ -543,7 +543,7 @@ def write_model_card(out: Path, summary: dict) -> None:
         "",
         "```python",
         "from diffusers import DDPMPipeline, UNet2DModel",
-        "from specdiff.digits import DigitClassifier",
+        "from specdiff.workbench.digits import DigitClassifier",
         "",
         f'pipe = DDPMPipeline.from_pretrained("assets/models/{DDPM_DIR}")',
         f'draft = UNet2DModel.from_pretrained("assets/models/{DRAFT_DIR}")',
@@ -560,7 +560,7 @@ def write_model_card(out: Path, summary: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m specdiff.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m specdiff.workbench.train_digits", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="assets/models", help="output folder (default: assets/models)")
     p.add_argument("--iters", type=int, default=None, help="iterations for every stage (overrides the defaults)")
     for stage in STAGES:
@@ -601,7 +601,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
     summary_path = out / SUMMARY_FILE
     summary = json.loads(summary_path.read_text()) if (args.only and summary_path.exists()) else {}
-    command = "python -m specdiff.train " + " ".join(argv)
+    command = "python -m specdiff.workbench.train_digits " + " ".join(argv)
     summary.update(
         commands=summary.get("commands", []) + [command],
         seed=args.seed,

@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m specdiff.bench [analytic|digits|all] [--quick]``.
+"""Benchmarks: ``python -m specdiff.workbench.bench [analytic|digits|all] [--quick]``.
 
 Each writes a JSON results file and a plot under ``assets/bench/``, with the plain
 sampler measured in the same run: sequential target calls, rows evaluated, drafter
@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-from . import sample_baseline, speculative_sample
-from .testing import GaussianMixtureDDPM, two_sample_test
+from .. import sample_baseline, speculative_sample
+from ..paths import asset
+from ..testing import GaussianMixtureDDPM, two_sample_test
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = asset()
 
 
 def _environment() -> dict:
@@ -48,7 +49,7 @@ def bench_analytic(out: Path, quick: bool = False) -> dict:
                          "steps_per_round": s.mean_committed_per_round, "wall_clock_s": s.wall_clock,
                          "baseline_wall_clock_s": base_wall, "two_sample_min_p": check.min_p,
                          "same_law": check.passed})
-    result = {"benchmark": "analytic", "command": "python -m specdiff.bench analytic", "num_steps": 1000,
+    result = {"benchmark": "analytic", "command": "python -m specdiff.workbench.bench analytic", "num_steps": 1000,
               "environment": _environment(), "rows": rows}
     _write(out / "analytic.json", result)
     _plot_analytic(rows, out / "analytic.png")
@@ -81,7 +82,7 @@ def bench_digits(out: Path, quick: bool = False, samples: int = 128, window: int
     from diffusers import DDPMPipeline, UNet2DModel
 
     from .digits import DigitClassifier, classifier_features, confident_fraction, frechet_distance, load_digits_images
-    from .pipelines import SpeculativeDDPMPipeline
+    from ..pipelines import SpeculativeDDPMPipeline
 
     models = ASSETS / "models"
     plain = DDPMPipeline.from_pretrained(models / "digits-ddpm")
@@ -134,7 +135,7 @@ def bench_digits(out: Path, quick: bool = False, samples: int = 128, window: int
         "two_sample_min_p": check.min_p, "same_law": check.passed, "two_sample": str(check),
         "batch_speculative_stats": res.stats.to_dict(),
     }
-    result = {"benchmark": "digits", "command": "python -m specdiff.bench digits", "num_steps": steps,
+    result = {"benchmark": "digits", "command": "python -m specdiff.workbench.bench digits", "num_steps": steps,
               "environment": _environment(), "latency_batch1": latency, "summary": summary, "quality": quality}
     _write(out / "digits.json", result)
     _plot_digits(summary, out / "digits.png")
@@ -255,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.which in ("digits", "all"):
         bench_digits(out, args.quick, args.samples, args.window)
     if args.which in ("discrete", "all"):
-        from .discrete.bench import main as discrete_main
+        from .bench_discrete import main as discrete_main
 
         discrete_main(["--out", str(out)] + (["--quick"] if args.quick else []))
     print(f"results written under {out}")

@@ -1,6 +1,6 @@
 """Benchmark: speculative vs plain vs cached ancestral sampling of the bundled digits model.
 
-    python -m specdiff.discrete.bench            # writes assets/bench/discrete.json + discrete.png
+    python -m specdiff.workbench.bench_discrete            # writes assets/bench/discrete.json + discrete.png
 
 For each grid size N it samples ``--num-samples`` digits with the plain sampler (one call per
 step), the cached sampler (MDLM ``ddpm_cache``: no call while a sample's tokens are
@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from scipy import stats as sps
 
-from .chain import MaskedDiffusionChain
-from .model import MaskedDiffusionTransformer
-from .sampler import sample_baseline_discrete, speculative_sample_discrete
-from .scheduler import MaskedDiffusionScheduler
+from ..discrete.chain import MaskedDiffusionChain
+from ..discrete.model import MaskedDiffusionTransformer
+from ..discrete.sampler import sample_baseline_discrete, speculative_sample_discrete
+from ..discrete.scheduler import MaskedDiffusionScheduler
 
 
 def _contingency_p(a: np.ndarray, b: np.ndarray, categories: int) -> float:
@@ -170,7 +170,7 @@ def main(argv=None) -> dict:
         raise FileNotFoundError(f"no transformer/ folder in --drafter-model {draft_dir}")
 
     results = {
-        "command": "python -m specdiff.discrete.bench",
+        "command": "python -m specdiff.workbench.bench_discrete",
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "device": f"CPU, {args.threads} thread(s), {platform.processor() or platform.machine()}, torch {torch.__version__}",
         "model": str(args.model),
