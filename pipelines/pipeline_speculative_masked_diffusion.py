@@ -26,7 +26,7 @@ from torch import nn
 
 from specdiff.discrete.chain import MaskedDiffusionChain
 from specdiff.discrete.model import MaskedDiffusionTransformer
-from specdiff.discrete.sampler import speculative_sample_discrete
+from specdiff.sampler import speculative_sample_discrete
 from specdiff.discrete.scheduler import MaskedDiffusionScheduler
 from specdiff.drafters import Drafter, ModelDrafter, as_drafter
 from specdiff.stats import SpeculativeStats

@@ -1,17 +1,41 @@
-"""specdiff: exact speculative sampling for diffusion models."""
+"""specdiff: exact speculative sampling for diffusion models.
+
+The core (chains, kernels, the round, drafters, stats) needs only torch; the diffusers
+integration (``SpeculativeScheduler``, the masked-diffusion scheduler, ``specdiff.pipelines``)
+is imported on first use.
+"""
+
+from importlib import import_module
 
 from .chains import CategoricalChain, GaussianChain
-from .coupling import acceptance_probability, reflection_coupling
-from .drafters import Drafter, FrozenTargetDrafter, ModelDrafter
-from .sampler import SpeculativeOutput, sample_baseline, speculative_sample
+from .drafters import DraftMemory, Drafter, FrozenTargetDrafter, ModelDrafter
+from .kernels.gaussian import acceptance_probability, reflection_coupling
+from .sampler import (
+    SpeculativeOutput,
+    sample_baseline,
+    sample_baseline_discrete,
+    speculative_sample,
+    speculative_sample_discrete,
+)
 from .stats import SpeculativeStats
-from .discrete import MaskedDiffusionScheduler, sample_baseline_discrete, speculative_sample_discrete
-from .schedulers.speculative import SpeculativeScheduler  # diffusers wrapper (imports diffusers)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+_LAZY = {  # name -> module (imports diffusers)
+    "SpeculativeScheduler": ".schedulers.speculative",
+    "MaskedDiffusionScheduler": ".discrete.scheduler",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CategoricalChain",
+    "DraftMemory",
     "Drafter",
     "FrozenTargetDrafter",
     "GaussianChain",

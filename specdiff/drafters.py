@@ -1,51 +1,85 @@
 """Drafters: where the cheap guesses come from.
 
-A drafter returns the *prediction* used to build the draft mean of a drafted step; the
-sampler then applies the chain's own ``transition`` to it at the drafted state and step.
-Exactness never depends on the drafter, only the acceptance rate does. To add one,
-subclass :class:`Drafter` (a few lines) and pass an instance as ``drafter=``.
+A drafter returns the *prediction* (the same quantity the chain's ``predict`` returns) used to
+build the draft law of a drafted step; the sampler applies the chain's own ``transition`` to it
+at the drafted state and step. Exactness never depends on the drafter, only acceptance does.
+
+The prediction space is the chain's: for a :class:`~specdiff.schedulers.SchedulerChain` it is
+the quantity named by its ``frozen_prediction`` (x0 by default), for a raw
+:class:`~specdiff.GaussianChain` whatever its ``predict`` returns, for a
+:class:`~specdiff.CategoricalChain` its logits/probabilities.
+
+To add one, subclass :class:`Drafter` and implement ``predict(x, step, memory)``.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from torch import Tensor
 
 
+@dataclass
+class DraftMemory:
+    """What the target has said about each row's sample, for a drafter to reuse.
+
+    * ``prediction``: the target's last prediction for the sample (what the frozen drafter returns);
+    * ``step``: the step it was made at (``n`` after a fully accepted round, ``n - 1`` after a rejection);
+    * ``previous``: the target's prediction one step before that (``prediction`` itself when unknown);
+    * ``sample``: the batch index of each row (per-sample conditioning).
+    """
+
+    prediction: Tensor
+    step: Tensor
+    previous: Tensor
+    sample: Tensor
+
+
 class Drafter:
-    """Base class. ``network_calls`` says whether ``predict`` runs a network (counted
-    in ``stats.draft_calls``)."""
+    """Base class. ``network_calls`` says whether ``predict`` runs a network (counted in
+    ``stats.draft_calls``)."""
 
     network_calls: bool = False
 
-    def predict(self, x: Tensor, step: Tensor, frozen: Tensor) -> Tensor:
-        """Prediction for drafted states ``x`` at ``step``; ``frozen`` is the last
-        prediction the target made for each row's sample."""
+    def predict(self, x: Tensor, step: Tensor, memory: DraftMemory) -> Tensor:
+        """Prediction for drafted states ``x`` (one row each) at ``step``."""
         raise NotImplementedError
 
 
 class FrozenTargetDrafter(Drafter):
-    """Training-free (the paper's Eq. 7): reuse the target's last prediction at every
-    drafted state and step. No network call."""
+    """Training-free (the paper's frozen-target drafter): reuse the target's last prediction
+    at every drafted state and step. No network call."""
 
-    def predict(self, x: Tensor, step: Tensor, frozen: Tensor) -> Tensor:
-        return frozen
+    def predict(self, x: Tensor, step: Tensor, memory: DraftMemory) -> Tensor:
+        return memory.prediction
 
     def __repr__(self) -> str:
         return "FrozenTargetDrafter()"
 
 
+def takes_sample(fn: Callable) -> bool:
+    """Whether ``fn`` accepts the ``sample=`` keyword (per-sample conditioning)."""
+    try:
+        return "sample" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 class ModelDrafter(Drafter):
-    """An independent (cheaper) model with the chain's ``predict(x, step)`` signature."""
+    """An independent (cheaper) network with the signature of the chain's ``predict``:
+    ``predict(x, step)`` (plus ``sample=`` if it takes it) returning the chain's prediction."""
 
     network_calls = True
 
-    def __init__(self, predict: Callable[[Tensor, Tensor], Tensor]):
+    def __init__(self, predict: Callable[..., Tensor]):
         self.model_predict = predict
+        self._takes_sample = takes_sample(predict)
 
-    def predict(self, x: Tensor, step: Tensor, frozen: Tensor) -> Tensor:
-        return self.model_predict(x, step).to(frozen.dtype)
+    def predict(self, x: Tensor, step: Tensor, memory: DraftMemory) -> Tensor:
+        extra = {"sample": memory.sample} if self._takes_sample else {}
+        return self.model_predict(x, step, **extra).to(memory.prediction.dtype)
 
     def __repr__(self) -> str:
         return f"ModelDrafter({self.model_predict!r})"
@@ -53,12 +87,13 @@ class ModelDrafter(Drafter):
 
 def as_drafter(drafter: Drafter | Callable | str | None) -> Drafter:
     """``None`` or ``"frozen"`` -> frozen target; a callable -> :class:`ModelDrafter`."""
-    if drafter is None or drafter == "frozen":
+    if drafter is None or (isinstance(drafter, str) and drafter == "frozen"):
         return FrozenTargetDrafter()
     if isinstance(drafter, Drafter):
         return drafter
-    if callable(drafter):
+    if callable(drafter) and not isinstance(drafter, str):
         return ModelDrafter(drafter)
     raise TypeError(
-        f"drafter must be None/'frozen', a Drafter, or a callable predict(x, step); got {drafter!r}"
+        f"drafter must be None/'frozen', a specdiff.Drafter, or a callable with the signature of the "
+        f"chain's predict(x, step); got {drafter!r}"
     )

@@ -1,21 +1,23 @@
-"""Per-sample, per-step noise streams.
+"""Per-sample, per-step randomness, keyed so a sample never depends on its batch or window.
 
-Every Gaussian a sampler consumes is keyed by (sample, step): ``z[b, k]`` is the k-th
-draw of sample b's stream, whatever the window, the batch around it or the rejections
-before it. Redrafting a step after a rejection therefore reuses the same ``z`` (exact:
-the decision at step k never looks at ``z`` of later steps).
+Every draw a sampler consumes is keyed by (sample, step):
 
-Generators follow diffusers' semantics:
+* ``noise(rows, steps)``: the step's noise from the caller's generator(s), drawn exactly as a
+  diffusers scheduler's ``step`` draws it — ``z ~ N(0, I)`` in the states' dtype for a Gaussian
+  kernel, one float64 uniform per position for a categorical one. It makes the drafted step, or
+  the plain sampler's step: so ``window=1`` reproduces the plain sampler bit for bit.
+* ``uniform(rows, steps)``: the acceptance uniform ``u`` of the step's coupling test, and
+  ``residual_generators(rows, steps)``: a private sub-stream for the step's rejection residual.
+  Both come from *companion* generators seeded by a hash of the caller's generator state on
+  entry, so they never shift the main stream and are still a function of the caller's generator.
 
-* one ``torch.Generator`` for the whole batch: step k's noise is drawn as one tensor of
-  the batch's shape, exactly as a diffusers scheduler's ``step`` draws it;
-* a list with one generator per sample: each sample draws its own ``(1, *shape)``
-  tensor, so a sample does not depend on the batch it is in.
+Why keyed draws keep the sampler exact: the decision at step k uses ``u[k]``, independent of the
+drafted step (made from ``noise[k]``); a rejected step is committed, so its residual stream is
+used once; and a step redrafted after an earlier rejection reuses the same ``noise[k]``, which
+is fine because the decision at step k never looks at the randomness of later steps.
 
-The acceptance uniforms come from a *companion* stream seeded by a hash of the caller's
-generator state on entry. The Gaussian stream is thus consumed exactly as the plain
-sampler consumes it (``window=1`` reproduces it bit for bit), the uniforms never shift
-it, and all randomness is still a function of the caller's generator(s).
+Generators follow diffusers' semantics: one ``torch.Generator`` draws step k for the whole batch
+as one tensor; a list holds one generator per sample, each drawing its own ``(1, ...)`` tensor.
 """
 
 from __future__ import annotations
@@ -28,12 +30,6 @@ import torch
 GeneratorArg = torch.Generator | Sequence[torch.Generator] | None
 
 
-def _companion(generator: torch.Generator) -> torch.Generator:
-    state = generator.get_state().cpu().numpy().tobytes()
-    seed = int.from_bytes(hashlib.sha256(b"specdiff-uniforms" + state).digest()[:8], "little")
-    return torch.Generator().manual_seed(seed >> 1)
-
-
 def split_generators(generator: GeneratorArg, batch_size: int) -> list[torch.Generator] | None:
     """Validate ``generator`` against the batch; a list must have one entry per sample."""
     if isinstance(generator, Sequence) and not isinstance(generator, torch.Generator):
@@ -43,64 +39,87 @@ def split_generators(generator: GeneratorArg, batch_size: int) -> list[torch.Gen
                 "pass one generator per sample, or a single torch.Generator for the whole batch"
             )
         return list(generator)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or a list of them; got {type(generator).__name__}")
     return None
 
 
-class NoiseStreams:
-    """Lazily drawn, step-keyed Gaussian noise and acceptance uniforms for a batch.
+def _companion(generator: torch.Generator, purpose: bytes) -> torch.Generator:
+    state = generator.get_state().cpu().numpy().tobytes()
+    seed = int.from_bytes(hashlib.sha256(purpose + state).digest()[:8], "little")
+    return torch.Generator().manual_seed(seed >> 1)
 
-    ``gaussian(rows, steps)`` returns the noise of ``steps[i]`` for sample ``rows[i]``;
-    ``uniform(rows, steps)`` the matching acceptance uniform. Every sample visits every
-    step in increasing order, so drawing step k for the whole batch as soon as any sample
-    needs it leaves each generator's sequence unchanged; a step is forgotten once every
-    sample has moved past it.
+
+class NoiseStreams:
+    """Lazily drawn, step-keyed randomness of a batch ``like`` (see the module docstring).
+
+    ``kind`` is ``"normal"`` (Gaussian noise in ``like``'s dtype) or ``"uniform"`` (float64
+    uniforms). Each generator's steps are drawn in increasing order, as soon as any of its
+    samples needs them, so its sequence is the plain sampler's; a step is forgotten once every
+    sample of the generator has moved past it.
     """
 
-    def __init__(self, generator: GeneratorArg, like: torch.Tensor):
-        batch_size = like.shape[0]
-        per_sample = split_generators(generator, batch_size)
+    def __init__(self, generator: GeneratorArg, like: torch.Tensor, kind: str = "normal"):
+        batch = like.shape[0]
+        per_sample = split_generators(generator, batch)
         if per_sample is None:
-            if generator is None:
-                # No generator given: seed one from torch's global RNG (diffusers' default
-                # also draws from it), so torch.manual_seed still makes runs repeatable.
-                seed = int(torch.randint(0, 2**62, (), generator=None))
-                generator = torch.Generator(device="cpu").manual_seed(seed)
-            self.generators = [generator]
+            if generator is None:  # seeded from torch's global RNG, so torch.manual_seed repeats runs
+                generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+            self.groups = [(generator, torch.arange(batch))]
         else:
-            self.generators = per_sample
-        self.companions = [_companion(g) for g in self.generators]
-        self.shape = (batch_size // len(self.generators), *like.shape[1:])
-        self.dtype, self.device = like.dtype, like.device
-        self._z: dict[int, torch.Tensor] = {}
-        self._u: dict[int, torch.Tensor] = {}
-        self._drawn = 0
+            self.groups = [(g, torch.tensor([b])) for b, g in enumerate(per_sample)]
+        self.group_of = torch.zeros(batch, dtype=torch.long)  # sample -> its generator
+        self.slot_of = torch.zeros(batch, dtype=torch.long)  # sample -> its row in that generator's draws
+        for gi, (_, rows) in enumerate(self.groups):
+            self.group_of[rows], self.slot_of[rows] = gi, torch.arange(len(rows))
+        self.uniforms = [_companion(g, b"specdiff-uniforms") for g, _ in self.groups]
+        self.residuals = [_companion(g, b"specdiff-residuals") for g, _ in self.groups]
+        self.kind, self.shape, self.dtype, self.device = kind, tuple(like.shape[1:]), like.dtype, like.device
+        self._tables: list[dict[int, tuple]] = [{} for _ in self.groups]
+        self._drawn = [0] * len(self.groups)
 
-    def _draw_until(self, step: int) -> None:
-        while self._drawn <= step:
-            z = [torch.randn(self.shape, generator=g, device=g.device, dtype=self.dtype) for g in self.generators]
-            u = [torch.rand(self.shape[0], generator=c, dtype=torch.float64) for c in self.companions]
-            self._z[self._drawn] = torch.cat(z).to(self.device)
-            self._u[self._drawn] = torch.cat(u)
-            self._drawn += 1
+    def _draw(self, gi: int, step: int) -> tuple:
+        generator, rows = self.groups[gi]
+        while self._drawn[gi] <= step:
+            shape = (len(rows), *self.shape)
+            if self.kind == "normal":
+                main = torch.randn(shape, generator=generator, device=generator.device, dtype=self.dtype)
+            else:
+                main = torch.rand(shape, generator=generator, device=generator.device, dtype=torch.float64)
+            u = torch.rand(len(rows), generator=self.uniforms[gi], dtype=torch.float64)
+            seeds = torch.randint(0, 2**62, (len(rows),), generator=self.residuals[gi])
+            self._tables[gi][self._drawn[gi]] = (main.to(self.device), u, seeds)
+            self._drawn[gi] += 1
+        return self._tables[gi][step]
 
-    def _lookup(self, table: dict[int, torch.Tensor], rows: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    def _lookup(self, what: int, rows: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         rows, steps = rows.cpu(), steps.cpu()
-        self._draw_until(int(steps.max()))
-        out = table[int(steps[0])].new_empty((len(rows), *table[int(steps[0])].shape[1:]))
-        for k in steps.unique().tolist():
-            at = (steps == k).nonzero().squeeze(1)
-            out[at.to(out.device)] = table[k][rows[at].to(out.device)]
+        groups, slots = self.group_of[rows], self.slot_of[rows]
+        out = None
+        for gi, k in torch.stack([groups, steps], 1).unique(dim=0).tolist():
+            table = self._draw(gi, k)[what]
+            at = ((groups == gi) & (steps == k)).nonzero().squeeze(1)
+            if out is None:
+                out = table.new_empty((len(rows), *table.shape[1:]))
+            out[at.to(out.device)] = table[slots[at].to(table.device)]
         return out
 
-    def gaussian(self, rows: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-        return self._lookup(self._z, rows, steps)
+    def noise(self, rows: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """The step noise of ``steps[i]`` for sample ``rows[i]``: ``[len(rows), *shape]``."""
+        return self._lookup(0, rows, steps)
 
     def uniform(self, rows: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-        return self._lookup(self._u, rows, steps)
+        """Acceptance uniforms ``[len(rows)]`` (float64, CPU)."""
+        return self._lookup(1, rows, steps)
 
-    def forget_before(self, steps: torch.Tensor) -> None:
-        """Drop the noise of steps every sample has moved past."""
-        oldest = int(steps.min())
-        for table in (self._z, self._u):
-            for k in [k for k in table if k < oldest]:
-                del table[k]
+    def residual_generators(self, rows: torch.Tensor, steps: torch.Tensor) -> list[torch.Generator]:
+        """The private sub-streams of the rejection residuals of (``rows[i]``, ``steps[i]``)."""
+        return [torch.Generator().manual_seed(int(s)) for s in self._lookup(2, rows, steps).tolist()]
+
+    def forget_before(self, n: torch.Tensor) -> None:
+        """Drop the draws of steps that every sample of a generator has moved past."""
+        n = n.cpu()
+        for gi, (_, rows) in enumerate(self.groups):
+            oldest = int(n[rows].min())
+            for k in [k for k in self._tables[gi] if k < oldest]:
+                del self._tables[gi][k]

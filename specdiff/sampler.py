@@ -1,8 +1,11 @@
-"""The plain ancestral sampler and the speculative one (SPEC §3).
+"""The plain sampler and the speculative one, for Gaussian and categorical chains alike.
 
-Both consume the same step-keyed noise (:mod:`specdiff.noise`), so with ``window=1`` the
-speculative sampler reproduces ``sample_baseline`` bit for bit, and for any window its
-output has exactly the baseline's law.
+Both consume the same step-keyed randomness (:mod:`specdiff.noise`) through the same kernel
+(:mod:`specdiff.kernels`), so with ``window=1`` the speculative sampler reproduces
+``sample_baseline`` bit for bit, and for any window and drafter its output has exactly the
+baseline's law. The round itself is :func:`specdiff.round.speculative_round`; this module runs
+it over a ragged batch (every sample advances at its own pace, one target call per round
+serving all of them).
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ import torch
 from torch import Tensor
 
 from .chains import GaussianChain
-from .coupling import reflection_coupling
 from .drafters import Drafter, as_drafter
+from .kernels import kernel_for
 from .noise import GeneratorArg, NoiseStreams
+from .round import Carry, _check_finite, speculative_round
 from .stats import SpeculativeStats
 
 
@@ -28,257 +32,249 @@ class SpeculativeOutput:
     stats: SpeculativeStats
 
 
-def _check_finite(prediction: Tensor, steps: Tensor, who: str) -> Tensor:
-    bad = ~torch.isfinite(prediction.flatten(1)).all(1)
-    if bad.any():
-        at = sorted(set(steps[bad].tolist()))
-        raise FloatingPointError(
-            f"the {who} model returned NaN/inf at step(s) {at}; check the model and its dtype "
-            "(fp16 overflow?) before sampling"
-        )
-    return prediction
-
-
-def _per_row(std: Tensor | float, like: Tensor) -> Tensor:
-    """``std`` as ``[B, 1, ..., 1]`` so it broadcasts over each row of ``like``."""
-    std = torch.as_tensor(std, device=like.device)
-    if std.numel() not in (1, like.shape[0]):
-        raise ValueError(
-            f"transition returned std of shape {tuple(std.shape)}; it must hold one value per row "
-            "(an isotropic std fixed by the schedule)"
-        )
-    return std.reshape(-1, *[1] * (like.ndim - 1)).expand(like.shape[0], *[1] * (like.ndim - 1))
-
-
-def _transition(chain, x: Tensor, step: Tensor, prediction: Tensor, previous: Tensor):
-    if getattr(chain, "uses_previous_prediction", False):
-        mean, std = chain.transition(x, step, prediction, previous=previous)
-    else:
-        mean, std = chain.transition(x, step, prediction)
-    return mean, _per_row(std, x)
-
-
-def predict(chain, x: Tensor, step: Tensor, sample: Tensor) -> Tensor:
-    """The chain's network call on rows ``x`` at ``step``; a chain with ``uses_sample_index``
-    also learns which sample each row belongs to (per-sample conditioning, e.g. prompts)."""
-    if getattr(chain, "uses_sample_index", False):
-        return chain.predict(x, step, sample=sample.to(x.device))
-    return chain.predict(x, step)
-
-
-def _progress(progress: bool | Callable, total: int):
-    if callable(progress):
-        return progress(total=total)
-    if progress:
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, unit="step")
-    return nullcontext()
-
-
-def _check_window(window) -> None:
-    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-        raise ValueError(f"window must be a positive integer (1 = plain sampler); got {window!r}")
-
-
-def _check_chain(chain, x_init: Tensor) -> None:
-    if not isinstance(chain, GaussianChain):
-        raise TypeError(f"{type(chain).__name__} is not a GaussianChain (needs num_steps, predict, transition)")
-    if chain.num_steps < 1:
-        raise ValueError(f"the chain has {chain.num_steps} steps; it needs at least one")
-    if x_init.ndim < 1 or x_init.shape[0] < 1:
-        raise ValueError(f"x_init must be a batch [B, ...] with B >= 1; got shape {tuple(x_init.shape)}")
-
-
 @torch.no_grad()
 def sample_baseline(
-    chain: GaussianChain,
+    chain,
     x_init: Tensor,
     generator: GeneratorArg = None,
     *,
+    cached: bool = False,
     progress: bool | Callable = False,
-) -> Tensor:
-    """The plain sequential sampler: one target call per step, ``x <- mean + std * z``."""
-    _check_chain(chain, x_init)
-    batch = x_init.shape[0]
-    noise = NoiseStreams(generator, x_init)
-    x, previous = x_init, None
-    rows = torch.arange(batch, device="cpu")
-    with _progress(progress, chain.num_steps) as bar:
-        for k in range(chain.num_steps):
-            step = torch.full((batch,), k, dtype=torch.long, device=x.device)
-            prediction = _check_finite(predict(chain, x, step, rows), step, "target")
-            mean, std = _transition(chain, x, step, prediction, prediction if previous is None else previous)
-            z = noise.gaussian(rows, torch.full((batch,), k))
-            x = (mean + std * z).to(x_init.dtype)
-            previous = prediction
-            noise.forget_before(torch.full((batch,), k + 1))
+    return_stats: bool = False,
+) -> Tensor | SpeculativeOutput:
+    """The plain sequential sampler: one target call per step, each step drawn from its keyed noise.
+
+    ``cached=True`` (time-free chains only, e.g. MDLM's ``ddpm_cache``) reuses a row's prediction
+    while its state is unchanged and skips steps where no row changed: the same output from the
+    same generator, fewer calls. ``return_stats=True`` returns ``SpeculativeOutput(sample, stats)``.
+    """
+    kernel = _check_chain(chain, x_init)
+    if cached and getattr(chain, "time_conditioned", True):
+        raise ValueError(
+            "cached sampling reuses a prediction while the state is unchanged, which is exact only "
+            "when the network ignores the time; this chain has time_conditioned=True"
+        )
+    started, batch, num_steps = time.perf_counter(), x_init.shape[0], chain.num_steps
+    stats = SpeculativeStats(num_steps=num_steps, batch_size=batch, window=1)
+    noise, target = NoiseStreams(generator, x_init, kernel.noise), _Target(chain, stats, x_init.device)
+    rows, calls = torch.arange(batch), torch.zeros(batch, dtype=torch.long)
+    x, prediction, previous = x_init, None, None
+    changed = torch.ones(batch, dtype=torch.bool)
+    with _progress(progress, batch * num_steps, "plain sampler") as bar:
+        for k in range(num_steps):
+            step = torch.full((batch,), k, dtype=torch.long)
+            ask = changed if cached else torch.ones_like(changed)
+            if ask.any():
+                new = target(x[ask.to(x.device)], step[ask], rows[ask])
+                prediction = new if prediction is None or ask.all() else prediction.index_put((ask.to(x.device),), new)
+                calls += ask
+            law = kernel.law(chain, x, step.to(x.device), prediction, prediction if previous is None else previous)
+            x_next = kernel.draw(law, noise.noise(rows, step), x_init)
+            changed = ~(x_next == x).flatten(1).all(1).cpu()
+            x, previous = x_next, prediction
+            noise.forget_before(step + 1)
             if bar is not None:
-                bar.update(1)
-    return x
+                bar.update(batch)
+    if not return_stats:
+        return x
+    stats.per_sample_target_calls, stats.wall_clock = calls.tolist(), time.perf_counter() - started
+    return SpeculativeOutput(sample=x, stats=stats)
 
 
 @torch.no_grad()
 def speculative_sample(
-    chain: GaussianChain,
+    chain,
     x_init: Tensor,
     *,
-    window: int = 8,
+    window=8,
     drafter: Drafter | Callable | str | None = None,
     generator: GeneratorArg = None,
+    max_rows: int | str | None = "auto",
     progress: bool | Callable = False,
     callback: Callable[[dict], None] | None = None,
 ) -> SpeculativeOutput:
     """Speculative sampling (De Bortoli et al. 2025), exact in law for any drafter.
 
-    Each round, every live sample drafts up to ``window`` steps, ONE batched target call
-    verifies all drafted states of all samples (per-row steps), and the reflection
-    coupling accepts drafted steps left to right until the first rejection, which is
-    replaced by its reflection. Samples advance at their own pace (ragged batching).
-    ``callback`` receives ``{"round", "x", "step", "stats"}`` after every round.
+    Works on a :class:`~specdiff.GaussianChain` (float states; reflection coupling) and on a
+    :class:`~specdiff.CategoricalChain` (integer states; categorical coupling with the exact residual).
+
+    Args:
+        window: steps drafted per round (``L``; 1 is the plain sampler), ``"auto"``, or a window
+            policy (see :mod:`specdiff.window`): the window of a round may depend on the past only.
+        drafter: ``None``/``"frozen"`` (reuse the target's last prediction), a callable with the
+            signature of ``chain.predict`` (an independent cheaper network), or a :class:`Drafter`.
+        generator: a ``torch.Generator`` or a list of them, one per sample (diffusers semantics).
+        max_rows: the most states per network call; larger verify batches are split into exact
+            micro-batches. ``"auto"``: no cap on CPU, a cap fitted to free memory on CUDA.
+        progress: ``True`` for a tqdm bar (counts sample-steps), or ``progress(total=)`` making one.
+        callback: called after every round with ``{"round", "x", "step", "stats"}``.
     """
-    _check_chain(chain, x_init)
-    _check_window(window)
-    drafter = as_drafter(drafter)
-    started = time.perf_counter()
-    num_steps, batch, device = chain.num_steps, x_init.shape[0], x_init.device
-    stats = SpeculativeStats(num_steps=num_steps, batch_size=batch, window=window)
-    noise = NoiseStreams(generator, x_init)
-
-    # Per-sample state: committed x at step n; `pred` is the last target prediction made for
-    # the sample (at (x, n) when `fresh`, else at the state the last reflected step left from);
-    # `prev` is the target prediction of step n-1 (for multistep chains).
-    x = x_init.clone()
+    kernel = _check_chain(chain, x_init)
+    policy, drafter = _window_policy(window, chain, x_init), as_drafter(drafter)
+    started, batch, num_steps, device = time.perf_counter(), x_init.shape[0], chain.num_steps, x_init.device
+    stats = SpeculativeStats(num_steps=num_steps, batch_size=batch, window=policy.max_window)
+    noise = NoiseStreams(generator, x_init, kernel.noise)
+    target = _Target(chain, stats, device, policy.observe)
+    _track_memory(device, reset=True)
     n = torch.zeros(batch, dtype=torch.long)
-    pred = _check_finite(predict(chain, x, n.to(device), torch.arange(batch)), n, "target")
-    prev = pred.clone()
-    fresh = torch.ones(batch, dtype=torch.bool)
-    stats.target_calls, stats.target_rows = 1, batch
-    tally = _Tally(batch, window)
-
-    with _progress(progress, batch * num_steps) as bar:
-        while (live := (n < num_steps).nonzero().squeeze(1)).numel():
+    pred = target.fit_max_rows(max_rows, lambda: target(x_init, n, torch.arange(batch))).clone()
+    c = Carry(x_init.clone(), n, pred, pred.clone(), torch.ones(batch, dtype=torch.bool))
+    tally = _Tally(stats)
+    with _progress(progress, batch * num_steps, "speculative sampler") as bar:
+        while (live := (c.n < num_steps).nonzero().squeeze(1)).numel():
+            L = (num_steps - c.n[live]).clamp(max=int(policy.choose(stats, len(live))))
             stats.rounds += 1
-            committed, x_next, state = _round(
-                chain, drafter, noise, stats, tally, window, x[live], n[live], pred[live], prev[live], fresh[live], live
-            )
-            x[live], n[live] = x_next, n[live] + committed
-            pred[live], prev[live], fresh[live] = state
-            noise.forget_before(n)
+            stats.chosen_windows.append(int(L.max()))
+            before = int(c.n.sum())
+            c.put(live, speculative_round(chain, kernel, drafter, noise, target, c.take(live), live, L, tally))
+            noise.forget_before(c.n)
             if bar is not None:
-                bar.update(int(committed.sum()))
+                bar.update(int(c.n.sum()) - before)
             if callback is not None:
-                callback({"round": stats.rounds, "x": x, "step": n.clone(), "stats": stats})
-    tally.write(stats)
+                callback({"round": stats.rounds, "x": c.x, "step": c.n.clone(), "stats": stats})
+    tally.write()
+    stats.peak_memory = _track_memory(device)
     stats.wall_clock = time.perf_counter() - started
-    return SpeculativeOutput(sample=x, stats=stats)
+    return SpeculativeOutput(sample=c.x, stats=stats)
+
+
+speculative_sample_discrete = speculative_sample  # the masked-diffusion names of earlier releases
+sample_baseline_discrete = sample_baseline
+
+
+class _Target:
+    """The target network as the samplers call it: per-sample conditioning, exact micro-batches
+    of at most ``max_rows`` states, a finiteness check, and the call accounting."""
+
+    def __init__(self, chain, stats: SpeculativeStats, device, observe: Callable[[int, float], None] | None = None):
+        self.chain, self.stats, self.observe, self.max_rows = chain, stats, observe, None
+        self.device = torch.device(device)
+
+    def __call__(self, x: Tensor, step: Tensor, sample: Tensor) -> Tensor:
+        started, rows = time.perf_counter(), x.shape[0]
+        cap = self.max_rows or rows
+        parts = [self._predict(x[s : s + cap], step[s : s + cap], sample[s : s + cap]) for s in range(0, rows, cap)]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        _check_finite(out, step, "target", x)
+        self.stats.target_calls += 1
+        self.stats.target_rows += rows
+        self.stats.peak_rows = max(self.stats.peak_rows, min(rows, cap))
+        if self.observe is not None:
+            self.observe(rows, time.perf_counter() - started)
+        return out
+
+    def _predict(self, x: Tensor, step: Tensor, sample: Tensor) -> Tensor:
+        step = step.to(x.device)
+        if getattr(self.chain, "uses_sample_index", False):
+            return self.chain.predict(x, step, sample=sample.to(x.device))
+        return self.chain.predict(x, step)
+
+    def fit_max_rows(self, max_rows: int | str | None, first_call: Callable[[], Tensor]) -> Tensor:
+        """Set the row cap and make the first call. ``"auto"`` caps nothing on CPU; on CUDA it fits
+        the cap to the free memory, from the memory the first call needed per row."""
+        if max_rows is not None and max_rows != "auto" and (not isinstance(max_rows, int) or max_rows < 1):
+            raise ValueError(f"max_rows must be a positive integer, None (no cap) or 'auto'; got {max_rows!r}")
+        self.max_rows = None if max_rows == "auto" else max_rows
+        measure = max_rows == "auto" and self.device.type == "cuda"
+        base = torch.cuda.memory_allocated(self.device) if measure else 0
+        out = first_call()
+        if measure:
+            per_row = max((torch.cuda.max_memory_allocated(self.device) - base) / out.shape[0], 1.0)
+            free, _ = torch.cuda.mem_get_info(self.device)
+            self.max_rows = max(out.shape[0], int(0.8 * free / per_row))
+        self.stats.max_rows = self.max_rows
+        return out
+
+
+class _Fixed:
+    """A fixed window (the window policy of an integer ``window``)."""
+
+    def __init__(self, window: int):
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise ValueError(f"window must be a positive integer (1 = plain sampler) or 'auto'; got {window!r}")
+        self.max_window = window
+
+    def choose(self, stats: SpeculativeStats, live: int) -> int:
+        return self.max_window
+
+    observe = None
+
+
+def _window_policy(window, chain, x_init: Tensor):
+    if isinstance(window, str) or hasattr(window, "choose"):
+        from .window import resolve_window
+
+        window = resolve_window(window, chain, x_init)
+    return window if hasattr(window, "choose") else _Fixed(window)
 
 
 class _Tally:
-    """Per-sample and per-position counts kept as tensors during a run (see SpeculativeStats)."""
+    """Acceptance counts kept as tensors during a run and written to the stats (see SpeculativeStats)."""
 
-    def __init__(self, batch: int, window: int):
-        self.sample_calls = torch.ones(batch, dtype=torch.long)  # the warm-up call served everyone
-        self.sample_counts = torch.zeros(batch, 2, dtype=torch.long)  # proposed, accepted
-        self.position_counts = torch.zeros(window, 2, dtype=torch.long)
-        self.round_counts = torch.zeros(window + 1, dtype=torch.long)
+    def __init__(self, stats: SpeculativeStats):
+        self.stats = stats
+        self.sample_calls = torch.ones(stats.batch_size, dtype=torch.long)  # the first call served everyone
+        self.sample_counts = torch.zeros(stats.batch_size, 2, dtype=torch.long)  # proposed, accepted
+        self.position_counts = torch.zeros(stats.window, 2, dtype=torch.long)
+        self.round_counts = torch.zeros(stats.window + 1, dtype=torch.long)
+        self.residual_draws = 0
 
-    def write(self, stats: SpeculativeStats) -> None:
-        stats.per_sample_target_calls = self.sample_calls.tolist()
-        stats.per_sample_proposed, stats.per_sample_accepted = self.sample_counts.T.tolist()
-        stats.proposed_by_position, stats.accepted_by_position = self.position_counts.T.tolist()
-        stats.committed_per_round = self.round_counts.tolist()
+    def called(self, ids: Tensor) -> None:
+        self.sample_calls[ids] += 1
+
+    def round(self, ids: Tensor, counted: Tensor, accept: Tensor, committed: Tensor) -> None:
+        """``counted[j, i]``: position j of sample i was put to the test (up to its first rejection)."""
+        kept = counted & accept
+        self.position_counts[: counted.shape[0]] += torch.stack([counted.sum(1), kept.sum(1)], 1)
+        self.sample_counts[ids] += torch.stack([counted.sum(0), kept.sum(0)], 1)
+        self.round_counts += torch.bincount(committed, minlength=len(self.round_counts))
+        self.stats.proposed += int(counted.sum())
+        self.stats.accepted += int(kept.sum())
+
+    def write(self) -> None:
+        s = self.stats
+        s.per_sample_target_calls = self.sample_calls.tolist()
+        s.per_sample_proposed, s.per_sample_accepted = self.sample_counts.T.tolist()
+        s.proposed_by_position, s.accepted_by_position = self.position_counts.T.tolist()
+        s.committed_per_round = self.round_counts.tolist()
+        s.residual_draws = self.residual_draws
 
 
-def _round(chain, drafter, noise, stats, tally, window, x, n, pred, prev, fresh, ids):
-    """One speculative round for the live samples ``ids`` (SPEC §3).
-
-    Position ``j`` of sample ``i`` is its drafted step ``n_i + j``, used when ``j < L_i``.
-    Grids are ``[position, sample, ...]``; unused positions are computed at a clamped step
-    and masked out, which keeps every tensor rectangular.
-    """
-    m, device, num_steps = x.shape[0], x.device, chain.num_steps
-    length = (num_steps - n).clamp(max=window)  # L_i: steps sample i may commit this round
-    span = int(length.max())
-    pos = torch.arange(span + 1)[:, None]
-    steps = (n + pos).clamp(max=num_steps - 1)  # [span+1, m]
-    drafted = pos[:span] < length  # [span, m]
-    z = noise.gaussian(ids.repeat(span), steps[:span].flatten()).view(span, *x.shape)
-    u = noise.uniform(ids.repeat(span), steps[:span].flatten()).view(span, m)
-
-    # 1. Draft: y_{j+1} = m_D,j + std z_{n+j}, sequentially. A fresh sample's first step uses
-    #    its exact target prediction (so it is accepted with certainty).
-    states, mean_d, std_d, guesses = [x], [], [], []
-    for j in range(span):
-        ask = torch.arange(m) if j else (~fresh).nonzero().squeeze(1)
-        guess = pred.clone() if ask.numel() < m else None
-        if ask.numel():
-            at = steps[j, ask]
-            drafted_pred = drafter.predict(states[j][ask], at.to(device), pred[ask])
-            drafted_pred = _check_finite(drafted_pred, at, "draft").to(pred.dtype)
-            guess = drafted_pred if guess is None else guess.index_put_((ask.to(device),), drafted_pred)
-            stats.draft_calls += int(drafter.network_calls)
-        mean, std = _transition(chain, states[j], steps[j].to(device), guess, guesses[-1] if j else prev)
-        states.append((mean + std * z[j]).to(x.dtype))
-        mean_d.append(mean.to(x.dtype))
-        std_d.append(std)
-        guesses.append(guess)
-    states = torch.stack(states)
-
-    # 2. Verify: ONE batched target call on every drafted state whose prediction is unknown
-    #    (y_0 unless fresh, and y_1..y_L except states at the final step).
-    need = (pos <= length) & ((pos > 0) | ~fresh) & (n + pos < num_steps)
-    target = torch.zeros_like(pred).expand(span + 1, *pred.shape).clone()
-    target[0, fresh] = pred[fresh]
-    if need.any():
-        at = steps[need]
-        target[need] = _check_finite(
-            predict(chain, states[need], at.to(device), ids.expand(span + 1, m)[need]), at, "target"
+def _check_chain(chain, x_init: Tensor):
+    if not isinstance(chain, GaussianChain):  # the protocols of both kinds have the same three members
+        raise TypeError(
+            f"{type(chain).__name__} is not a GaussianChain or CategoricalChain (needs num_steps, predict, transition)"
         )
-        stats.target_calls += 1
-        stats.target_rows += int(need.sum())
-        tally.sample_calls[ids[need.any(0)]] += 1
-
-    # 3. Accept or reflect every drafted step at once; only the prefix up to the first
-    #    rejection is used (decisions are per step and keyed noise, so extra ones are harmless).
-    j_rows, i_rows = drafted.nonzero(as_tuple=True)
-    before = torch.where(_bcast(j_rows > 0, pred), target[(j_rows - 1).clamp(min=0), i_rows], prev[i_rows])
-    mean_t, std_t = _transition(
-        chain, states[j_rows, i_rows], steps[j_rows, i_rows].to(device), target[j_rows, i_rows], before
-    )
-    std_draft = torch.stack(std_d)[j_rows, i_rows]
-    if not torch.allclose(std_draft, std_t, rtol=1e-6, atol=0):
-        raise ValueError(
-            "draft and target kernels have different std (learned variance?); the reflection "
-            "coupling needs a std fixed by the schedule: use a fixed variance_type"
+    if chain.num_steps < 1:
+        raise ValueError(f"the chain has {chain.num_steps} steps; it needs at least one")
+    if x_init.ndim < 1 or x_init.shape[0] < 1:
+        raise ValueError(f"x_init must be a batch [B, ...] with B >= 1; got shape {tuple(x_init.shape)}")
+    kernel = kernel_for(chain, x_init)
+    if kernel.noise == "uniform" and (x_init.is_floating_point() or x_init.ndim < 2):
+        raise TypeError(
+            f"x_init must hold integer tokens [B, ...] for a categorical chain; got {x_init.dtype} "
+            f"of shape {tuple(x_init.shape)}"
         )
-    x_new, ok = reflection_coupling(
-        states[j_rows + 1, i_rows], torch.stack(mean_d)[j_rows, i_rows], mean_t, std_t, u[j_rows, i_rows],
-        noise=z[j_rows, i_rows],
-    )
-    accept = ~drafted  # unused positions count as accepted so they never stop a sample
-    accept[j_rows, i_rows] = ok.cpu()
-    reflected = states[1:].clone()
-    reflected[j_rows, i_rows] = x_new
-
-    n_acc = torch.where(accept.all(0), length, (~accept).int().argmax(0))  # accepted prefix
-    whole = n_acc == length
-    committed = torch.where(whole, length, n_acc + 1)
-    cols, last = torch.arange(m), n_acc.clamp(max=span - 1)
-    x_next = torch.where(_bcast(whole, x), states[length, cols], reflected[last, cols])
-    new_fresh = whole & (n + committed < num_steps)
-    new_pred = torch.where(_bcast(new_fresh, pred), target[length, cols], target[last, cols])
-    new_prev = torch.where(_bcast(new_fresh, pred), target[(length - 1).clamp(min=0), cols], new_pred)
-
-    # Accounting: decisions up to and including the first rejection, minus exact fresh steps.
-    counted = drafted & (pos[:span] <= n_acc) & ~((pos[:span] == 0) & fresh)
-    stats.proposed += int(counted.sum())
-    stats.accepted += int((counted & accept).sum())
-    tally.position_counts[:span] += torch.stack([counted.sum(1), (counted & accept).sum(1)], 1)
-    tally.sample_counts[ids] += torch.stack([counted.sum(0), (counted & accept).sum(0)], 1)
-    tally.round_counts += torch.bincount(committed, minlength=window + 1)
-    return committed, x_next, (new_pred, new_prev, new_fresh)
+    if kernel.noise == "normal" and not x_init.is_floating_point():
+        raise TypeError(f"x_init must be floating point for a Gaussian chain; got {x_init.dtype}")
+    return kernel
 
 
-def _bcast(mask: Tensor, like: Tensor) -> Tensor:
-    return mask.view(-1, *[1] * (like.ndim - 1)).to(like.device)
+def _track_memory(device, reset: bool = False) -> int | None:
+    """Peak bytes allocated on a CUDA device since the last reset (``None`` elsewhere)."""
+    device = torch.device(device) if device is not None else None
+    if device is None or device.type != "cuda":
+        return None
+    if reset:
+        torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+def _progress(progress: bool | Callable, total: int, desc: str):
+    if callable(progress):
+        return progress(total=total)
+    if progress:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit="step")
+    return nullcontext()

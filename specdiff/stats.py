@@ -18,6 +18,9 @@ class SpeculativeStats:
       count in neither.
     * ``committed_per_round[c]``: number of (sample, round) pairs that committed c steps.
     * ``per_sample_target_calls[b]``: calls in which sample b had at least one row.
+    * ``peak_rows``: the most states evaluated in one network call (after the ``max_rows`` cap);
+      ``peak_memory``: the peak device memory allocated during the run, in bytes (CUDA only).
+    * ``chosen_windows``: the window of each round (constant unless the window is automatic).
     """
 
     num_steps: int
@@ -37,6 +40,10 @@ class SpeculativeStats:
     per_sample_proposed: list[int] = field(default_factory=list)
     per_sample_accepted: list[int] = field(default_factory=list)
     wall_clock: float | None = None
+    max_rows: int | None = None
+    peak_rows: int = 0
+    peak_memory: int | None = None
+    chosen_windows: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         b, w = self.batch_size, self.window
@@ -78,7 +85,8 @@ class SpeculativeStats:
     def summary(self) -> str:
         """One line for humans (callers print it; the library never does)."""
         return (
-            f"{self.num_steps} steps in {self.target_calls} target calls "
-            f"(speedup {self.speedup:.2f}x, {self.target_rows} rows, {self.draft_calls} draft calls), "
-            f"acceptance {self.acceptance_rate:.3f}, {self.mean_committed_per_round:.2f} steps/round"
+            f"{self.num_steps} denoising steps in {self.target_calls} sequential network calls "
+            f"(speedup {self.speedup:.2f}x over the plain sampler's calls; {self.target_rows} states evaluated, "
+            f"{self.draft_calls} draft-model calls), {self.acceptance_rate:.1%} of drafted steps accepted, "
+            f"{self.mean_committed_per_round:.2f} steps committed per call"
         )

@@ -119,7 +119,7 @@ def test_sampler_matches_the_exact_law_chi_square(drafter, window):
 def test_chi_square_has_power_against_a_wrong_residual(monkeypatch):
     """Negative control for the test above: redrawing rejected steps from K instead of
     (K - J)+ is rejected overwhelmingly at the same sample size."""
-    import specdiff.discrete.sampler as sampler_module
+    import specdiff.kernels.categorical as sampler_module
 
     def plain_target_draw(k, j, generators):
         u = torch.stack([torch.rand(k.shape[1:-1], generator=g, dtype=torch.float64) for g in generators])

@@ -188,8 +188,8 @@ def test_model_outputs_are_never_written_in_place():
 
 
 class WrongShape(Drafter):
-    def predict(self, x, step, frozen):
-        return frozen[..., :1]
+    def predict(self, x, step, memory):
+        return memory.prediction[..., :1]
 
 
 def test_a_drafter_of_the_wrong_shape_is_named_in_the_error():

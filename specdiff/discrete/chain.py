@@ -10,8 +10,8 @@ analytic / random networks, and the exact output laws of the samplers on tiny sp
   whose data law is known.
 * :func:`exact_baseline_law` / :func:`exact_speculative_law` - the output pmf of the plain
   and the speculative sampler, computed by enumeration with the same step-level functions
-  the samplers use (``chain.transition``, :func:`~specdiff.discrete.coupling.step_acceptance_probability`,
-  :func:`~specdiff.discrete.coupling.residual_acceptance_probability`).
+  the samplers use (``chain.transition``, :func:`~specdiff.kernels.categorical.step_acceptance_probability`,
+  :func:`~specdiff.kernels.categorical.residual_acceptance_probability`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..drafters import Drafter, as_drafter
-from .coupling import log_prob, residual_acceptance_probability, step_acceptance_probability
+from ..drafters import DraftMemory, Drafter, as_drafter
+from ..kernels.categorical import (
+    CategoricalKernel,
+    log_prob,
+    residual_acceptance_probability,
+    step_acceptance_probability,
+)
 from .scheduler import MaskedDiffusionScheduler
 
 
@@ -35,6 +40,8 @@ class MaskedDiffusionChain:
     model (MDLM's default) lets the samplers reuse a prediction while the state is unchanged.
     The number of steps is the scheduler's current grid (``scheduler.set_timesteps``).
     """
+
+    kernel = CategoricalKernel
 
     def __init__(self, model: Callable, scheduler: MaskedDiffusionScheduler, *, time_conditioned: bool = False):
         self.model = model
@@ -154,8 +161,8 @@ class ScaledDrafter(Drafter):
     def __init__(self, gain: float = -3.0):
         self.gain = gain
 
-    def predict(self, x: Tensor, step: Tensor, frozen: Tensor) -> Tensor:
-        return torch.nan_to_num(frozen * self.gain, nan=0.0, posinf=1e4, neginf=-1e4)
+    def predict(self, x: Tensor, step: Tensor, memory: DraftMemory) -> Tensor:
+        return torch.nan_to_num(memory.prediction * self.gain, nan=0.0, posinf=1e4, neginf=-1e4)
 
 
 # -- exact laws by enumeration ---------------------------------------------------------------
@@ -228,9 +235,8 @@ def exact_speculative_law(
                 step, nxt = n + j, defaultdict(float)
                 for y, p in depth.items():
                     exact = j == 0 and fresh
-                    guess = (
-                        frozen if exact else drafter.predict(states[y : y + 1], torch.tensor([step]), frozen[None])[0]
-                    )
+                    memory = DraftMemory(frozen[None], torch.tensor([n - 1 + fresh]), frozen[None], torch.zeros(1))
+                    guess = frozen if exact else drafter.predict(states[y : y + 1], torch.tensor([step]), memory)[0]
                     k_probs, j_probs = kernel(y, step, target(y)), kernel(y, step, guess)
                     j_law = _joint(j_probs, states)
                     support = (j_law > 0).nonzero().squeeze(1)

@@ -33,6 +33,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from torch import Tensor
 
+from ..kernels.categorical import sample_categorical
 from ..noise import GeneratorArg, split_generators
 
 ALPHA_SCHEDULES = ("linear", "cosine")
@@ -59,18 +60,6 @@ def alpha(t: Tensor, schedule: str) -> Tensor:
     # Pin the endpoints: cos(π/2) is 6e-17 in float64, and the last step must unmask everything.
     a = torch.where(t >= 1, torch.zeros_like(a), a)
     return torch.where(t <= 0, torch.ones_like(a), a).clamp(0, 1)
-
-
-def sample_categorical(probs: Tensor, u: Tensor) -> Tensor:
-    """Inverse-CDF draw: ``probs[..., K]`` (need not be exactly normalised) and one uniform
-    ``u[...]`` in [0, 1) per distribution. Returns the first index whose CDF exceeds
-    ``u · total``; a zero-probability index is never returned."""
-    cdf = probs.cumsum(-1)
-    total = cdf[..., -1:]
-    idx = torch.searchsorted(cdf.contiguous(), (u.to(cdf.dtype)[..., None] * total).contiguous(), right=True)
-    # u · total can round up to total; fall back to the last index with positive mass.
-    last = torch.where(probs > 0, torch.arange(probs.shape[-1], device=probs.device), -1).amax(-1, keepdim=True)
-    return torch.minimum(idx, last).squeeze(-1)
 
 
 def draw_uniforms(shape: tuple[int, ...], generator: GeneratorArg, device=None) -> Tensor:

@@ -18,12 +18,13 @@ Notation (diffusers' names): ``a_t = alphas_cumprod[t]``, ``a_prev = alphas_cump
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from ..drafters import takes_sample
 
 ModelFn = Callable[..., Tensor]
 """``model_fn(model_input, timesteps) -> model_output``: the network, batched over rows,
@@ -31,13 +32,6 @@ one timestep per row (``timesteps`` are the scheduler's own, e.g. 999, 899, ...)
 function that also takes a ``sample`` keyword receives the batch index of each row
 (``LongTensor[rows]``), for per-sample conditioning (different prompts in one batch)."""
 
-
-def takes_sample_index(model_fn: ModelFn) -> bool:
-    """Whether ``model_fn`` accepts the ``sample=`` keyword (per-sample conditioning)."""
-    try:
-        return "sample" in inspect.signature(model_fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 _ADAPTERS: dict[str, type[SchedulerAdapter]] = {}
 
@@ -339,13 +333,13 @@ class SchedulerChain:
         self.frozen_prediction = frozen_prediction
         self.num_steps = adapter.num_steps
         self.uses_previous_prediction = adapter.uses_previous_prediction
-        self.uses_sample_index = takes_sample_index(model_fn)
+        self.uses_sample_index = takes_sample(model_fn)
 
     def predict_with(self, model_fn: ModelFn, x: Tensor, step: Tensor, sample: Tensor | None = None) -> Tensor:
         """The chain's prediction at ``(x, step)`` computed by ``model_fn`` (the target's or a drafter's);
         ``sample`` (the batch index of each row) is passed on to a model function that takes it."""
         adapter = self.adapter
-        extra = {"sample": sample} if sample is not None and takes_sample_index(model_fn) else {}
+        extra = {"sample": sample} if sample is not None and takes_sample(model_fn) else {}
         output = model_fn(adapter.scale_model_input(x, step), adapter.model_timesteps(step, x.device), **extra)
         if self._mode == "x0":
             return adapter.x0_from_output(output, x, step)
@@ -357,11 +351,12 @@ class SchedulerChain:
     def predict(self, x: Tensor, step: Tensor, sample: Tensor | None = None) -> Tensor:
         return self.predict_with(self.model_fn, x, step, sample)
 
-    def drafter(self, draft_model_fn: ModelFn) -> Callable[[Tensor, Tensor], Tensor]:
-        """A drafter ``predict(x, step)`` from an independent (cheaper) model with the same schedule."""
+    def drafter(self, draft_model_fn: ModelFn) -> Callable[..., Tensor]:
+        """A drafter ``predict(x, step, sample=None)`` from an independent (cheaper) model with the
+        same schedule and ``model_fn``'s signature."""
 
-        def predict(x: Tensor, step: Tensor) -> Tensor:
-            return self.predict_with(draft_model_fn, x, step)
+        def predict(x: Tensor, step: Tensor, sample: Tensor | None = None) -> Tensor:
+            return self.predict_with(draft_model_fn, x, step, sample)
 
         return predict
 

@@ -31,7 +31,7 @@ from scipy import stats as sps
 
 from ..discrete.chain import MaskedDiffusionChain
 from ..discrete.model import MaskedDiffusionTransformer
-from ..discrete.sampler import sample_baseline_discrete, speculative_sample_discrete
+from ..sampler import sample_baseline_discrete, speculative_sample_discrete
 from ..discrete.scheduler import MaskedDiffusionScheduler
 
 

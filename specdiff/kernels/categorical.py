@@ -1,4 +1,4 @@
-"""The maximal coupling of two categorical step kernels (SPEC §4).
+"""Categorical steps: draw by inverse CDF, accept with min(1, K/J), correct from the exact residual.
 
 A masked-diffusion step moves every position independently, so a whole step's law is a
 product ``K(y) = Π_i K_i(y_i)``. Notation (the paper's symbols on the right):
@@ -24,7 +24,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .scheduler import sample_categorical
+
+def sample_categorical(probs: Tensor, u: Tensor) -> Tensor:
+    """Inverse-CDF draw: ``probs[..., S]`` (need not be exactly normalised) and one uniform
+    ``u[...]`` in [0, 1) per distribution. Returns the first index whose CDF exceeds
+    ``u · total``; a zero-probability index is never returned."""
+    cdf = probs.cumsum(-1)
+    total = cdf[..., -1:]
+    idx = torch.searchsorted(cdf.contiguous(), (u.to(cdf.dtype)[..., None] * total).contiguous(), right=True)
+    # u · total can round up to total; fall back to the last index with positive mass.
+    last = torch.where(probs > 0, torch.arange(probs.shape[-1], device=probs.device), -1).amax(-1, keepdim=True)
+    return torch.minimum(idx, last).squeeze(-1)
+
 
 #: The residual loop gives up (with an error, never a biased sample) after this many
 #: proposals: it only happens when (K - J)+ has no mass left in float64.
@@ -130,3 +141,31 @@ def total_variation(target_probs: Tensor, draft_probs: Tensor, states: Tensor) -
     k = log_prob(target_probs.expand(m, *target_probs.shape), states).exp()
     j = log_prob(draft_probs.expand(m, *draft_probs.shape), states).exp()
     return 0.5 * (k - j).abs().sum()
+
+
+class CategoricalKernel:
+    """A step of a :class:`~specdiff.CategoricalChain`: every position moves independently to
+    the categorical law ``chain.transition`` returns; law = ``(probs,)``."""
+
+    noise = "uniform"  # the caller's generator draws one float64 uniform per position
+
+    @staticmethod
+    def law(chain, x: Tensor, step: Tensor, prediction: Tensor, previous: Tensor) -> tuple[Tensor]:
+        return (chain.transition(x, step, prediction),)
+
+    @staticmethod
+    def draw(law: tuple[Tensor], u: Tensor, like: Tensor) -> Tensor:
+        return sample_categorical(law[0], u).to(like.dtype)
+
+    @staticmethod
+    def accept(law_draft, law_target, y: Tensor, noise: Tensor, u: Tensor) -> Tensor:
+        """``u < min(1, K(y) / J(y))`` per row (``u`` independent of the draw of ``y``)."""
+        p = step_acceptance_probability(law_target[0], law_draft[0], y)
+        return u.to(p.device) < p
+
+    @staticmethod
+    def correct(law_draft, law_target, y: Tensor, noise: Tensor, generators) -> tuple[Tensor, Tensor]:
+        """A draw from the residual ``(K - J)+`` for each rejected step, from its private streams
+        (``generators()``); returns the draws and the proposals each needed."""
+        x, draws = sample_residual(law_target[0], law_draft[0], generators())
+        return x.to(y.dtype), draws
