@@ -16,6 +16,8 @@ import torch
 from scipy import stats as sps
 from torch import Tensor
 
+from .kernels import GaussianKernel
+
 
 def linear_betas(num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
     """DDPM's 1000-step linear schedule, respaced to ``num_steps`` steps spanning the same noise."""
@@ -33,6 +35,8 @@ class GaussianMixtureDDPM:
     (t = 0) is deterministic. ``prediction_type`` chooses what ``predict`` returns
     (``"epsilon"`` or ``"sample"``), hence what a frozen drafter freezes.
     """
+
+    kernel = GaussianKernel
 
     def __init__(
         self,

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ..drafters import takes_sample
+from ..kernels import GaussianKernel
 
 ModelFn = Callable[..., Tensor]
 """``model_fn(model_input, timesteps) -> model_output``: the network, batched over rows,
@@ -310,6 +311,8 @@ class SchedulerChain:
     combinations convert between parameterisations and agree with it to float rounding.
     DPM-Solver++ always carries x0 (its next step needs the previous one).
     """
+
+    kernel = GaussianKernel
 
     def __init__(self, adapter: SchedulerAdapter, model_fn: ModelFn, frozen_prediction: str = "sample"):
         if frozen_prediction not in FROZEN_PREDICTIONS:
