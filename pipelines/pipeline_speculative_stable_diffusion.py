@@ -25,8 +25,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
 
-from specdiff.pipelines.speculative_utils import draft_model, from_pipe_keeping_dtypes, guided_model
-from specdiff.pipelines.pipeline_speculative_ddpm import progress_for, round_callback
+from specdiff.pipelines.speculative_utils import from_pipe_keeping_dtypes, run_speculative
 from specdiff.schedulers import SpeculativeScheduler
 from specdiff.stats import SpeculativeStats
 
@@ -205,23 +204,14 @@ class SpeculativeStableDiffusionPipeline(StableDiffusionPipeline):
             ).to(device=device, dtype=latents.dtype)
 
         # 3. The speculative sampler: ONE run for the whole batch, each row conditioned on its sample.
-        if draft_unet is not None and drafter is not None:
-            raise ValueError("pass either drafter= or draft_unet=, not both")
         if draft_unet is None and drafter is None:
             draft_unet = self.draft_unet  # the pipeline's own draft model, if it has one
-        conditioning = (prompt_embeds, negative_prompt_embeds, timestep_cond)
-        if draft_unet is not None:
-            drafter = draft_model(**self.guidance_inputs(draft_unet, *conditioning))
-        output = self.scheduler.sample(
-            guided_model(**self.guidance_inputs(self.unet, *conditioning)),
-            latents,
-            generator=generator,
-            window=window,
-            drafter=drafter,
-            progress=progress_for(self),
-            callback=round_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs, timesteps),
-            eta=eta,
-        )
+        output = run_speculative(
+            self, lambda unet: self.guidance_inputs(unet, prompt_embeds, negative_prompt_embeds, timestep_cond),
+            self.unet, latents, generator=generator, window=window, drafter=drafter, draft_network=draft_unet,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, timesteps=timesteps, eta=eta,
+        )  # fmt: skip
         latents, stats = output.sample, output.stats
 
         # 4. Decode, safety check and post-process, as the parent does.

@@ -126,3 +126,41 @@ def draft_model(
         return model(model_input, timesteps, sample=torch.zeros(model_input.shape[0], dtype=torch.long))
 
     return draft_fn
+
+
+def run_speculative(
+    pipe,
+    guidance: Callable[..., dict],
+    network,
+    latents: Tensor,
+    *,
+    generator=None,
+    window: int | None = None,
+    drafter=None,
+    draft_network=None,
+    callback_on_step_end=None,
+    callback_on_step_end_tensor_inputs=None,
+    timesteps=None,
+    **step_options,
+):
+    """The speculative denoising loop of a text-to-image pipeline: ONE run of ``pipe.scheduler``
+    for the whole batch. ``guidance(network)`` returns :func:`guided_model`'s arguments for the
+    target ``network`` or a ``draft_network`` (an independent drafter; exclusive with ``drafter``,
+    a draft model function or ``"frozen"``). Returns ``SpeculativeOutput(sample, stats)``."""
+    from specdiff.pipelines.pipeline_speculative_ddpm import progress_for, round_callback
+
+    if draft_network is not None and drafter is not None:
+        raise ValueError("pass either drafter= or a draft network (draft_unet= / draft_transformer=), not both")
+    if draft_network is not None:
+        drafter = draft_model(**guidance(draft_network))
+    callback = round_callback(pipe, callback_on_step_end, callback_on_step_end_tensor_inputs, timesteps)
+    return pipe.scheduler.sample(
+        guided_model(**guidance(network)),
+        latents,
+        generator=generator,
+        window=window,
+        drafter=drafter,
+        progress=progress_for(pipe),
+        callback=callback,
+        **step_options,
+    )
