@@ -12,9 +12,23 @@ pipelines do for their batch, and guided per row.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
+import numpy as np
+import PIL.Image
 import torch
+from diffusers.utils import BaseOutput
 from torch import Tensor
+
+from specdiff.stats import SpeculativeStats
+
+
+@dataclass
+class SpeculativeFlowPipelineOutput(BaseOutput):
+    """A text-to-image pipeline's ``images`` and the run's :class:`specdiff.SpeculativeStats`."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    stats: SpeculativeStats | None = None
 
 def from_pipe_keeping_dtypes(from_pipe: Callable, pipeline, kwargs: dict):
     """``from_pipe(pipeline, **kwargs)`` that leaves the shared modules in their own dtypes.
