@@ -2,7 +2,7 @@
 
 Each file also works on its own as a diffusers custom pipeline
 (``custom_pipeline="path/to/pipeline_xxx.py"``, ``trust_remote_code=True``). Pipelines
-with heavier dependencies (Stable Diffusion needs ``transformers``) are imported on first use.
+with heavier dependencies (Stable Diffusion, SDXL, SD3 and FLUX need ``transformers``) are imported on first use.
 """
 
 from importlib import import_module
@@ -12,6 +12,11 @@ from .pipeline_speculative_ddpm import SpeculativeDDPMPipeline, SpeculativeImage
 _LAZY = {
     "SpeculativeStableDiffusionPipeline": "pipeline_speculative_stable_diffusion",
     "SpeculativeStableDiffusionPipelineOutput": "pipeline_speculative_stable_diffusion",
+    "SpeculativeStableDiffusionXLPipeline": "pipeline_speculative_stable_diffusion_xl",
+    "SpeculativeStableDiffusionXLPipelineOutput": "pipeline_speculative_stable_diffusion_xl",
+    "SpeculativeStableDiffusion3Pipeline": "pipeline_speculative_stable_diffusion_3",
+    "SpeculativeFluxPipeline": "pipeline_speculative_flux",
+    "SpeculativeFlowPipelineOutput": "speculative_utils",
     "SpeculativeMaskedDiffusionPipeline": "pipeline_speculative_masked_diffusion",
     "MaskedDiffusionPipelineOutput": "pipeline_speculative_masked_diffusion",
 }

@@ -11,7 +11,6 @@ the same (stochastic) scheduler; with ``window=1`` they are the same images.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +25,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
 
-from specdiff.pipelines.pipeline_speculative_ddpm import progress_for, round_callback
+from specdiff.pipelines.speculative_utils import from_pipe_keeping_dtypes, run_speculative
 from specdiff.schedulers import SpeculativeScheduler
 from specdiff.stats import SpeculativeStats
 
@@ -38,52 +37,6 @@ class SpeculativeStableDiffusionPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     nsfw_content_detected: list[bool] | None
     stats: SpeculativeStats | None = None
-
-
-def condition_groups(prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor | None) -> list[torch.Tensor]:
-    """Indices of the rows that share one conditioning, in order of first appearance.
-
-    The speculative sampler's network call sees states and steps, not which sample a row
-    belongs to, so rows of one sampler run must share their conditioning: a batch with
-    several different prompts is sampled as one run per prompt.
-    """
-    groups: list[list[int]] = []
-    for i in range(prompt_embeds.shape[0]):
-        for group in groups:
-            j = group[0]
-            if torch.equal(prompt_embeds[i], prompt_embeds[j]) and (
-                negative_prompt_embeds is None or torch.equal(negative_prompt_embeds[i], negative_prompt_embeds[j])
-            ):
-                group.append(i)
-                break
-        else:
-            groups.append([i])
-    return [torch.tensor(g) for g in groups]
-
-
-def merge_stats(parts: list[tuple[torch.Tensor, SpeculativeStats]], batch_size: int) -> SpeculativeStats:
-    """One :class:`SpeculativeStats` for runs made one after the other on disjoint rows:
-    counts add up (calls are sequential), per-sample lists are put back in batch order."""
-    if len(parts) == 1:
-        return parts[0][1]
-    first = parts[0][1]
-    merged = SpeculativeStats(num_steps=first.num_steps, batch_size=batch_size, window=first.window)
-    for field in dataclasses.fields(SpeculativeStats):
-        name = field.name
-        if name in ("num_steps", "batch_size", "window"):
-            continue
-        values = [getattr(stats, name) for _, stats in parts]
-        if name.startswith("per_sample_"):
-            out = [0] * batch_size
-            for (rows, _), value in zip(parts, values):
-                for row, v in zip(rows.tolist(), value):
-                    out[row] = v
-            setattr(merged, name, out)
-        elif isinstance(values[0], list):
-            setattr(merged, name, [sum(column) for column in zip(*values)])
-        elif isinstance(values[0], (int, float)) and not isinstance(values[0], bool):
-            setattr(merged, name, sum(values))
-    return merged
 
 
 class SpeculativeStableDiffusionPipeline(StableDiffusionPipeline):
@@ -128,39 +81,32 @@ class SpeculativeStableDiffusionPipeline(StableDiffusionPipeline):
 
     @classmethod
     def from_pipe(cls, pipeline, **kwargs):
-        """From a ``StableDiffusionPipeline``, sharing its components. Scheduler options
-        (``window``, ``frozen_prediction``, ``eta``) may be passed."""
+        """From a ``StableDiffusionPipeline``, sharing its components (in their own dtypes).
+        Scheduler options (``window``, ``frozen_prediction``, ``eta``) may be passed."""
         rewrap = SpeculativeScheduler.wrap_pipeline_scheduler(kwargs)
-        return rewrap(super().from_pipe(pipeline, **kwargs))
+        return rewrap(from_pipe_keeping_dtypes(super().from_pipe, pipeline, kwargs))
 
-    def _guided_model(self, unet, prompt_embeds, negative_prompt_embeds, timestep_cond) -> Callable:
-        """``model_fn(latent_input, timesteps)`` for rows that share ``prompt_embeds[0]``: each
-        row is duplicated (unconditional, conditional) inside ONE network call and guided."""
-        cfg = self.do_classifier_free_guidance
+    def guidance_inputs(self, unet, prompt_embeds, negative_prompt_embeds, timestep_cond) -> dict:
+        """Arguments of :func:`guided_model` for ``unet``: each row gets its sample's prompt
+        embeddings; with guidance, rows are duplicated (unconditional, conditional) inside ONE
+        network call and guided, as ``StableDiffusionPipeline`` guides its batch."""
 
-        def model_fn(latent_input: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            rows = latent_input.shape[0]
-            cond = prompt_embeds[:1].repeat(rows, 1, 1)
-            if cfg:
-                latent_input = torch.cat([latent_input] * 2)
-                t = torch.cat([t] * 2)
-                cond = torch.cat([negative_prompt_embeds[:1].repeat(rows, 1, 1), cond])
-            noise_pred = unet(
-                latent_input,
-                t,
-                encoder_hidden_states=cond,
-                timestep_cond=None if timestep_cond is None else timestep_cond[:1].repeat(rows, 1),
-                cross_attention_kwargs=self.cross_attention_kwargs,
-                return_dict=False,
-            )[0]
-            if cfg:
-                noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-                noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
-                if self.guidance_rescale > 0.0:
-                    noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale=self.guidance_rescale)
-            return noise_pred
+        def network(latent_input, t, encoder_hidden_states, timestep_cond):
+            return unet(
+                latent_input, t, encoder_hidden_states=encoder_hidden_states, timestep_cond=timestep_cond,
+                cross_attention_kwargs=self.cross_attention_kwargs, return_dict=False,
+            )[0]  # fmt: skip
 
-        return model_fn
+        def rescale(guided, uncond, cond):
+            if self.guidance_rescale > 0.0:
+                return rescale_noise_cfg(guided, cond, guidance_rescale=self.guidance_rescale)
+            return guided
+
+        cond = {"encoder_hidden_states": prompt_embeds, "timestep_cond": timestep_cond}
+        uncond = None
+        if self.do_classifier_free_guidance:
+            uncond = {"encoder_hidden_states": negative_prompt_embeds, "timestep_cond": timestep_cond}
+        return dict(network=network, cond=cond, uncond=uncond, guidance_scale=self.guidance_scale, combine=rescale)
 
     @torch.no_grad()
     def __call__(
@@ -207,9 +153,9 @@ class SpeculativeStableDiffusionPipeline(StableDiffusionPipeline):
             ``SpeculativeStableDiffusionPipelineOutput(images, nsfw_content_detected, stats)``
             or the tuple ``(images, nsfw_content_detected, stats)``.
 
-        A batch of different prompts is sampled as one speculative run per prompt (rows of
-        one run must share their conditioning); ``window=1`` then still has the plain law,
-        but reproduces ``StableDiffusionPipeline``'s images only with a list of generators.
+        A batch of different prompts is ONE speculative run (each row of a verification call is
+        conditioned on its own sample's prompt), so ``window=1`` reproduces
+        ``StableDiffusionPipeline``'s images for any batch and generator(s).
         """
         if not height or not width:
             size = self.unet.config.sample_size
@@ -257,34 +203,16 @@ class SpeculativeStableDiffusionPipeline(StableDiffusionPipeline):
                 guidance_scale_tensor, embedding_dim=self.unet.config.time_cond_proj_dim
             ).to(device=device, dtype=latents.dtype)
 
-        # 3. The speculative sampler, one run per distinct conditioning.
-        if draft_unet is not None and drafter is not None:
-            raise ValueError("pass either drafter= or draft_unet=, not both")
+        # 3. The speculative sampler: ONE run for the whole batch, each row conditioned on its sample.
         if draft_unet is None and drafter is None:
             draft_unet = self.draft_unet  # the pipeline's own draft model, if it has one
-        callback = round_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs, timesteps)
-        parts = []
-        for rows in condition_groups(prompt_embeds, negative_prompt_embeds):
-            first = rows[:1].to(device)
-            args = [None if c is None else c[first] for c in (prompt_embeds, negative_prompt_embeds, timestep_cond)]
-            group_drafter = self._guided_model(draft_unet, *args) if draft_unet is not None else drafter
-            if isinstance(generator, list):
-                group_generator = [generator[i] for i in rows.tolist()]
-            else:
-                group_generator = generator
-            output = self.scheduler.sample(
-                self._guided_model(self.unet, *args),
-                latents[rows.to(device)],
-                generator=group_generator,
-                window=window,
-                drafter=group_drafter,
-                progress=progress_for(self),
-                callback=callback,
-                eta=eta,
-            )
-            latents[rows.to(device)] = output.sample
-            parts.append((rows, output.stats))
-        stats = merge_stats(parts, total)
+        output = run_speculative(
+            self, lambda unet: self.guidance_inputs(unet, prompt_embeds, negative_prompt_embeds, timestep_cond),
+            self.unet, latents, generator=generator, window=window, drafter=drafter, draft_network=draft_unet,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, timesteps=timesteps, eta=eta,
+        )  # fmt: skip
+        latents, stats = output.sample, output.stats
 
         # 4. Decode, safety check and post-process, as the parent does.
         if output_type != "latent":

@@ -22,11 +22,19 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    LTXEulerAncestralRFScheduler,
     PNDMScheduler,
 )
 
 from specdiff import sample_baseline, speculative_sample
-from specdiff.schedulers import SchedulerChain, SpeculativeScheduler, adapter_for, supported_schedulers
+from specdiff.schedulers import (
+    FlowMatchSDEScheduler,
+    SchedulerChain,
+    SpeculativeScheduler,
+    adapter_for,
+    supported_schedulers,
+)
 
 
 SHAPE = (2, 3, 4, 4)
@@ -180,12 +188,38 @@ CASES += [
     ),
 ]
 
+CASES += [
+    ("flow-euler-stochastic", lambda: FlowMatchEulerDiscreteScheduler(stochastic_sampling=True), {"num_inference_steps": 10}, {}),
+    (
+        "flow-euler-stochastic-shift3-karras",
+        lambda: FlowMatchEulerDiscreteScheduler(stochastic_sampling=True, shift=3.0, use_karras_sigmas=True),
+        {"num_inference_steps": 9},
+        {},
+    ),
+    (
+        "flow-euler-stochastic-dynamic-shift",
+        lambda: FlowMatchEulerDiscreteScheduler(stochastic_sampling=True, use_dynamic_shifting=True),
+        {"num_inference_steps": 10, "mu": 0.8},
+        {},
+    ),
+    ("ltx-euler-a-rf", lambda: LTXEulerAncestralRFScheduler(), {"num_inference_steps": 10}, {}),
+    ("ltx-euler-a-rf-eta0.5", lambda: LTXEulerAncestralRFScheduler(eta=0.5), {"num_inference_steps": 10}, {}),
+    (
+        "ltx-euler-a-rf-custom-sigmas",
+        lambda: LTXEulerAncestralRFScheduler(),
+        {"sigmas": [1.0, 0.9, 0.7, 0.45, 0.2, 0.05, 0.0]},
+        {},
+    ),
+    ("flow-sde-churn0.5", lambda: FlowMatchSDEScheduler(churn=0.5), {"num_inference_steps": 10}, {}),
+    ("flow-sde-churn2-shift3", lambda: FlowMatchSDEScheduler(churn=2.0, shift=3.0), {"num_inference_steps": 12}, {}),
+]
+
 
 def diffusers_loop(scheduler, x, generator, step_kwargs, record=False):
     """diffusers' plain sampling loop; optionally records (x_k, x_{k+1}) per step."""
     states = [x]
     for t in scheduler.timesteps:
-        model_input = scheduler.scale_model_input(x, t)
+        model_input = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
         output = toy_model(model_input, t.expand(x.shape[0]))
         x = scheduler.step(output, t, x, generator=generator, **step_kwargs).prev_sample
         states.append(x)
@@ -200,14 +234,17 @@ def build(factory, timestep_kwargs):
 
 
 def x_init(scheduler, seed=0):
-    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed)) * scheduler.init_noise_sigma
+    scale = getattr(scheduler, "init_noise_sigma", 1.0)  # flow schedulers have none: the prior is N(0, I)
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed)) * scale
 
 
 def assert_reproduces(got, want, case, frozen):
     """Bit for bit, except where the chain converts between parameterisations (DDIM carrying
-    x0 rebuilds eps from it), which agrees to float rounding."""
+    x0 rebuilds eps from it; the flow SDE carrying x0 rebuilds the velocity), which agrees to
+    float rounding."""
     name, factory = case[0], case[1]
-    if frozen == "sample" and name.startswith("ddim") and factory().config.prediction_type != "sample":
+    converts = name.startswith("flow-sde") or (name.startswith("ddim") and factory().config.prediction_type != "sample")
+    if frozen == "sample" and converts:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     else:
         assert torch.equal(got, want), f"max |diff| = {(got - want).abs().max():.3g}"
@@ -393,6 +430,9 @@ def test_speculative_window_one_reproduces_diffusers_loop(case):
         (lambda: PNDMScheduler(), "deterministic (ODE) solver"),
         (lambda: EulerDiscreteScheduler(), "EulerAncestralDiscreteScheduler"),
         (lambda: euler(prediction_type="sample"), "prediction_type='sample'"),
+        (lambda: FlowMatchEulerDiscreteScheduler(), "stochastic_sampling=True"),
+        (lambda: LTXEulerAncestralRFScheduler(eta=0.0), "Use eta > 0"),
+        (lambda: FlowMatchSDEScheduler(churn=0.0), "Use churn > 0"),
     ],
     ids=[
         "ddpm-learned",
@@ -403,6 +443,9 @@ def test_speculative_window_one_reproduces_diffusers_loop(case):
         "pndm",
         "euler-ode",
         "euler-sample",
+        "flow-euler-ode",
+        "ltx-eta0",
+        "flow-sde-churn0",
     ],
 )
 def test_unsupported_configurations_raise_clear_errors(make, message):

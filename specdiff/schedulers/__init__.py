@@ -11,6 +11,12 @@ diffusers scheduler                        adapter
 ``EulerAncestralDiscreteScheduler``        :class:`~specdiff.schedulers.euler_ancestral.EulerAncestralAdapter`
 ``DPMSolverMultistepScheduler``            :class:`~specdiff.schedulers.dpmsolver_sde.DPMSolverSDEAdapter`
 (``algorithm_type="sde-dpmsolver++"``)
+``FlowMatchEulerDiscreteScheduler``        :class:`~specdiff.schedulers.flow_match.FlowMatchEulerAdapter`
+(``stochastic_sampling=True``)
+``LTXEulerAncestralRFScheduler``           :class:`~specdiff.schedulers.flow_match.LTXEulerAncestralAdapter`
+(``eta > 0``)
+:class:`FlowMatchSDEScheduler` (ours,      :class:`~specdiff.schedulers.flow_match.FlowMatchSDEAdapter`
+``churn > 0``)
 =========================================  ===========================================
 """
 
@@ -26,6 +32,7 @@ from .ddim import DDIMAdapter
 from .ddpm import DDPMAdapter
 from .dpmsolver_sde import DPMSolverSDEAdapter
 from .euler_ancestral import EulerAncestralAdapter
+from .flow_match import FlowMatchEulerAdapter, FlowMatchSDEAdapter, FlowMatchSDEScheduler, LTXEulerAncestralAdapter
 from .speculative import SpeculativeScheduler
 
 __all__ = [
@@ -33,6 +40,10 @@ __all__ = [
     "DDPMAdapter",
     "DPMSolverSDEAdapter",
     "EulerAncestralAdapter",
+    "FlowMatchEulerAdapter",
+    "FlowMatchSDEAdapter",
+    "FlowMatchSDEScheduler",
+    "LTXEulerAncestralAdapter",
     "SchedulerAdapter",
     "SchedulerChain",
     "SpeculativeScheduler",

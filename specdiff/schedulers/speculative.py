@@ -53,6 +53,13 @@ def _json_safe(value):
     return value
 
 
+def _scheduler_class(name: str | None):
+    """A scheduler class by name: diffusers' own, or one that specdiff ships (FlowMatchSDEScheduler)."""
+    from . import flow_match
+
+    return getattr(diffusers, name, None) or getattr(flow_match, name, None) if name else None
+
+
 def _scheduler_config(scheduler) -> dict:
     return {k: _json_safe(v) for k, v in dict(scheduler.config).items() if not k.startswith("_")}
 
@@ -92,7 +99,7 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
         use_clipped_model_output: bool | None = None,
     ):
         adapter_cls = check_scheduler_name(base_scheduler_class)  # before instantiating (torchsde etc.)
-        base_cls = getattr(diffusers, base_scheduler_class, None)
+        base_cls = _scheduler_class(base_scheduler_class)
         if base_cls is None or not issubclass(base_cls, SchedulerMixin):
             raise ValueError(f"{base_scheduler_class!r} is not a diffusers scheduler class")
         if not isinstance(window, int) or isinstance(window, bool) or window < 1:
@@ -151,9 +158,9 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
         :meth:`from_scheduler` for it."""
         if isinstance(config, Mapping):
             name = config.get("_class_name")
-            if name not in (None, cls.__name__) and hasattr(diffusers, name):
+            if name not in (None, cls.__name__) and _scheduler_class(name) is not None:
                 options = {k: kwargs.pop(k) for k in list(kwargs) if k in inspect.signature(cls.__init__).parameters}
-                base = getattr(diffusers, name).from_config(config, **kwargs)
+                base = _scheduler_class(name).from_config(config, **kwargs)
                 wrapped = cls.from_scheduler(base, **options)
                 return (wrapped, {}) if return_unused_kwargs else wrapped
             foreign = name is None and "base_scheduler_class" not in config and "base_scheduler_config" not in config
@@ -200,7 +207,7 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
 
     @property
     def init_noise_sigma(self):
-        return self._base.init_noise_sigma
+        return getattr(self._base, "init_noise_sigma", 1.0)  # flow-matching schedulers have none (N(0, I) prior)
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None, **kwargs):
         """The wrapped scheduler's ``set_timesteps`` (custom ``timesteps``/``sigmas`` if it accepts them)."""
@@ -213,6 +220,8 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
         return self._base.set_timesteps(device=device, **kwargs)
 
     def scale_model_input(self, sample: Tensor, timestep=None) -> Tensor:
+        if not hasattr(self._base, "scale_model_input"):  # flow-matching schedulers: the input is unscaled
+            return sample
         return self._base.scale_model_input(sample, timestep)
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, *args, **kwargs):

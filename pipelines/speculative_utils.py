@@ -1,0 +1,180 @@
+"""What the speculative text-to-image pipelines share: per-sample conditioning, guidance, from_pipe.
+
+A speculative verification call holds rows of several samples, each at its own step. The
+sampler tells a model function which sample each row belongs to (``sample=``, a
+``LongTensor[rows]``), so the model function indexes every per-sample conditioning tensor
+(prompt embeddings, pooled embeddings, SDXL's time ids, ...) by it, and a batch of
+different prompts is ONE speculative run. Classifier-free guidance is folded into the same
+network call: the rows are duplicated (unconditional, conditional), as diffusers'
+pipelines do for their batch, and guided per row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers.utils import BaseOutput
+from torch import Tensor
+
+from specdiff.stats import SpeculativeStats
+
+
+@dataclass
+class SpeculativeFlowPipelineOutput(BaseOutput):
+    """A text-to-image pipeline's ``images`` and the run's :class:`specdiff.SpeculativeStats`."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    stats: SpeculativeStats | None = None
+
+def from_pipe_keeping_dtypes(from_pipe: Callable, pipeline, kwargs: dict):
+    """``from_pipe(pipeline, **kwargs)`` that leaves the shared modules in their own dtypes.
+
+    diffusers' ``from_pipe`` casts every module to ``dtype`` (float32 when none is given),
+    in place, so a half-precision pipeline's shared UNet would become float32 in both
+    pipelines. Without an explicit ``dtype``/``torch_dtype`` we keep each module's dtype.
+    """
+    if "dtype" in kwargs or "torch_dtype" in kwargs:
+        return from_pipe(pipeline, **kwargs)
+    modules = {k: v for k, v in pipeline.components.items() if isinstance(v, torch.nn.Module)}
+    dtypes = {k: next(v.parameters(), torch.empty(())).dtype for k, v in modules.items()}
+    new = from_pipe(pipeline, dtype=pipeline.dtype, **kwargs)
+    for name, module in modules.items():  # mixed dtypes (e.g. a float32 VAE beside a bf16 UNet)
+        module.to(dtype=dtypes[name])
+    return new
+
+
+Conditioning = Mapping[str, "Tensor | Conditioning | None"]
+
+
+def pick_rows(conditioning: Conditioning, sample: Tensor) -> dict:
+    """Every tensor of ``conditioning`` (nested mappings included) indexed by ``sample`` on dim 0."""
+    return {
+        k: (pick_rows(v, sample) if isinstance(v, Mapping) else None if v is None else v[sample.to(v.device)])
+        for k, v in conditioning.items()
+    }
+
+
+def cat_rows(first: Conditioning, second: Conditioning) -> dict:
+    """``torch.cat([first, second])`` key by key (nested mappings included)."""
+    return {
+        k: (cat_rows(v, second[k]) if isinstance(v, Mapping) else None if v is None else torch.cat([v, second[k]]))
+        for k, v in first.items()
+    }
+
+
+def is_uniform(conditioning: Conditioning | None) -> bool:
+    """Whether every sample of the batch has the same conditioning (row 0's)."""
+    if conditioning is None:
+        return True
+    for v in conditioning.values():
+        if isinstance(v, Mapping):
+            if not is_uniform(v):
+                return False
+        elif v is not None and not torch.equal(v, v[:1].expand_as(v)):
+            return False
+    return True
+
+
+def guided_model(
+    network: Callable[..., Tensor],
+    cond: Conditioning,
+    uncond: Conditioning | None = None,
+    guidance_scale: float = 1.0,
+    combine: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
+) -> Callable:
+    """``model_fn(model_input, timesteps, sample=None)`` for :class:`SpeculativeScheduler`.
+
+    ``network(model_input, timesteps, **conditioning)`` is the raw network call. ``cond`` and
+    ``uncond`` hold per-sample tensors (first dimension = the pipeline's batch); each row
+    gets those of its ``sample`` (``None``: the rows are the batch, in order). With ``uncond``
+    the rows are duplicated (unconditional first, as diffusers does) in ONE call and guided:
+    ``u + guidance_scale * (c - u)``, or ``combine(guided, u, c)`` to post-process it
+    (e.g. guidance rescale).
+    """
+
+    def model_fn(model_input: Tensor, timesteps: Tensor, sample: Tensor | None = None) -> Tensor:
+        if sample is None:
+            sample = torch.arange(model_input.shape[0], device=model_input.device)
+        rows = pick_rows(cond, sample)
+        if uncond is None:
+            return network(model_input, timesteps, **rows)
+        both = cat_rows(pick_rows(uncond, sample), rows)
+        out = network(torch.cat([model_input] * 2), torch.cat([timesteps] * 2), **both)
+        out_uncond, out_cond = out.chunk(2)
+        guided = out_uncond + guidance_scale * (out_cond - out_uncond)
+        return guided if combine is None else combine(guided, out_uncond, out_cond)
+
+    return model_fn
+
+
+def draft_model(
+    network: Callable[..., Tensor] | None,
+    cond: Conditioning,
+    uncond: Conditioning | None = None,
+    guidance_scale: float = 1.0,
+    combine: Callable | None = None,
+) -> Callable | None:
+    """The guided model function of an independent draft network, or ``None`` without one.
+
+    Drafters see states and steps, not which sample a row belongs to, so a draft network
+    needs the whole batch to share one conditioning; it then gets row 0's for every row.
+    """
+    if network is None:
+        return None
+    if not (is_uniform(cond) and is_uniform(uncond)):
+        raise ValueError(
+            "a draft network cannot yet be used with a batch of different prompts (a drafter does not learn "
+            "which sample each drafted row belongs to); use the default frozen drafter (drafter=None) for "
+            "mixed prompts, or call the pipeline once per prompt"
+        )
+    first = torch.zeros(1, dtype=torch.long)
+    cond1 = pick_rows(cond, first)
+    uncond1 = None if uncond is None else pick_rows(uncond, first)
+    model = guided_model(network, cond1, uncond1, guidance_scale, combine)
+
+    def draft_fn(model_input: Tensor, timesteps: Tensor) -> Tensor:
+        return model(model_input, timesteps, sample=torch.zeros(model_input.shape[0], dtype=torch.long))
+
+    return draft_fn
+
+
+def run_speculative(
+    pipe,
+    guidance: Callable[..., dict],
+    network,
+    latents: Tensor,
+    *,
+    generator=None,
+    window: int | None = None,
+    drafter=None,
+    draft_network=None,
+    callback_on_step_end=None,
+    callback_on_step_end_tensor_inputs=None,
+    timesteps=None,
+    **step_options,
+):
+    """The speculative denoising loop of a text-to-image pipeline: ONE run of ``pipe.scheduler``
+    for the whole batch. ``guidance(network)`` returns :func:`guided_model`'s arguments for the
+    target ``network`` or a ``draft_network`` (an independent drafter; exclusive with ``drafter``,
+    a draft model function or ``"frozen"``). Returns ``SpeculativeOutput(sample, stats)``."""
+    from specdiff.pipelines.pipeline_speculative_ddpm import progress_for, round_callback
+
+    if draft_network is not None and drafter is not None:
+        raise ValueError("pass either drafter= or a draft network (draft_unet= / draft_transformer=), not both")
+    if draft_network is not None:
+        drafter = draft_model(**guidance(draft_network))
+    callback = round_callback(pipe, callback_on_step_end, callback_on_step_end_tensor_inputs, timesteps)
+    return pipe.scheduler.sample(
+        guided_model(**guidance(network)),
+        latents,
+        generator=generator,
+        window=window,
+        drafter=drafter,
+        progress=progress_for(pipe),
+        callback=callback,
+        **step_options,
+    )
