@@ -66,19 +66,6 @@ def cat_rows(first: Conditioning, second: Conditioning) -> dict:
     }
 
 
-def is_uniform(conditioning: Conditioning | None) -> bool:
-    """Whether every sample of the batch has the same conditioning (row 0's)."""
-    if conditioning is None:
-        return True
-    for v in conditioning.values():
-        if isinstance(v, Mapping):
-            if not is_uniform(v):
-                return False
-        elif v is not None and not torch.equal(v, v[:1].expand_as(v)):
-            return False
-    return True
-
-
 def guided_model(
     network: Callable[..., Tensor],
     cond: Conditioning,
@@ -118,28 +105,11 @@ def draft_model(
     guidance_scale: float = 1.0,
     combine: Callable | None = None,
 ) -> Callable | None:
-    """The guided model function of an independent draft network, or ``None`` without one.
-
-    Drafters see states and steps, not which sample a row belongs to, so a draft network
-    needs the whole batch to share one conditioning; it then gets row 0's for every row.
-    """
+    """The guided model function of an independent draft network, or ``None`` without one; like
+    the target's, it conditions each row on its own sample's prompt (``sample=``)."""
     if network is None:
         return None
-    if not (is_uniform(cond) and is_uniform(uncond)):
-        raise ValueError(
-            "a draft network cannot yet be used with a batch of different prompts (a drafter does not learn "
-            "which sample each drafted row belongs to); use the default frozen drafter (drafter=None) for "
-            "mixed prompts, or call the pipeline once per prompt"
-        )
-    first = torch.zeros(1, dtype=torch.long)
-    cond1 = pick_rows(cond, first)
-    uncond1 = None if uncond is None else pick_rows(uncond, first)
-    model = guided_model(network, cond1, uncond1, guidance_scale, combine)
-
-    def draft_fn(model_input: Tensor, timesteps: Tensor) -> Tensor:
-        return model(model_input, timesteps, sample=torch.zeros(model_input.shape[0], dtype=torch.long))
-
-    return draft_fn
+    return guided_model(network, cond, uncond, guidance_scale, combine)
 
 
 def run_speculative(

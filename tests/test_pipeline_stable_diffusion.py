@@ -154,10 +154,16 @@ def test_a_batch_of_different_prompts_is_one_speculative_run():
     assert plain.target_calls == 12
 
 
-def test_draft_unet_with_different_prompts_is_refused_with_a_clear_error():
-    spec = speculative(sd_pipe(ddpm_scheduler()), window=2)
-    with pytest.raises(ValueError, match="different prompts.*frozen drafter"):
-        spec(prompt=["a cat", "a dog"], num_inference_steps=3, draft_unet=tiny_unet(1, channels=(4, 4)))
+def test_a_draft_unet_conditions_each_row_on_its_own_prompt():
+    """The target's own UNet as draft model, with different prompts: every drafted step has
+    Delta ~ 0 (batch-size rounding only), so is accepted, which holds only if each drafted row got
+    its own prompt; the images are the plain pipeline's up to that rounding."""
+    base = sd_pipe(ddpm_scheduler())
+    kwargs = dict(prompt=["a cat", "a dog", "a fox"], num_inference_steps=6, output_type="np", guidance_scale=3.0)
+    want = base(generator=torch.Generator().manual_seed(2), **kwargs).images
+    out = speculative(base, window=3)(generator=torch.Generator().manual_seed(2), draft_unet=base.unet, **kwargs)
+    assert out.stats.proposed > 0 and out.stats.accepted == out.stats.proposed
+    np.testing.assert_allclose(out.images, want, atol=1e-5)
 
 
 def test_prompt_embeds_are_accepted_in_place_of_prompts():
