@@ -50,3 +50,11 @@ def test_readme_benchmark_tables_are_the_saved_results():
     text = (ROOT / "README.md").read_text()
     shown = text.split("<!-- bench-report -->\n", 1)[1].split("\n<!-- /bench-report -->", 1)[0]
     assert shown.strip() == report(ROOT / "assets" / "bench").strip()
+
+
+def test_the_readme_lists_exactly_the_supported_schedulers():
+    from specdiff.schedulers import supported_table
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("<!-- schedulers:start -->\n")[1].split("\n<!-- schedulers:end -->")[0]
+    assert block == supported_table()

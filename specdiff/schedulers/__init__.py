@@ -1,23 +1,9 @@
 """diffusers schedulers as Gaussian chains, and the speculative scheduler wrapper.
 
-One adapter per scheduler family turns ``(scheduler, step index, x, model output)`` into the
-step's ``(mean, std)``, vectorised over rows at different steps:
-
-=========================================  ===========================================
-diffusers scheduler                        adapter
-=========================================  ===========================================
-``DDPMScheduler`` (fixed variance types)   :class:`~specdiff.schedulers.ddpm.DDPMAdapter`
-``DDIMScheduler`` with ``eta > 0``         :class:`~specdiff.schedulers.ddim.DDIMAdapter`
-``EulerAncestralDiscreteScheduler``        :class:`~specdiff.schedulers.euler_ancestral.EulerAncestralAdapter`
-``DPMSolverMultistepScheduler``            :class:`~specdiff.schedulers.dpmsolver_sde.DPMSolverSDEAdapter`
-(``algorithm_type="sde-dpmsolver++"``)
-``FlowMatchEulerDiscreteScheduler``        :class:`~specdiff.schedulers.flow_match.FlowMatchEulerAdapter`
-(``stochastic_sampling=True``)
-``LTXEulerAncestralRFScheduler``           :class:`~specdiff.schedulers.flow_match.LTXEulerAncestralAdapter`
-(``eta > 0``)
-:class:`FlowMatchSDEScheduler` (ours,      :class:`~specdiff.schedulers.flow_match.FlowMatchSDEAdapter`
-``churn > 0``)
-=========================================  ===========================================
+One adapter per scheduler family (one file each, registered by being in this package) turns
+``(scheduler, step index, x, model output)`` into the step's ``(mean, std)``, vectorised over
+rows at different steps. The list of supported schedulers is :func:`supported_schedulers`
+(:func:`supported_table` prints it as the README's table).
 """
 
 from .base import (
@@ -27,6 +13,7 @@ from .base import (
     adapter_for,
     register_adapter,
     supported_schedulers,
+    supported_table,
 )
 from .ddim import DDIMAdapter
 from .ddpm import DDPMAdapter
@@ -51,4 +38,5 @@ __all__ = [
     "adapter_for",
     "register_adapter",
     "supported_schedulers",
+    "supported_table",
 ]

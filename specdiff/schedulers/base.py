@@ -18,8 +18,11 @@ Notation (diffusers' names): ``a_t = alphas_cumprod[t]``, ``a_prev = alphas_cump
 
 from __future__ import annotations
 
+import importlib
 import math
+import pkgutil
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -54,7 +57,6 @@ _UNSUPPORTED: dict[str, str] = {
         "UniPCMultistepScheduler",
         "IPNDMScheduler",
         "DDIMInverseScheduler",
-        "FlowMatchEulerDiscreteScheduler",
         "FlowMatchHeunDiscreteScheduler",
         "EulerDiscreteScheduler",
         "EDMEulerScheduler",
@@ -89,7 +91,9 @@ _UNSUPPORTED.update(
 
 
 def register_adapter(*scheduler_names: str):
-    """Class decorator: the decorated adapter handles the diffusers schedulers named."""
+    """Class decorator: the decorated adapter handles the diffusers schedulers named. Every module
+    of this package is imported on first look-up (:func:`_load_adapters`), so an adapter
+    registers itself by living in a file here; nothing else has to list it."""
 
     def decorate(cls: type[SchedulerAdapter]) -> type[SchedulerAdapter]:
         for name in scheduler_names:
@@ -100,13 +104,36 @@ def register_adapter(*scheduler_names: str):
     return decorate
 
 
+def _load_adapters() -> None:
+    """Import every module of this package once (each registers its adapters)."""
+    if _LOADED:
+        return
+    _LOADED.append(True)
+    for module in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        importlib.import_module(f"{__package__}.{module.name}")
+
+
+_LOADED: list[bool] = []
+
+
 def supported_schedulers() -> list[str]:
-    """Names of the diffusers scheduler classes an adapter exists for."""
+    """Names of the diffusers scheduler classes an adapter exists for (the one list of them)."""
+    _load_adapters()
     return sorted(_ADAPTERS)
+
+
+def supported_table() -> str:
+    """The supported schedulers as the README's markdown table (a test keeps the README equal to it)."""
+    rows = ["| scheduler | supported configurations | adapter |", "| --- | --- | --- |"]
+    for name in supported_schedulers():
+        cls = _ADAPTERS[name]
+        rows.append(f"| `{name}` | {cls.support} | `{cls.__module__}.{cls.__name__}` |")
+    return "\n".join(rows)
 
 
 def check_scheduler_name(name: str) -> type[SchedulerAdapter]:
     """The adapter class for scheduler class ``name``; a clear ``ValueError`` if there is none."""
+    _load_adapters()
     if name in _ADAPTERS:
         return _ADAPTERS[name]
     if name in _UNSUPPORTED:
@@ -120,6 +147,7 @@ def check_scheduler_name(name: str) -> type[SchedulerAdapter]:
 
 def adapter_class_for(scheduler) -> type[SchedulerAdapter]:
     """The adapter class for a scheduler instance (its class or the nearest registered base class)."""
+    _load_adapters()
     for klass in type(scheduler).__mro__:
         if klass.__name__ in _ADAPTERS or klass.__name__ in _UNSUPPORTED:
             return check_scheduler_name(klass.__name__)
@@ -171,6 +199,7 @@ class SchedulerAdapter:
     """
 
     scheduler_names: tuple[str, ...] = ()
+    support: str = ""  # the configurations it handles, one line (the README's table)
     options: tuple[str, ...] = ()  # step() arguments the family needs (e.g. DDIM's eta)
     uses_previous_prediction = False
     prediction_types: tuple[str, ...] = ("epsilon", "sample", "v_prediction")

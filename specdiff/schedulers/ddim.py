@@ -29,6 +29,7 @@ class DDIMAdapter(SchedulerAdapter):
     diffusers, so it is passed here explicitly)."""
 
     options = ("eta", "use_clipped_model_output")
+    support = "`eta > 0` (a step option: `from_scheduler(s, eta=1.0)`); every prediction type, clipping, thresholding"
 
     @classmethod
     def check(cls, scheduler, eta: float | None = None, use_clipped_model_output: bool | None = None) -> None:

@@ -24,6 +24,8 @@ class DDPMAdapter(SchedulerAdapter):
     """Gaussian step of ``DDPMScheduler`` for variance types ``fixed_small``,
     ``fixed_small_log`` and ``fixed_large``."""
 
+    support = "variance `fixed_small`, `fixed_small_log`, `fixed_large`; every prediction type, clipping, thresholding"
+
     @classmethod
     def check(cls, scheduler, **options) -> None:
         super().check(scheduler)

@@ -29,6 +29,7 @@ from .base import SchedulerAdapter, register_adapter, step_table, threshold_samp
 class DPMSolverSDEAdapter(SchedulerAdapter):
     """Gaussian step of ``DPMSolverMultistepScheduler`` with ``algorithm_type="sde-dpmsolver++"``."""
 
+    support = '`algorithm_type="sde-dpmsolver++"`, `solver_order` 1 or 2 (midpoint/heun), Karras/flow sigmas'
     uses_previous_prediction = True
     native_prediction = "sample"  # the chain carries x0 (DPM-Solver++'s data prediction)
     prediction_types = ("epsilon", "sample", "v_prediction", "flow_prediction")

@@ -25,6 +25,7 @@ class EulerAncestralAdapter(SchedulerAdapter):
     """Gaussian step of ``EulerAncestralDiscreteScheduler`` (epsilon or v_prediction)."""
 
     prediction_types = ("epsilon", "v_prediction")  # diffusers raises for "sample"
+    support = "epsilon and v prediction, every sigma schedule"
 
     def __init__(self, scheduler):
         self.check(scheduler)

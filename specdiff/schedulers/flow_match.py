@@ -188,6 +188,8 @@ _USE_STOCHASTIC = (
 class FlowMatchEulerAdapter(_FlowAdapter):
     """``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)``: ``x_next = (1 - s') x0 + s' z``."""
 
+    support = "`stochastic_sampling=True` (SD3/FLUX flow matching), shifts, Karras/exponential/beta sigmas"
+
     @classmethod
     def check(cls, scheduler, **options) -> None:
         super().check(scheduler)
@@ -214,6 +216,8 @@ class LTXEulerAncestralAdapter(_FlowAdapter):
     sigma - 1) eta)``, ``mean = (1 - sigma_next) / (1 - sigma_down) [r x + (1 - r) x0]`` where
     ``r = sigma_down / sigma``, and ``std = s_noise sqrt(sigma_next^2 - sigma_down^2 (1 - sigma_next)^2 /
     (1 - sigma_down)^2)``; the last step (to 0) lands on x0."""
+
+    support = "`eta > 0`, custom sigmas"
 
     @classmethod
     def check(cls, scheduler, **options) -> None:
@@ -253,6 +257,8 @@ class LTXEulerAncestralAdapter(_FlowAdapter):
 @register_adapter("FlowMatchSDEScheduler")
 class FlowMatchSDEAdapter(_FlowAdapter):
     """:class:`FlowMatchSDEScheduler` (``churn > 0``): ``mean = x + dt v - c_eps eps_hat``."""
+
+    support = "specdiff's flow-matching SDE, `churn > 0` (Euler–Maruyama; best for speculation)"
 
     native_prediction = "model_output"
 
