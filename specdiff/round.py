@@ -101,25 +101,24 @@ def speculative_round(chain, kernel, drafter, noise, target, c: Carry, ids: Tens
     committed = torch.where(whole, L, n_acc + 1)
 
     # 4. Commit: y_L if all accepted, else the first rejected step corrected to a target draw.
-    i = torch.arange(m)
-    x_new, pred_new = y[L.to(dev), i.to(dev)], pred_T[n_acc.to(dev), i.to(dev)]
+    i = torch.arange(m).to(dev)
     rejected = (~whole).nonzero().squeeze(1)
-    still = c.n + committed < N
-    fresh = whole & still
+    x_new = y[L.to(dev), i]
     if rejected.numel():
         row = torch.full((span, m), -1, dtype=torch.long)
-        row[jr, ir] = torch.arange(len(jr))
-        at, rd = row[n_acc[rejected], rejected].to(dev), rejected.to(dev)
+        row[jr, ir] = torch.arange(len(jr))  # (position, sample) -> its row in the accept step
+        at, j_rej = row[n_acc[rejected], rejected].to(dev), n_acc[rejected]
         x_fix, draws = kernel.correct(
-            tuple(part[at] for part in law_Dr), tuple(part[at] for part in law_T), y[n_acc[rejected].to(dev) + 1, rd],
-            z[n_acc[rejected].to(dev), rd], lambda: noise.residual_generators(ids[rejected], c.n[rejected] + n_acc[rejected]),
+            tuple(part[at] for part in law_Dr), tuple(part[at] for part in law_T), y[j_rej.to(dev) + 1, rejected.to(dev)],
+            z[j_rej.to(dev), rejected.to(dev)], lambda: noise.residual_generators(ids[rejected], c.n[rejected] + j_rej),
         )
-        x_new = x_new.index_put((rd,), x_fix)
+        x_new = x_new.index_put((rejected.to(dev),), x_fix)
         tally.residual_draws += int(draws.sum())
-        if not getattr(chain, "time_conditioned", True):  # a correction that changed nothing keeps its prediction
-            fresh |= ~whole & still & (x_new == y[n_acc.to(dev), i.to(dev)]).flatten(1).all(1).cpu()
-    pred_new = torch.where(_rows(whole.to(dev), c.pred), pred_T[L.to(dev), i.to(dev)], pred_new)
-    prev_new = torch.where(_rows(fresh.to(dev), c.pred), pred_T[(L - 1).clamp(min=0).to(dev), i.to(dev)], pred_new)
+    fresh = whole & (c.n + committed < N)
+    if rejected.numel() and not getattr(chain, "time_conditioned", True):  # an unchanged state keeps its prediction
+        fresh |= ~whole & (c.n + committed < N) & (x_new == y[n_acc.to(dev), i]).flatten(1).all(1).cpu()
+    pred_new = pred_T[torch.where(whole, L, n_acc).to(dev), i]
+    prev_new = torch.where(_rows(fresh.to(dev), c.pred), pred_T[(L - 1).clamp(min=0).to(dev), i], pred_new)
     tally.round(ids, drafted & (j[:span] <= n_acc) & ~exact, accept, committed)
     return Carry(x_new, c.n + committed, pred_new, prev_new, fresh)
 
