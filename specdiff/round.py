@@ -137,7 +137,8 @@ def _draft(drafter, x: Tensor, step: Tensor, c: Carry, ids: Tensor, tally, skip:
             f"{type(drafter).__name__}.predict returned shape {tuple(guess.shape)}; expected "
             f"{tuple(memory.prediction.shape)} (one prediction per drafted row, like the chain's predict)"
         )
-    _check_finite(guess, step[ask], "draft", x)
+    if guess is not memory.prediction:  # the frozen prediction was checked when the target made it
+        _check_finite(guess, step[ask], "draft", x)
     return guess.to(c.pred.dtype) if len(ask) == len(ids) else c.pred.index_put((a,), guess.to(c.pred.dtype))
 
 
