@@ -53,10 +53,12 @@ def round_callback(pipe, callback_on_step_end, tensor_inputs, timesteps):
     def callback(info: dict) -> None:
         index = max(int(info["step"].min()) - 1, 0)
         available = {"latents": info["x"], "steps": info["step"]}
-        kwargs = {k: available[k] for k in tensor_inputs}
+        # Copies: ``info["x"]`` is the sampler's own state, so an in-place edit would slip past the check.
+        kwargs = {k: available[k].clone() for k in tensor_inputs}
         returned = callback_on_step_end(pipe, index, timesteps[index], kwargs) or {}
-        for name, value in returned.items():
-            if name in kwargs and value is not kwargs[name] and not torch.equal(value, kwargs[name]):
+        for name in kwargs:
+            value = returned.get(name, kwargs[name])
+            if not torch.equal(value, available[name]):
                 raise ValueError(
                     f"callback_on_step_end changed {name!r}: speculative sampling cannot take modified tensors "
                     "mid-trajectory (the drafted and verified steps would no longer be the sampler's)"

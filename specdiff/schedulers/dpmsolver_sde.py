@@ -120,7 +120,9 @@ class DPMSolverSDEAdapter(SchedulerAdapter):
                 model_output = model_output[:, :3]  # diffusers keeps the first 3 (mean) channels
             x0 = (x - sigma * model_output) / alpha
         elif self.prediction_type == "sample":
-            x0 = model_output
+            # A copy: x0 is kept as the next step's D1, and a network may reuse its output buffer
+            # (CUDA graphs, static-IO runtimes), which would silently turn D1 into the next D0.
+            x0 = model_output.clone()
         elif self.prediction_type == "v_prediction":
             x0 = alpha * x - sigma * model_output
         else:  # flow_prediction: sigma_t is the raw sigma

@@ -52,8 +52,8 @@ class EulerAncestralAdapter(SchedulerAdapter):
         self.dt, self.sigma_up = step_table(dt), step_table(sigma_up)
 
     def scale_model_input(self, x: Tensor, step: Tensor) -> Tensor:
-        # In x's dtype, as diffusers divides by a 0-d tensor: a half-precision model gets a half input.
-        return x / self.rows(self.input_scale, step, x).to(x.dtype)
+        # In the latents' dtype, as diffusers returns it: a half-precision network refuses float32 input.
+        return (x / self.rows(self.input_scale, step, x)).to(x.dtype)
 
     def signal_and_noise(self, step: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         sigma = self.rows(self.sigmas, step, like)
