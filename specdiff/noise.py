@@ -2,10 +2,12 @@
 
 Every draw a sampler consumes is keyed by (sample, step):
 
-* ``noise(rows, steps)``: the step's noise from the caller's generator(s), drawn exactly as a
-  diffusers scheduler's ``step`` draws it — ``z ~ N(0, I)`` in the states' dtype for a Gaussian
-  kernel, one float64 uniform per position for a categorical one. It makes the drafted step, or
-  the plain sampler's step: so ``window=1`` reproduces the plain sampler bit for bit.
+* ``noise(rows, steps)``: the step's noise from the caller's generator(s), drawn as a diffusers
+  scheduler's ``step`` draws it — ``z ~ N(0, I)`` of the states' shape for a Gaussian kernel, one
+  float64 uniform per position for a categorical one. It makes the drafted step, or the plain
+  sampler's step: so ``window=1`` reproduces the plain sampler bit for bit. Gaussian noise is
+  drawn in float32 (or the states' wider dtype), never in fp16/bf16: the reflection coupling is
+  exact for a continuous ``z``, and half-precision draws sit on a coarse grid.
 * ``uniform(rows, steps)``: the acceptance uniform ``u`` of the step's coupling test, and
   ``residual_generators(rows, steps)``: a private sub-stream for the step's rejection residual.
   Both come from *companion* generators seeded by a hash of the caller's generator state on
@@ -74,7 +76,8 @@ class NoiseStreams:
             self.group_of[rows], self.slot_of[rows] = gi, torch.arange(len(rows))
         self.uniforms = [_companion(g, b"specdiff-uniforms") for g, _ in self.groups]
         self.residuals = [_companion(g, b"specdiff-residuals") for g, _ in self.groups]
-        self.kind, self.shape, self.dtype, self.device = kind, tuple(like.shape[1:]), like.dtype, like.device
+        self.kind, self.shape, self.device = kind, tuple(like.shape[1:]), like.device
+        self.dtype = torch.promote_types(like.dtype, torch.float32) if like.is_floating_point() else torch.float64
         self._tables: list[dict[int, tuple]] = [{} for _ in self.groups]
         self._drawn = [0] * len(self.groups)
 

@@ -117,7 +117,7 @@ def speculative_sample(
     target = _Target(chain, stats, device, policy.observe)
     _track_memory(device, reset=True)
     n = torch.zeros(batch, dtype=torch.long)
-    pred = target.fit_max_rows(max_rows, lambda: target(x_init, n, torch.arange(batch))).clone()
+    pred = target.fit_max_rows(max_rows, lambda: target(x_init, n, torch.arange(batch)))
     c = Carry(x_init.clone(), n, pred, pred.clone(), torch.ones(batch, dtype=torch.bool))
     tally = _Tally(stats)
     with _progress(progress, batch * num_steps, "speculative sampler") as bar:
@@ -131,7 +131,7 @@ def speculative_sample(
             if bar is not None:
                 bar.update(int(c.n.sum()) - before)
             if callback is not None:
-                callback({"round": stats.rounds, "x": c.x, "step": c.n.clone(), "stats": stats})
+                callback({"round": stats.rounds, "x": c.x.clone(), "step": c.n.clone(), "stats": stats})
     tally.write()
     stats.peak_memory = _track_memory(device)
     stats.wall_clock = time.perf_counter() - started
@@ -154,7 +154,7 @@ class _Target:
         started, rows = time.perf_counter(), x.shape[0]
         cap = self.max_rows or rows
         parts = [self._predict(x[s : s + cap], step[s : s + cap], sample[s : s + cap]) for s in range(0, rows, cap)]
-        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        out = parts[0].clone() if len(parts) == 1 else torch.cat(parts)  # ours: a network may reuse its buffer
         _check_finite(out, step, "target", x)
         self.stats.target_calls += 1
         self.stats.target_rows += rows
