@@ -88,7 +88,7 @@ def _device(name: str, state):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise CLIError(f"--device {name} is not a device; use auto, cpu, cuda, cuda:1, mps, ...") from None
+        raise CLIError(f"--device {name} is not a device; use --device cpu, auto, cuda, cuda:1, mps, ...") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise CLIError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu (or auto)")
@@ -415,7 +415,11 @@ def cmd_generate(args) -> int:
     from accelerate.utils import gather_object
     from diffusers.utils import logging as diffusers_logging
 
-    state = PartialState()
+    import torch
+
+    # accelerate runs CPU processes together (gloo) only when told they are CPU processes.
+    gpu = torch.cuda.is_available() or torch.backends.mps.is_available()
+    state = PartialState(cpu=args.device == "cpu" or (args.device == "auto" and not gpu))
     device = _device(args.device, state)
     out = _writable(Path(args.out)) if state.is_main_process else Path(args.out)
     shows = state.is_main_process and not args.no_progress
