@@ -22,6 +22,7 @@ import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
+from specdiff.pipelines.pipeline_speculative_ddpm import progress_for
 from torch import nn
 
 from specdiff.discrete.chain import MaskedDiffusionChain
@@ -29,7 +30,6 @@ from specdiff.discrete.model import MaskedDiffusionTransformer
 from specdiff.discrete.sampler import speculative_sample_discrete
 from specdiff.discrete.scheduler import MaskedDiffusionScheduler
 from specdiff.drafters import Drafter, ModelDrafter, as_drafter
-from specdiff.pipelines.pipeline_speculative_ddpm import progress_for
 from specdiff.stats import SpeculativeStats
 
 

@@ -379,8 +379,11 @@ def summary(report: dict) -> str:
     labels = {"plain": "plain sampler", "cached": "plain, cached", "speculative": "speculative"}
     batches = math.ceil(report["num_images"] / report["batch_size"])
     on = f"{report['processes']} processes" if report["processes"] > 1 else report["device"]
-    lines = [f"{report['num_images']} images, {steps} denoising steps each, in {batches} batch(es) of up to "
-             f"{report['batch_size']}, on {on}.", ""]
+    lines = [
+        (f"{report['num_images']} images, {steps} denoising steps each, in {batches} batch(es) of up to "
+         f"{report['batch_size']}, on {on}."),
+        "",
+    ]
     width = max(len(labels[n]) for n in names) + 2
     lines.append(f"{'':<26}" + "".join(f"{labels[n]:>{width}}" for n in names))
     calls = {n: report[n]["target_calls"] if n in report else steps * math.ceil(batches / report["processes"])
@@ -411,11 +414,10 @@ def summary(report: dict) -> str:
 
 def cmd_generate(args) -> int:
     import numpy as np
+    import torch
     from accelerate import PartialState
     from accelerate.utils import gather_object
     from diffusers.utils import logging as diffusers_logging
-
-    import torch
 
     # accelerate runs CPU processes together (gloo) only when told they are CPU processes.
     gpu = torch.cuda.is_available() or torch.backends.mps.is_available()
@@ -490,9 +492,19 @@ def _version() -> str:
         return __version__
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default, unless it has none or its help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    formatter = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(prog="specdiff", description=__doc__.split("\n\n")[0].strip(),
+    formatter = _HelpFormatter
+    parser = argparse.ArgumentParser(prog="specdiff", description="Exact speculative sampling for diffusion models.",
                                      epilog="Run 'specdiff COMMAND --help' for a command's options.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -503,19 +515,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "on the same seeds. Writes speculative.png/.npy, stats.json (and baseline.png/.npy). On N "
                     "devices: accelerate launch --num_processes N -m specdiff generate ...",
     )
-    gen.add_argument("--model", default=str(DEFAULT_MODEL),
+    gen.add_argument("--model", default=str(DEFAULT_MODEL), metavar="PATH",
                      help="diffusers pipeline folder or Hugging Face hub id (org/name); default: the bundled digits "
                           "DDPM")
-    gen.add_argument("--num-images", type=_positive(int), default=16, help="how many images")
-    gen.add_argument("--batch-size", type=_positive(int), default=16,
+    gen.add_argument("--num-images", type=_positive(int), metavar="N", default=16, help="how many images")
+    gen.add_argument("--batch-size", type=_positive(int), metavar="N", default=16,
                      help="images sampled together; an image depends only on its seed and batch, never on the "
                           "number of processes")
-    gen.add_argument("--steps", type=_positive(int), default=1000, help="denoising steps per image")
-    gen.add_argument("--window", type=_window, default=16,
+    gen.add_argument("--steps", type=_positive(int), metavar="N", default=1000, help="denoising steps per image")
+    gen.add_argument("--window", type=_window, metavar="L", default=16,
                      help="steps guessed ahead per network call (an integer, 1 = plain sampler, or auto)")
     gen.add_argument("--drafter", choices=["frozen", "model"], default="frozen",
                      help="who guesses: frozen reuses the network's last prediction (free); model runs --draft-model")
-    gen.add_argument("--draft-model", default=None,
+    gen.add_argument("--draft-model", default=None, metavar="PATH",
                      help="draft model folder for --drafter model (default: the bundled digits draft UNet, or the "
                           "masked model's drafter/ subfolder)")
     gen.add_argument("--eta", type=_eta, default=None,
@@ -525,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto",
                      help="cpu, cuda, cuda:1, mps, ...; auto: the GPU if there is one (one per process under "
                           "accelerate launch), else cpu")
-    gen.add_argument("--out", default="outputs/generate", help="output folder")
+    gen.add_argument("--out", default="outputs/generate", metavar="FOLDER", help="output folder")
     gen.add_argument("--compare", action="store_true",
                      help="also run the plain sampler (same scheduler, same seeds) and time both")
     gen.add_argument("--no-progress", action="store_true", help="no progress bars")

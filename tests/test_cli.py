@@ -10,8 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, EulerAncestralDiscreteScheduler, PNDMScheduler
-from diffusers import UNet2DModel
+from diffusers import (
+    DDIMScheduler,
+    DDPMPipeline,
+    DDPMScheduler,
+    EulerAncestralDiscreteScheduler,
+    PNDMScheduler,
+    UNet2DModel,
+)
 from PIL import Image
 
 from specdiff.cli import main
@@ -200,18 +206,24 @@ def test_analytic_demo_reports_speed_and_exactness(capsys):
 def test_two_processes_make_exactly_the_images_of_one(tmp_path):
     """The seeds' batches are split between processes (accelerate's PartialState, gloo on CPU);
     rank 0 gathers them: one and two processes give the same arrays, bit for bit."""
-    def launch(processes):
-        out = tmp_path / f"p{processes}"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def launch(processes):  # both launches run at once: the time is mostly start-up
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                    "-m", "specdiff", "generate", "--device", "cpu", "--num-images", "4", "--batch-size", "2",
-                   "--steps", "20", "--window", "8", "--no-progress", "--out", str(out)]
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        run = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-        assert run.returncode == 0, run.stderr[-2000:]
-        assert run.stdout.count("Wrote ") == 1  # only rank 0 reports
-        return json.loads((out / "stats.json").read_text()), np.load(out / "speculative.npy")
+                   "--steps", "12", "--window", "4", "--no-progress", "--out", str(tmp_path / f"p{processes}")]
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                cwd=tmp_path)
 
-    (one, images_one), (two, images_two) = launch(1), launch(2)
+    runs = {n: launch(n) for n in (1, 2)}
+    results = {}
+    for n, run in runs.items():
+        stdout, stderr = run.communicate(timeout=300)
+        assert run.returncode == 0, stderr[-2000:]
+        assert stdout.count("Wrote ") == 1  # only rank 0 reports
+        out = tmp_path / f"p{n}"
+        results[n] = json.loads((out / "stats.json").read_text()), np.load(out / "speculative.npy")
+    (one, images_one), (two, images_two) = results[1], results[2]
     assert one["processes"] == 1 and two["processes"] == 2
     assert {b["process"] for b in two["speculative"]["batches"]} == {0, 1}
     np.testing.assert_array_equal(images_one, images_two)
