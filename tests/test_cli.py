@@ -90,6 +90,15 @@ def test_ddim_needs_eta_and_the_error_names_the_flag(tmp_path, capsys):
                "DDPMScheduler")
 
 
+def test_bfloat16_runs_end_to_end(tmp_path):
+    model = tiny_pipeline(tmp_path / "model")
+    out = tmp_path / "out"
+    assert main(["generate", "--model", str(model), "--dtype", "bfloat16", "--num-images", "2", "--steps", "6",
+                 "--out", str(out), "--no-progress"]) == 0
+    images = np.load(out / "speculative.npy")
+    assert images.dtype == np.float32 and images.shape == (2, 1, 8, 8) and np.isfinite(images).all()
+
+
 def test_progress_bars_are_labelled_counted_in_steps_and_silenced(tmp_path, capsys):
     model = tiny_pipeline(tmp_path / "model")
     argv = ["generate", "--model", str(model), "--num-images", "2", "--steps", "6", "--window", "3", "--compare"]
