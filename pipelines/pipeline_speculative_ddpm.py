@@ -21,7 +21,9 @@ from diffusers import DiffusionPipeline, UNet2DModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
+from diffusers.utils import logging as diffusers_logging
 from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
 
 from specdiff.schedulers import SpeculativeScheduler
 from specdiff.stats import SpeculativeStats
@@ -67,9 +69,87 @@ def round_callback(pipe, callback_on_step_end, tensor_inputs, timesteps):
     return callback
 
 
-def progress_for(pipe) -> Callable:
-    """The pipeline's own tqdm bar (honours ``set_progress_bar_config``), counted in sample-steps."""
-    return lambda total: pipe.progress_bar(total=total)
+class _StepBar:
+    """A tqdm bar counting denoising steps per image: the samplers report sample-steps
+    (``batch x steps`` in all), which would count differently from a plain loop's bar."""
+
+    def __init__(self, bar, per_step: float):
+        self.bar, self.per_step, self.done = bar, per_step, 0
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        self.bar.update(int(self.done // self.per_step) - self.bar.n)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+    def __getattr__(self, name):
+        return getattr(self.bar, name)
+
+
+def progress_for(pipe, num_steps: int | None = None, desc: str = "speculative sampling") -> Callable:
+    """The pipeline's tqdm bar (honours ``set_progress_bar_config``, including ``disable`` and
+    ``desc``), labelled, counting denoising steps per image (the batch's mean) out of
+    ``num_steps``, as a plain sampler's bar does."""
+
+    def open_bar(total: int):
+        steps = num_steps or total
+        config = {"desc": desc, "unit": "step", **getattr(pipe, "_progress_bar_config", {})}
+        return _StepBar(tqdm(total=steps, **config), per_step=total / steps)
+
+    return open_bar
+
+
+def check_generators(generator, batch_size: int) -> None:
+    """One clear error for a generator list that does not give one generator per image."""
+    if isinstance(generator, list) and len(generator) != batch_size:
+        raise ValueError(
+            f"got a list of {len(generator)} generators for a batch of {batch_size} images: pass one "
+            "torch.Generator per image, or a single generator for the whole batch"
+        )
+
+
+def images_from_samples(samples: torch.Tensor, output_type: str, pipe) -> list[PIL.Image.Image] | np.ndarray | torch.Tensor:
+    """Samples in [-1, 1] (NCHW) to ``output_type``: ``"pt"`` (NCHW in [0, 1], the samples' dtype),
+    ``"np"`` (NHWC float32: numpy has no bfloat16) or ``"pil"``."""
+    if output_type not in ("pil", "np", "pt"):
+        raise ValueError(f"output_type must be 'pil', 'np' or 'pt'; got {output_type!r}")
+    images = (samples / 2 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return images
+    images = images.cpu().permute(0, 2, 3, 1).float().numpy()
+    return pipe.numpy_to_pil(images) if output_type == "pil" else images
+
+
+def _dtype_key() -> str:
+    """diffusers' loaders take ``dtype`` since it deprecated ``torch_dtype`` (which older versions need)."""
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+
+
+DTYPE_KEY = _dtype_key()
+
+
+def speculative_from_pipe(from_pipe: Callable, pipeline, kwargs: dict):
+    """diffusers' ``from_pipe`` (bound to the new class) with the scheduler options honoured
+    and the shared modules kept in the source pipeline's dtype: diffusers would cast them
+    (the user's own modules, in place) to float32 unless a dtype is passed."""
+    kwargs = dict(kwargs)
+    rewrap = SpeculativeScheduler.wrap_pipeline_scheduler(kwargs, pipeline)
+    if "dtype" in kwargs or "torch_dtype" in kwargs:
+        return rewrap(from_pipe(pipeline, **kwargs))
+    # Same dtype: the cast is a no-op, so its "modules that should be kept in float32" warning is noise.
+    log = diffusers_logging.get_logger("diffusers.models.modeling_utils")
+    level = log.level
+    log.setLevel(diffusers_logging.ERROR)
+    try:
+        return rewrap(from_pipe(pipeline, **{DTYPE_KEY: pipeline.dtype}, **kwargs))
+    finally:
+        log.setLevel(level)
 
 
 class SpeculativeDDPMPipeline(DiffusionPipeline):
@@ -96,9 +176,9 @@ class SpeculativeDDPMPipeline(DiffusionPipeline):
     @classmethod
     def from_pipe(cls, pipeline, **kwargs):
         """From a ``DDPMPipeline`` (or any pipeline with ``unet`` and ``scheduler``), sharing its
-        components. Scheduler options (``window``, ``frozen_prediction``, ``eta``) may be passed."""
-        rewrap = SpeculativeScheduler.wrap_pipeline_scheduler(kwargs)
-        return rewrap(super().from_pipe(pipeline, **kwargs))
+        components in their dtype. Scheduler options (``window``, ``frozen_prediction``, ``eta``)
+        may be passed."""
+        return speculative_from_pipe(super().from_pipe, pipeline, kwargs)
 
     def _drafter(self, drafter, draft_unet):
         if draft_unet is not None and drafter is not None:
@@ -149,6 +229,7 @@ class SpeculativeDDPMPipeline(DiffusionPipeline):
             )
         else:
             shape = (batch_size, self.unet.config.in_channels, *self.unet.config.sample_size)
+        check_generators(generator, batch_size)
         device = self._execution_device
         # The initial noise exactly as DDPMPipeline draws it (same generator, same order).
         if device.type == "mps":
@@ -165,17 +246,13 @@ class SpeculativeDDPMPipeline(DiffusionPipeline):
             generator=generator,
             window=window,
             drafter=self._drafter(drafter, draft_unet),
-            progress=progress_for(self),
+            progress=progress_for(self, len(self.scheduler.timesteps)),
             callback=round_callback(
                 self, callback_on_step_end, callback_on_step_end_tensor_inputs, self.scheduler.timesteps
             ),
         )
 
-        image = (output.sample / 2 + 0.5).clamp(0, 1)
-        if output_type != "pt":
-            image = image.cpu().permute(0, 2, 3, 1).numpy()
-            if output_type == "pil":
-                image = self.numpy_to_pil(image)
+        image = images_from_samples(output.sample, output_type, self)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image, output.stats)

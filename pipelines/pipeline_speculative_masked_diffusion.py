@@ -22,6 +22,7 @@ import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
+from specdiff.pipelines.pipeline_speculative_ddpm import progress_for
 from torch import nn
 
 from specdiff.discrete.chain import MaskedDiffusionChain
@@ -124,7 +125,7 @@ class SpeculativeMaskedDiffusionPipeline(DiffusionPipeline):
                 window=window,
                 drafter=self._drafter(drafter),
                 generator=generator,
-                progress=self.progress_bar,
+                progress=progress_for(self, num_inference_steps),
                 callback=callback,
             )
             tokens, stats = out.sample, out.stats
@@ -141,7 +142,8 @@ class SpeculativeMaskedDiffusionPipeline(DiffusionPipeline):
         batch = x.shape[0]
         stats = SpeculativeStats(num_steps=len(self.scheduler.timesteps), batch_size=batch, window=1)
         logits, changed = None, torch.ones(batch, dtype=torch.bool, device=x.device)
-        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+        bar = progress_for(self, desc="cached plain sampling" if cache else "plain sampling")
+        for i, t in enumerate(_iterate(bar, self.scheduler.timesteps)):
             ask = changed if cache else torch.ones_like(changed)
             if ask.any():
                 new = self._logits(self.transformer, x[ask])
@@ -156,3 +158,11 @@ class SpeculativeMaskedDiffusionPipeline(DiffusionPipeline):
             if callback is not None:
                 callback({"round": i + 1, "x": x, "step": torch.full((batch,), i + 1), "stats": stats})
         return x, stats
+
+
+def _iterate(open_bar, items):
+    """Iterate ``items`` under a labelled step bar."""
+    with open_bar(len(items)) as bar:
+        for item in items:
+            yield item
+            bar.update(1)

@@ -1,37 +1,71 @@
-"""Command line: ``specdiff generate`` (the main job; DDPM-style or masked-diffusion models),
-``specdiff analytic``,
-``specdiff bench``, ``specdiff train-digits``. Also ``python -m specdiff``."""
+"""The ``specdiff`` command line (also ``python -m specdiff``).
+
+  specdiff generate       generate images with the speculative sampler (the main job)
+  specdiff analytic       exactness and speed on an analytic model (no files, no network)
+  specdiff bench          the benchmarks (results in assets/bench/)
+  specdiff train-digits   retrain the bundled digits models
+
+``generate`` on several devices: ``accelerate launch --num_processes N -m specdiff generate ...``
+splits the batches of seeds between the processes; rank 0 writes one grid and one stats file.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import sys
+import textwrap
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .paths import asset
 
 DEFAULT_MODEL = asset("models", "digits-ddpm")
-DEFAULT_DRAFT = DEFAULT_MODEL.parent / "digits-draft"
+DEFAULT_DRAFT = asset("models", "digits-draft")
+PASSTHROUGH = {"bench": "specdiff.workbench.bench", "train-digits": "specdiff.workbench.train_digits"}
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 class CLIError(SystemExit):
-    """A user error: one clear line on stderr, exit status 2."""
+    """A user error: one clear line on stderr, exit status 2, no traceback."""
 
     def __init__(self, message: str):
         print(f"specdiff: error: {message}", file=sys.stderr)
         super().__init__(2)
 
 
+# -- argument types ---------------------------------------------------------------------------
+
+
 def _positive(kind):
     def parse(text):
-        value = kind(text)
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a positive {kind.__name__}, got {text!r}") from None
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be positive, got {text}")
         return value
 
     return parse
+
+
+def _window(text: str):
+    """A positive int, or "auto" (passed through to the sampler, which picks the window)."""
+    return text if text == "auto" else _positive(int)(text)
+
+
+def _eta(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (1.0 = DDPM's noise level), got {text}")
+    return value
+
+
+# -- checks that need the environment ---------------------------------------------------------
 
 
 def _writable(folder: Path) -> Path:
@@ -45,103 +79,387 @@ def _writable(folder: Path) -> Path:
     return folder
 
 
+def _device(name: str, state):
+    """``--device`` as a torch.device that exists here (``auto``: the accelerate process's device)."""
+    import torch
+
+    if name == "auto":
+        return state.device
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CLIError(f"--device {name} is not a device; use --device cpu, auto, cuda, cuda:1, mps, ...") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu (or auto)")
+        if device.index is None and state.num_processes > 1:
+            device = torch.device("cuda", state.local_process_index)  # one GPU per process
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise CLIError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise CLIError(f"--device {name}: MPS is not available here; use --device cpu (or auto)")
+    elif device.type != "cpu":
+        try:
+            torch.empty(0, device=device)
+        except Exception as err:  # any other backend torch knows by name but cannot use here
+            raise CLIError(f"--device {name} is not usable here ({str(err).splitlines()[0]}); use --device cpu") from None
+    return device
+
+
 def _is_masked(model: str) -> bool:
     index = Path(model) / "model_index.json"
     return index.exists() and "MaskedDiffusion" in index.read_text()
 
 
-def _load_pipeline(model: str, device: str):
-    """``(speculative pipeline, plain pipeline)`` for ``model``: masked (discrete) diffusion
-    (the plain sampler is the same pipeline with ``window=None``) or a DDPM-style image
-    pipeline whose scheduler specdiff supports (the plain sampler is diffusers' own)."""
-    import torch
+def _missing_model(model: str) -> CLIError:
+    """The error for a --model that is no folder here, with what the nearest existing folder holds."""
+    path = Path(model).expanduser().absolute()
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    entries = sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))[:8]
+    near = f"; {parent} holds: {', '.join(entries)}" if entries else ""
+    return CLIError(f"model folder {model} not found ({path} does not exist{near}); pass a diffusers pipeline folder")
+
+
+def _looks_like_hub_id(model: str) -> bool:
+    """``org/name``, and not a path whose first folder exists here (then it is a mistyped path)."""
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", model)) and not model.startswith(".") and not Path(
+        model.split("/")[0]
+    ).is_dir()
+
+
+@contextmanager
+def _quiet_diffusers():
+    """diffusers logs hub and loading warnings (several lines each) before raising; the CLI reports one line."""
+    from diffusers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def _load_from_hub(model: str, **kwargs):
     from diffusers import DiffusionPipeline
 
-    from .pipelines import SpeculativeDDPMPipeline, SpeculativeMaskedDiffusionPipeline
-
-    local = Path(model)
-    if not local.exists() and (local.is_absolute() or model.startswith(".") or model.count("/") != 1):
-        raise CLIError(f"model path {model} does not exist; pass a diffusers model folder or a hub id (org/name)")
     try:
-        if _is_masked(model):
-            pipe = plain = SpeculativeMaskedDiffusionPipeline.from_pretrained(model)
+        with _quiet_diffusers():
+            return DiffusionPipeline.from_pretrained(model, **kwargs)
+    except Exception as err:
+        text = str(err)
+        offline = any(s in text for s in ("connect", "not fully cached", "outgoing traffic", "offline", "Network"))
+        why = "the Hugging Face Hub cannot be reached (no network) and it is not in the local cache" if offline else (
+            f"the Hugging Face Hub has no pipeline {model} ({text.splitlines()[0][:160]})"
+        )
+        raise CLIError(
+            f"--model {model}: no folder of that name here ({Path.cwd()}), and {why}. Pass a diffusers pipeline "
+            "folder (or omit --model for the bundled digits model), or run once with network access to download it"
+        ) from None
+
+
+# -- loading ----------------------------------------------------------------------------------
+
+
+class ImageJob:
+    """A DDPM-style image pipeline (unet + a supported stochastic scheduler): the speculative
+    pipeline, and the plain sampler of the SAME scheduler (diffusers' step loop) to compare with."""
+
+    kind = "image"
+    baselines = ("plain",)
+
+    def __init__(self, args, device):
+        import torch
+        from diffusers import DiffusionPipeline
+
+        from .pipelines import SpeculativeDDPMPipeline
+        from .pipelines.pipeline_speculative_ddpm import DTYPE_KEY
+
+        dtype = {DTYPE_KEY: getattr(torch, args.dtype)}
+        local = Path(args.model).expanduser()
+        if local.is_dir():
+            if not (local / "model_index.json").exists():
+                raise CLIError(f"{args.model} is a folder but not a diffusers pipeline (it has no model_index.json)")
+            try:
+                with _quiet_diffusers():
+                    plain = DiffusionPipeline.from_pretrained(local, **dtype)
+            except Exception as err:
+                raise CLIError(f"could not load a diffusers pipeline from {args.model}: {_first_line(err)}") from None
+        elif _looks_like_hub_id(args.model):
+            plain = _load_from_hub(args.model, **dtype)
         else:
-            plain = DiffusionPipeline.from_pretrained(model)
-            pipe = SpeculativeDDPMPipeline.from_pipe(plain)
-    except (ValueError, TypeError) as err:
-        raise CLIError(f"{model}: {err}") from err
-    except Exception as err:  # hub errors, missing files, wrong format
-        raise CLIError(f"could not load a diffusers pipeline from {model}: {err}") from err
-    if torch.device(device).type != "cpu":
-        pipe, plain = pipe.to(torch.device(device)), plain.to(torch.device(device))
-    return pipe, plain
+            raise _missing_model(args.model)
+        if not (hasattr(plain, "unet") and hasattr(plain, "scheduler")) or hasattr(plain, "text_encoder"):
+            raise CLIError(
+                f"{args.model} is a {type(plain).__name__}; specdiff generate takes unconditional image pipelines "
+                "(a unet and a scheduler, like DDPMPipeline) and masked-diffusion models"
+            )
+        base = type(plain.scheduler).__name__
+        if args.eta is not None and "DDIM" not in base:
+            raise CLIError(f"--eta is DDIM's noise level, but this model's scheduler is {base}; drop --eta")
+        try:
+            options = {"eta": args.eta} if args.eta is not None else {}
+            self.pipe = SpeculativeDDPMPipeline.from_pipe(plain, **options)
+        except (ValueError, TypeError) as err:
+            hint = "; on the command line: --eta 1.0" if "eta" in str(err) else ""
+            raise CLIError(f"{args.model}: {_first_line(err)}{hint}") from None
+        trained = self.pipe.scheduler.base_scheduler.config.get("num_train_timesteps")
+        if trained and args.steps > trained:
+            raise CLIError(f"--steps {args.steps}: this model was trained with {trained} steps; pass --steps {trained} "
+                           "or fewer")
+        self.pipe.to(device)
+        self.draft = {}
+        if args.drafter == "model":
+            from diffusers import UNet2DModel
+
+            path = _existing(args.draft_model or DEFAULT_DRAFT, "draft model")
+            self.draft = {"draft_unet": UNet2DModel.from_pretrained(path, **dtype).to(device)}
+
+    def speculative(self, seeds, args, progress):
+        out = self.pipe(batch_size=len(seeds), generator=_generators(seeds), num_inference_steps=args.steps,
+                        window=args.window, output_type="pt", **self.draft)
+        return out.images, out.stats.to_dict()
+
+    def plain(self, name, seeds, args, progress):
+        """diffusers' own loop: one network call and one ``scheduler.step`` per step."""
+        import torch
+        from diffusers.utils.torch_utils import randn_tensor
+        from tqdm.auto import tqdm
+
+        from .pipelines.pipeline_speculative_ddpm import images_from_samples
+
+        pipe, scheduler = self.pipe, self.pipe.scheduler  # step() is the wrapped scheduler's (with its eta)
+        unet, generator = pipe.unet, _generators(seeds)
+        size = unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        scheduler.set_timesteps(args.steps)
+        with torch.no_grad():
+            x = randn_tensor((len(seeds), unet.config.in_channels, *size), generator=generator,
+                             device=pipe._execution_device, dtype=unet.dtype) * scheduler.init_noise_sigma
+            for t in tqdm(scheduler.timesteps, desc=progress, unit="step", disable=progress is None):
+                noise_pred = unet(scheduler.scale_model_input(x, t), t).sample
+                x = scheduler.step(noise_pred, t, x, generator=generator).prev_sample
+        calls = len(scheduler.timesteps)
+        return images_from_samples(x, "pt", pipe), {"target_calls": calls, "target_rows": calls * len(seeds)}
+
+    def set_progress(self, desc):
+        self.pipe.set_progress_bar_config(desc=desc, disable=desc is None)
 
 
-def _draft_kwargs(args, masked: bool) -> dict:
-    if args.drafter == "frozen":
-        return {}
-    path = Path(args.draft_model or (Path(args.model) / "drafter" if masked else DEFAULT_DRAFT))
+class MaskedJob:
+    """A masked (discrete) diffusion model: the plain sampler is the same pipeline with
+    ``window=None``, and the cached plain sampler (MDLM's) is reported too."""
+
+    kind = "masked"
+    baselines = ("plain", "cached")
+
+    def __init__(self, args, device):
+        from .pipelines import SpeculativeMaskedDiffusionPipeline
+
+        if args.eta is not None:
+            raise CLIError("--eta is for DDIM image models; masked diffusion has no eta: drop --eta")
+        try:
+            with _quiet_diffusers():
+                self.pipe = SpeculativeMaskedDiffusionPipeline.from_pretrained(args.model).to(device)
+        except Exception as err:
+            raise CLIError(f"could not load the masked-diffusion model {args.model}: {_first_line(err)}") from None
+        self.draft = {}
+        if args.drafter == "model":
+            from .discrete.model import MaskedDiffusionTransformer
+
+            path = _existing(args.draft_model or Path(args.model) / "drafter", "draft model")
+            weights = path / "transformer" if (path / "transformer").is_dir() else path  # a pipeline or a model
+            self.draft = {"drafter": MaskedDiffusionTransformer.from_pretrained(weights).to(device)}
+
+    def speculative(self, seeds, args, progress):
+        out = self.pipe(batch_size=len(seeds), generator=_generators(seeds), num_inference_steps=args.steps,
+                        window=args.window, output_type="pt", **self.draft)
+        return out.images, out.stats.to_dict()
+
+    def plain(self, name, seeds, args, progress):
+        out = self.pipe(batch_size=len(seeds), generator=_generators(seeds), num_inference_steps=args.steps,
+                        window=None, cache=name == "cached", output_type="pt")
+        return out.images, {"target_calls": out.stats.target_calls, "target_rows": out.stats.target_rows}
+
+    def set_progress(self, desc):
+        self.pipe.set_progress_bar_config(desc=desc, disable=desc is None)
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _existing(path, what: str) -> Path:
+    path = Path(path)
     if not path.exists():
-        raise CLIError(f"draft model {path} does not exist; pass --draft-model or use --drafter frozen")
-    if masked:
-        from .discrete.model import MaskedDiffusionTransformer
+        raise CLIError(f"{what} {path} does not exist; pass --draft-model or use --drafter frozen")
+    return path
 
-        weights = path / "transformer" if (path / "transformer").is_dir() else path  # a pipeline folder or a model
-        return {"drafter": MaskedDiffusionTransformer.from_pretrained(weights).to(args.device)}
-    from diffusers import UNet2DModel
 
-    return {"draft_unet": UNet2DModel.from_pretrained(path).to(args.device)}
+def _generators(seeds):
+    """One generator per image: an image depends only on its seed (and its batch's seeds)."""
+    import torch
+
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def load_job(args, device):
+    """The generation job for ``--model`` (the place to dispatch new model kinds)."""
+    if _is_masked(args.model):
+        return MaskedJob(args, device)
+    return ImageJob(args, device)
+
+
+# -- running and reporting --------------------------------------------------------------------
 
 
 def _save_grid(images, path: Path) -> None:
+    """A grid of NCHW images in [0, 1], upscaled (nearest) so that small images are visible."""
     import torch
-    from torchvision.utils import save_image
+    from torchvision.utils import make_grid, save_image
 
-    images = torch.as_tensor(images)
-    if images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):  # numpy NHWC (diffusers' "np") -> NCHW
-        images = images.permute(0, 3, 1, 2)
-    save_image(images, path, nrow=max(1, int(len(images) ** 0.5)), padding=1)
+    images = torch.as_tensor(images).float().cpu()
+    grid = make_grid(images, nrow=max(1, math.ceil(len(images) ** 0.5)), padding=1, pad_value=1.0)
+    scale = max(1, 128 // max(images.shape[-2:]))
+    save_image(torch.nn.functional.interpolate(grid[None], scale_factor=scale, mode="nearest")[0], path)
+
+
+def _run(job, sampler: str, batches, args, rank_shows: bool) -> list[dict]:
+    """``sampler`` on this process's batches of seeds; one record per batch."""
+    records = []
+    for seeds in batches:
+        desc = f"{sampler} (images {seeds[0] - args.seed}-{seeds[-1] - args.seed})" if rank_shows else None
+        job.set_progress(desc)
+        started = time.perf_counter()
+        try:
+            if sampler == "speculative":
+                images, stats = job.speculative(seeds, args, desc)
+            else:
+                images, stats = job.plain(sampler, seeds, args, desc)
+        except ValueError as err:  # bad settings the pipeline refuses (window, steps, ...)
+            raise CLIError(_first_line(err)) from None
+        records.append({"seeds": list(seeds), "images": images.float().cpu().numpy(), "stats": stats,
+                        "wall_clock_s": time.perf_counter() - started})
+    return records
+
+
+def _combine(records: list[dict], ranks: list[int]) -> dict:
+    """One sampler's figures over every batch: processes run in parallel, a process's batches in turn."""
+    per_rank = {}
+    for record, rank in zip(records, ranks):
+        calls, wall = per_rank.get(rank, (0, 0.0))
+        per_rank[rank] = (calls + record["stats"]["target_calls"], wall + record["wall_clock_s"])
+    stats = [r["stats"] for r in records]
+    out = {
+        "target_calls": max(c for c, _ in per_rank.values()),
+        "target_rows": sum(s["target_rows"] for s in stats),
+        "wall_clock_s": max(w for _, w in per_rank.values()),
+    }
+    if "proposed" in stats[0]:
+        proposed, accepted = sum(s["proposed"] for s in stats), sum(s["accepted"] for s in stats)
+        out.update(draft_calls=max(sum(s["draft_calls"] for s, r in zip(stats, ranks) if r == k) for k in per_rank),
+                   proposed=proposed, accepted=accepted, acceptance_rate=accepted / proposed if proposed else 1.0)
+    out["batches"] = [dict(s, seeds=r["seeds"], process=k, wall_clock_s=r["wall_clock_s"])
+                      for s, r, k in zip(stats, records, ranks)]
+    return out
+
+
+def _ratio_text(plain: float, spec: float, what: str) -> str:
+    if spec <= plain:
+        return f"{plain / spec:.1f}x {what}"
+    return f"{spec / plain:.1f}x slower"
+
+
+def summary(report: dict) -> str:
+    """The table printed after a run, for someone who never heard of speculative sampling."""
+    spec, steps = report["speculative"], report["num_steps"]
+    names = ["plain"] + (["cached"] if "cached" in report else []) + ["speculative"]
+    labels = {"plain": "plain sampler", "cached": "plain, cached", "speculative": "speculative"}
+    batches = math.ceil(report["num_images"] / report["batch_size"])
+    on = f"{report['processes']} processes" if report["processes"] > 1 else report["device"]
+    lines = [
+        (f"{report['num_images']} images, {steps} denoising steps each, in {batches} batch(es) of up to "
+         f"{report['batch_size']}, on {on}."),
+        "",
+    ]
+    width = max(len(labels[n]) for n in names) + 2
+    lines.append(f"{'':<26}" + "".join(f"{labels[n]:>{width}}" for n in names))
+    calls = {n: report[n]["target_calls"] if n in report else steps * math.ceil(batches / report["processes"])
+             for n in names}
+    lines.append(f"{'network calls (in turn)':<26}" + "".join(f"{calls[n]:>{width}}" for n in names))
+    walls = {n: f"{report[n]['wall_clock_s']:.1f} s" if n in report else "(not run)" for n in names}
+    lines.append(f"{'wall-clock':<26}" + "".join(f"{walls[n]:>{width}}" for n in names))
+    lines.append("")
+    verdict = f"Speculative sampling made {_ratio_text(calls['plain'], spec['target_calls'], 'fewer network calls')}"
+    if "plain" in report:
+        faster = _ratio_text(report["plain"]["wall_clock_s"], spec["wall_clock_s"], "faster")
+        verdict += f" and was {faster} than the plain sampler in wall-clock time."
+    else:
+        verdict += " (add --compare to time the plain sampler on the same seeds)."
+    lines.append(verdict)
+    drafter = "reusing the network's last prediction" if report["drafter"] == "frozen" else "with a small draft model"
+    lines.append(
+        f"The plain sampler calls the network once per step. The speculative one guesses up to {report['window']} "
+        f"steps ahead ({drafter}), checks them all in one batched call and keeps "
+        f"{100 * spec['acceptance_rate']:.0f}% of the guesses; a rejected guess is replaced by an exact draw. "
+        "The images have exactly the plain sampler's distribution."
+    )
+    if "plain" in report and spec["wall_clock_s"] > report["plain"]["wall_clock_s"]:
+        lines.append("Here a batched call costs more than the calls it saves; speculation pays on devices with "
+                     "spare parallel capacity (a GPU) and with many small steps.")
+    return "\n".join(textwrap.fill(line, 100) if len(line) > 100 else line for line in lines)
 
 
 def cmd_generate(args) -> int:
+    import numpy as np
     import torch
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+    from diffusers.utils import logging as diffusers_logging
 
-    out = _writable(Path(args.out))
-    masked = _is_masked(args.model)
-    pipe, plain_pipe = _load_pipeline(args.model, args.device)
-    for p in (pipe, plain_pipe):
-        p.set_progress_bar_config(disable=args.no_progress)
-    draft = _draft_kwargs(args, masked)
+    # accelerate runs CPU processes together (gloo) only when told they are CPU processes.
+    gpu = torch.cuda.is_available() or torch.backends.mps.is_available()
+    state = PartialState(cpu=args.device == "cpu" or (args.device == "auto" and not gpu))
+    device = _device(args.device, state)
+    out = _writable(Path(args.out)) if state.is_main_process else Path(args.out)
+    shows = state.is_main_process and not args.no_progress
+    bars_were_on = diffusers_logging.is_progress_bar_enabled()
+    if not shows:
+        diffusers_logging.disable_progress_bar()  # "Loading pipeline components..."
+    try:
+        job = load_job(args, device)
+        seeds = list(range(args.seed, args.seed + args.num_images))
+        batches = [seeds[i:i + args.batch_size] for i in range(0, len(seeds), args.batch_size)]
+        samplers = ["speculative"] + (list(job.baselines) if args.compare else [])
+        with state.split_between_processes(batches) as mine:
+            # Untimed warm-up (2 steps): one-time start-up costs would otherwise count against the first sampler.
+            _run(job, "plain", mine[:1], argparse.Namespace(**{**vars(args), "steps": 2}), False)
+            local = {name: _run(job, name, mine, args, shows) for name in samplers}
+        gathered = {name: gather_object([(state.process_index, r) for r in local[name]]) for name in samplers}
+    finally:
+        if bars_were_on:
+            diffusers_logging.enable_progress_bar()
+    if not state.is_main_process:
+        return 0
 
-    def run(pipeline, **kwargs):
-        seeds = [torch.Generator(device="cpu").manual_seed(args.seed + i) for i in range(args.num_images)]
-        started = time.perf_counter()
-        result = pipeline(batch_size=args.num_images, generator=seeds, num_inference_steps=args.steps,
-                          output_type="pt", **kwargs)
-        return result, time.perf_counter() - started
-
-    result, wall = run(pipe, window=args.window, **draft)
-    stats = result.stats
-    _save_grid(result.images, out / "speculative.png")
-    report = {"model": str(args.model), "steps": args.steps, "window": args.window, "drafter": args.drafter,
-              "num_images": args.num_images, "seed": args.seed, "wall_clock_s": wall, "speculative": stats.to_dict()}
-    print(f"speculative: {stats.summary()}; {wall:.1f}s wall-clock")
-    if args.compare:
-        # The plain sampler on the same seeds (and, for masked diffusion, the cached one too).
-        if masked:
-            baselines = {"plain": run(plain_pipe, window=None), "cached": run(plain_pipe, window=None, cache=True)}
-        else:
-            baselines = {"plain": run(plain_pipe)}
-        _save_grid(baselines["plain"][0].images, out / "baseline.png")
-        for name, (plain, plain_wall) in baselines.items():
-            calls = plain.stats.target_calls if hasattr(plain, "stats") else args.steps
-            rows = plain.stats.target_rows if hasattr(plain, "stats") else args.steps * args.num_images
-            report[name] = {"target_calls": calls, "target_rows": rows, "wall_clock_s": plain_wall,
-                            "wall_clock_ratio": plain_wall / wall}
-            print(f"{name + ':':12} {calls} target calls; {plain_wall:.1f}s wall-clock => "
-                  f"{calls / stats.target_calls:.2f}x fewer sequential target calls, {plain_wall / wall:.2f}x wall-clock")
+    report = {"model": str(args.model), "num_steps": args.steps, "window": args.window, "drafter": args.drafter,
+              "eta": args.eta, "dtype": args.dtype, "device": str(device), "processes": state.num_processes,
+              "num_images": args.num_images, "batch_size": args.batch_size, "seeds": seeds}
+    written = []
+    for name in samplers:
+        pairs = sorted(gathered[name], key=lambda p: p[1]["seeds"][0])
+        report[name] = _combine([r for _, r in pairs], [k for k, _ in pairs])
+        images = np.concatenate([r["images"] for _, r in pairs])
+        if name in ("speculative", "plain"):
+            stem = "speculative" if name == "speculative" else "baseline"
+            np.save(out / f"{stem}.npy", images)
+            _save_grid(images, out / f"{stem}.png")
+            written += [out / f"{stem}.png", out / f"{stem}.npy"]
     (out / "stats.json").write_text(json.dumps(report, indent=2))
-    print(f"wrote {out / 'speculative.png'} and {out / 'stats.json'}")
+    print(summary(report))
+    print("\nWrote " + ", ".join(str(p) for p in written + [out / "stats.json"]))
     return 0
 
 
@@ -163,56 +481,93 @@ def cmd_analytic(args) -> int:
     return 0
 
 
-def cmd_train_digits(args) -> int:
-    from .workbench.train_digits import main as train_main
+def _version() -> str:
+    try:
+        from importlib.metadata import version
 
-    return train_main(args.rest) or 0
+        return version("specdiff")
+    except Exception:  # a checkout that is not installed
+        from . import __version__
+
+        return __version__
 
 
-def cmd_bench(args) -> int:
-    from .workbench.bench import main as bench_main
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default, unless it has none or its help already says it."""
 
-    return bench_main(args.rest) or 0
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="specdiff", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    formatter = _HelpFormatter
+    parser = argparse.ArgumentParser(prog="specdiff", description="Exact speculative sampling for diffusion models.",
+                                     epilog="Run 'specdiff COMMAND --help' for a command's options.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    gen = sub.add_parser("generate", help="generate images with the speculative sampler")
-    gen.add_argument("--model", default=str(DEFAULT_MODEL), help="diffusers pipeline folder or hub id (default: bundled digits DDPM)")
-    gen.add_argument("--num-images", type=_positive(int), default=16)
-    gen.add_argument("--steps", type=_positive(int), default=1000, help="number of denoising steps")
-    gen.add_argument("--window", type=_positive(int), default=16, help="drafted steps per round (1 = plain sampler)")
-    gen.add_argument("--drafter", choices=["frozen", "model"], default="frozen")
-    gen.add_argument("--draft-model", default=None,
-                     help="draft model folder for --drafter model (default: the bundled digits draft UNet, or "
-                          "the masked model's drafter/ subfolder)")
+    gen = sub.add_parser(
+        "generate", formatter_class=formatter, help="generate images with the speculative sampler",
+        description="Generate images with the speculative sampler and, with --compare, with the plain sampler "
+                    "on the same seeds. Writes speculative.png/.npy, stats.json (and baseline.png/.npy). On N "
+                    "devices: accelerate launch --num_processes N -m specdiff generate ...",
+    )
+    gen.add_argument("--model", default=str(DEFAULT_MODEL), metavar="PATH",
+                     help="diffusers pipeline folder or Hugging Face hub id (org/name); default: the bundled digits "
+                          "DDPM")
+    gen.add_argument("--num-images", type=_positive(int), metavar="N", default=16, help="how many images")
+    gen.add_argument("--batch-size", type=_positive(int), metavar="N", default=16,
+                     help="images sampled together; an image depends only on its seed and batch, never on the "
+                          "number of processes")
+    gen.add_argument("--steps", type=_positive(int), metavar="N", default=1000, help="denoising steps per image")
+    gen.add_argument("--window", type=_window, metavar="L", default=16,
+                     help="steps guessed ahead per network call (an integer, 1 = plain sampler, or auto)")
+    gen.add_argument("--drafter", choices=["frozen", "model"], default="frozen",
+                     help="who guesses: frozen reuses the network's last prediction (free); model runs --draft-model")
+    gen.add_argument("--draft-model", default=None, metavar="PATH",
+                     help="draft model folder for --drafter model (default: the bundled digits draft UNet, or the "
+                          "masked model's drafter/ subfolder)")
+    gen.add_argument("--eta", type=_eta, default=None,
+                     help="DDIM's noise level in (0, 1] (DDIM models only; 1.0 = DDPM's posterior noise)")
+    gen.add_argument("--dtype", choices=DTYPES, default="float32", help="precision of the networks")
     gen.add_argument("--seed", type=int, default=0, help="image i uses torch.Generator().manual_seed(seed + i)")
-    gen.add_argument("--device", default="cpu")
-    gen.add_argument("--out", default="outputs/generate", help="folder for the PNG grid and stats.json")
-    gen.add_argument("--compare", action="store_true", help="also run the plain sampler on the same seeds")
-    gen.add_argument("--no-progress", action="store_true")
+    gen.add_argument("--device", default="auto",
+                     help="cpu, cuda, cuda:1, mps, ...; auto: the GPU if there is one (one per process under "
+                          "accelerate launch), else cpu")
+    gen.add_argument("--out", default="outputs/generate", metavar="FOLDER", help="output folder")
+    gen.add_argument("--compare", action="store_true",
+                     help="also run the plain sampler (same scheduler, same seeds) and time both")
+    gen.add_argument("--no-progress", action="store_true", help="no progress bars")
     gen.set_defaults(func=cmd_generate)
 
-    ana = sub.add_parser("analytic", help="exactness and speed on the analytic Gaussian-mixture model")
-    ana.add_argument("--dim", type=_positive(int), default=2)
-    ana.add_argument("--steps", type=_positive(int), default=1000)
-    ana.add_argument("--window", type=_positive(int), default=16)
-    ana.add_argument("--samples", type=_positive(int), default=2000)
-    ana.add_argument("--seed", type=int, default=0)
-    ana.add_argument("--no-progress", action="store_true")
+    ana = sub.add_parser("analytic", formatter_class=formatter,
+                         help="exactness and speed on the analytic Gaussian-mixture model",
+                         description="Speculative vs plain sampling of a Gaussian-mixture DDPM whose exact denoiser "
+                                     "is known: speedup, acceptance and a two-sample test of exactness.")
+    ana.add_argument("--dim", type=_positive(int), default=2, help="data dimension")
+    ana.add_argument("--steps", type=_positive(int), default=1000, help="DDPM steps")
+    ana.add_argument("--window", type=_positive(int), default=16, help="steps guessed ahead per network call")
+    ana.add_argument("--samples", type=_positive(int), default=2000, help="samples per sampler")
+    ana.add_argument("--seed", type=int, default=0, help="random seed")
+    ana.add_argument("--no-progress", action="store_true", help="no progress bar")
     ana.set_defaults(func=cmd_analytic)
 
-    for name, func, text in [("train-digits", cmd_train_digits, "train the bundled digits models"),
-                             ("bench", cmd_bench, "run the benchmarks (results in assets/bench/)")]:
-        p = sub.add_parser(name, help=text, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=func)
+    # Listed here for 'specdiff --help'; main() hands their arguments (and --help) to their own parsers.
+    sub.add_parser("bench", help="run the benchmarks (results in assets/bench/); see 'specdiff bench --help'")
+    sub.add_parser("train-digits", help="retrain the bundled digits models; see 'specdiff train-digits --help'")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASSTHROUGH:
+        from importlib import import_module
+
+        status = import_module(PASSTHROUGH[argv[0]]).main(argv[1:])
+        return status if isinstance(status, int) else 0  # train-digits returns its summary
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -1,13 +1,28 @@
-"""The `specdiff` command: the main job end to end on a tiny model, and clear errors."""
+"""The `specdiff` command: the main job end to end on tiny models, one-line errors, help,
+the summary a newcomer reads, and multi-process generation (issue 11 §2, §4)."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, PNDMScheduler, UNet2DModel
+from diffusers import (
+    DDIMScheduler,
+    DDPMPipeline,
+    DDPMScheduler,
+    EulerAncestralDiscreteScheduler,
+    PNDMScheduler,
+    UNet2DModel,
+)
+from PIL import Image
 
 from specdiff.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def tiny_pipeline(path, scheduler_cls=DDPMScheduler):
@@ -19,21 +34,84 @@ def tiny_pipeline(path, scheduler_cls=DDPMScheduler):
     return path
 
 
-def test_generate_writes_a_grid_and_stats_and_compares_with_the_plain_sampler(tmp_path, capsys):
+def fails_with(capsys, argv, *expected):
+    """``argv`` stops with exit status 2 and ONE line on stderr (no traceback) containing ``expected``."""
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    assert err.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("specdiff: error:"), lines
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+def test_generate_writes_grids_arrays_stats_and_a_readable_summary(tmp_path, capsys):
     model = tiny_pipeline(tmp_path / "model")
     out = tmp_path / "out"
     assert main(["generate", "--model", str(model), "--num-images", "3", "--steps", "20", "--window", "4",
                  "--out", str(out), "--compare", "--no-progress"]) == 0
     report = json.loads((out / "stats.json").read_text())
-    assert (out / "speculative.png").stat().st_size > 0 and (out / "baseline.png").stat().st_size > 0
-    assert report["speculative"]["num_steps"] == 20 and report["plain"]["target_calls"] == 20
-    assert report["speculative"]["target_calls"] <= 20
+    assert report["num_steps"] == 20 and report["seeds"] == [0, 1, 2]
+    assert report["plain"]["target_calls"] == 20 and report["speculative"]["target_calls"] <= 20
+    assert np.load(out / "speculative.npy").shape == np.load(out / "baseline.npy").shape == (3, 1, 8, 8)
     printed = capsys.readouterr().out
-    assert "target calls" in printed and "wall-clock" in printed
+    # A table plain vs speculative in words a newcomer knows; the ratios say which way they go.
+    for words in ("plain sampler", "speculative", "network calls", "wall-clock", "fewer network calls"):
+        assert words in printed
+    assert "steps/round" not in printed and " rows" not in printed
+    assert "faster than the plain sampler" in printed or "slower than the plain sampler" in printed
+    wrote = printed.strip().splitlines()[-1]
+    for name in ("speculative.png", "baseline.png", "speculative.npy", "baseline.npy", "stats.json"):
+        assert str(out / name) in wrote
+    # Grids are upscaled: three 8x8 images would be a 19x19 grid.
+    assert min(Image.open(out / "speculative.png").size) >= 128
+
+
+def test_compare_uses_the_plain_sampler_of_the_same_scheduler(tmp_path):
+    """Euler ancestral: DDPMPipeline would be another sampler; with --window 1 the speculative
+    run IS the plain sampler, so both arrays must be the same images."""
+    model = tiny_pipeline(tmp_path / "model", EulerAncestralDiscreteScheduler)
+    out = tmp_path / "out"
+    assert main(["generate", "--model", str(model), "--num-images", "2", "--steps", "10", "--window", "1",
+                 "--out", str(out), "--compare", "--no-progress"]) == 0
+    np.testing.assert_array_equal(np.load(out / "speculative.npy"), np.load(out / "baseline.npy"))
+
+
+def test_ddim_needs_eta_and_the_error_names_the_flag(tmp_path, capsys):
+    model = tiny_pipeline(tmp_path / "model", DDIMScheduler)
+    fails_with(capsys, ["generate", "--model", str(model), "--out", str(tmp_path / "o"), "--no-progress"],
+               "deterministic", "--eta 1.0")
+    out = tmp_path / "ok"
+    assert main(["generate", "--model", str(model), "--eta", "1.0", "--num-images", "2", "--steps", "10",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "stats.json").read_text())["eta"] == 1.0
+    fails_with(capsys, ["generate", "--eta", "0.5", "--out", str(tmp_path / "o"), "--no-progress"], "--eta",
+               "DDPMScheduler")
+
+
+def test_bfloat16_runs_end_to_end(tmp_path):
+    model = tiny_pipeline(tmp_path / "model")
+    out = tmp_path / "out"
+    assert main(["generate", "--model", str(model), "--dtype", "bfloat16", "--num-images", "2", "--steps", "6",
+                 "--out", str(out), "--no-progress"]) == 0
+    images = np.load(out / "speculative.npy")
+    assert images.dtype == np.float32 and images.shape == (2, 1, 8, 8) and np.isfinite(images).all()
+
+
+def test_progress_bars_are_labelled_counted_in_steps_and_silenced(tmp_path, capsys):
+    model = tiny_pipeline(tmp_path / "model")
+    argv = ["generate", "--model", str(model), "--num-images", "2", "--steps", "6", "--window", "3", "--compare"]
+    assert main(argv + ["--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "speculative (images 0-1)" in err and "plain (images 0-1)" in err
+    assert err.count("6/6") >= 2 and "12/12" not in err  # steps per image for both samplers
+    assert main(argv + ["--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""  # not even "Loading pipeline components"
 
 
 def test_generate_from_the_bundled_masked_diffusion_model_compares_plain_and_cached(tmp_path, capsys):
-    model = Path(__file__).resolve().parent.parent / "assets" / "models" / "digits-mdm"
+    model = ROOT / "assets" / "models" / "digits-mdm"
     out = tmp_path / "out"
     assert main(["generate", "--model", str(model), "--num-images", "2", "--steps", "16", "--window", "4",
                  "--out", str(out), "--compare", "--no-progress", "--drafter", "model"]) == 0
@@ -41,22 +119,48 @@ def test_generate_from_the_bundled_masked_diffusion_model_compares_plain_and_cac
     assert report["plain"]["target_calls"] == 16
     assert report["cached"]["target_calls"] <= 16
     assert report["speculative"]["draft_calls"] > 0
-    assert "cached:" in capsys.readouterr().out
+    assert "plain, cached" in capsys.readouterr().out
 
 
-def test_unknown_model_path_is_a_clear_error(tmp_path, capsys):
-    with pytest.raises(SystemExit) as err:
-        main(["generate", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
-    assert err.value.code == 2
-    assert "does not exist" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("device", "expected"),
+    [("banana", "is not a device"), pytest.param("cuda", "no CUDA GPU", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="this machine has a GPU"))],
+)
+def test_unusable_device_is_one_line(tmp_path, capsys, device, expected):
+    fails_with(capsys, ["generate", "--device", device, "--out", str(tmp_path)], expected, "--device cpu")
+
+
+def test_too_many_steps_is_one_line(tmp_path, capsys):
+    fails_with(capsys, ["generate", "--steps", "5000", "--out", str(tmp_path), "--no-progress"],
+               "trained with 1000 steps", "--steps 1000")
+
+
+def test_missing_model_folder_is_one_line(tmp_path, capsys):
+    fails_with(capsys, ["generate", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], "not found")
+
+
+def test_a_mistyped_relative_path_with_a_slash_is_not_taken_for_a_hub_id(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "digits-ddpm").mkdir(parents=True)
+    line = fails_with(capsys, ["generate", "--model", "models/digit-ddpm", "--out", "o"], "not found", "digits-ddpm")
+    assert "Hub" not in line
+
+
+def test_a_hub_id_offline_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.chdir(tmp_path)
+    fails_with(capsys, ["generate", "--model", "google/ddpm-cifar10-32", "--out", "o", "--no-progress"],
+               "no folder of that name here", "no network", "Pass a diffusers pipeline folder")
 
 
 def test_a_deterministic_scheduler_is_refused_with_the_reason(tmp_path, capsys):
     model = tiny_pipeline(tmp_path / "model", PNDMScheduler)
-    with pytest.raises(SystemExit) as err:
-        main(["generate", "--model", str(model), "--out", str(tmp_path / "o"), "--no-progress"])
-    assert err.value.code == 2
-    assert "deterministic" in capsys.readouterr().err
+    fails_with(capsys, ["generate", "--model", str(model), "--out", str(tmp_path / "o"), "--no-progress"],
+               "deterministic")
 
 
 @pytest.mark.parametrize("window", ["0", "-2"])
@@ -70,13 +174,65 @@ def test_non_positive_window_is_refused(tmp_path, window, capsys):
 def test_unwritable_output_folder_is_refused(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
+    fails_with(capsys, ["generate", "--out", str(blocker / "sub")], "cannot write to output folder")
+
+
+@pytest.mark.parametrize("command", ["generate", "analytic", "bench", "train-digits"])
+def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as err:
-        main(["generate", "--out", str(blocker / "sub")])
-    assert err.value.code == 2
-    assert "cannot write to output folder" in capsys.readouterr().err
+        main([command, "--help"])
+    assert err.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_generate_help_shows_defaults_and_explains_every_option(capsys):
+    from specdiff.cli import build_parser
+
+    generate = build_parser()._subparsers._group_actions[0].choices["generate"]
+    undocumented = [a.dest for a in generate._actions if not a.help]
+    assert undocumented == []
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = capsys.readouterr().out
+    assert "(default: 16)" in text and "(default: 1000)" in text
+    for flag in ("--eta", "--dtype", "--batch-size", "--device"):
+        assert flag in text
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["--version"])
+    assert err.value.code == 0
+    assert capsys.readouterr().out.startswith("specdiff 0.")
 
 
 def test_analytic_demo_reports_speed_and_exactness(capsys):
     assert main(["analytic", "--steps", "200", "--samples", "300", "--window", "8", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "speedup" in printed and "same law not rejected" in printed
+
+
+def test_two_processes_make_exactly_the_images_of_one(tmp_path):
+    """The seeds' batches are split between processes (accelerate's PartialState, gloo on CPU);
+    rank 0 gathers them: one and two processes give the same arrays, bit for bit."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def launch(processes):  # both launches run at once: the time is mostly start-up
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                   "-m", "specdiff", "generate", "--device", "cpu", "--num-images", "4", "--batch-size", "2",
+                   "--steps", "12", "--window", "4", "--no-progress", "--out", str(tmp_path / f"p{processes}")]
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                cwd=tmp_path)
+
+    runs = {n: launch(n) for n in (1, 2)}
+    results = {}
+    for n, run in runs.items():
+        stdout, stderr = run.communicate(timeout=300)
+        assert run.returncode == 0, stderr[-2000:]
+        assert stdout.count("Wrote ") == 1  # only rank 0 reports
+        out = tmp_path / f"p{n}"
+        results[n] = json.loads((out / "stats.json").read_text()), np.load(out / "speculative.npy")
+    (one, images_one), (two, images_two) = results[1], results[2]
+    assert one["processes"] == 1 and two["processes"] == 2
+    assert {b["process"] for b in two["speculative"]["batches"]} == {0, 1}
+    np.testing.assert_array_equal(images_one, images_two)

@@ -135,14 +135,19 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
         )
 
     @classmethod
-    def wrap_pipeline_scheduler(cls, kwargs: dict):
+    def wrap_pipeline_scheduler(cls, kwargs: dict, pipeline=None):
         """For a pipeline's ``from_pipe``: pop this class's options (``window``,
         ``frozen_prediction``, ``eta``, ``use_clipped_model_output``) from ``kwargs`` and,
         if any were given, re-wrap ``pipe.scheduler`` with them; returns a callable doing that
-        to the new pipeline."""
+        to the new pipeline. Given the source ``pipeline``, the scheduler is wrapped up front
+        (``kwargs["scheduler"]``), so options the new pipeline's constructor needs (DDIM's
+        ``eta``) reach it."""
         options = {
             k: kwargs.pop(k) for k in ("window", "frozen_prediction", "eta", "use_clipped_model_output") if k in kwargs
         }
+        if options and pipeline is not None:
+            kwargs["scheduler"] = cls.from_scheduler(kwargs.get("scheduler", pipeline.scheduler), **options)
+            options = {}
 
         def apply(new_pipe):
             if options:
