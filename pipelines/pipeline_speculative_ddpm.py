@@ -21,10 +21,10 @@ from diffusers import DiffusionPipeline, UNet2DModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
-from diffusers.utils import logging as diffusers_logging
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
+from specdiff.pipelines.speculative_utils import speculative_from_pipe
 from specdiff.schedulers import SpeculativeScheduler
 from specdiff.stats import SpeculativeStats
 
@@ -122,34 +122,6 @@ def images_from_samples(samples: torch.Tensor, output_type: str, pipe) -> list[P
         return images
     images = images.cpu().permute(0, 2, 3, 1).float().numpy()
     return pipe.numpy_to_pil(images) if output_type == "pil" else images
-
-
-def _dtype_key() -> str:
-    """diffusers' loaders take ``dtype`` since it deprecated ``torch_dtype`` (which older versions need)."""
-    from diffusers.utils import deprecation_utils
-
-    return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
-
-
-DTYPE_KEY = _dtype_key()
-
-
-def speculative_from_pipe(from_pipe: Callable, pipeline, kwargs: dict):
-    """diffusers' ``from_pipe`` (bound to the new class) with the scheduler options honoured
-    and the shared modules kept in the source pipeline's dtype: diffusers would cast them
-    (the user's own modules, in place) to float32 unless a dtype is passed."""
-    kwargs = dict(kwargs)
-    rewrap = SpeculativeScheduler.wrap_pipeline_scheduler(kwargs, pipeline)
-    if "dtype" in kwargs or "torch_dtype" in kwargs:
-        return rewrap(from_pipe(pipeline, **kwargs))
-    # Same dtype: the cast is a no-op, so its "modules that should be kept in float32" warning is noise.
-    log = diffusers_logging.get_logger("diffusers.models.modeling_utils")
-    level = log.level
-    log.setLevel(diffusers_logging.ERROR)
-    try:
-        return rewrap(from_pipe(pipeline, **{DTYPE_KEY: pipeline.dtype}, **kwargs))
-    finally:
-        log.setLevel(level)
 
 
 class SpeculativeDDPMPipeline(DiffusionPipeline):

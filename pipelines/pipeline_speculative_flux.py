@@ -21,7 +21,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
-from specdiff.pipelines.speculative_utils import SpeculativeFlowPipelineOutput, from_pipe_keeping_dtypes, run_speculative
+from specdiff.pipelines.speculative_utils import SpeculativeFlowPipelineOutput, speculative_from_pipe, run_speculative
 from specdiff.schedulers import SpeculativeScheduler
 
 
@@ -58,8 +58,7 @@ class SpeculativeFluxPipeline(FluxPipeline):
     def from_pipe(cls, pipeline, **kwargs):
         """From a ``FluxPipeline``, sharing its components (in their own dtypes). Scheduler
         options (``window``, ``frozen_prediction``) may be passed."""
-        rewrap = SpeculativeScheduler.wrap_pipeline_scheduler(kwargs)
-        return rewrap(from_pipe_keeping_dtypes(super().from_pipe, pipeline, kwargs))
+        return speculative_from_pipe(super().from_pipe, pipeline, kwargs)
 
     def guidance_inputs(self, transformer, cond: dict, uncond: dict | None, true_cfg_scale: float, static: dict) -> dict:
         def network(latents, t, encoder_hidden_states, pooled_projections, guidance):

@@ -25,7 +25,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
 
-from specdiff.pipelines.speculative_utils import from_pipe_keeping_dtypes, run_speculative
+from specdiff.pipelines.speculative_utils import speculative_from_pipe, run_speculative
 from specdiff.schedulers import SpeculativeScheduler
 from specdiff.stats import SpeculativeStats
 
@@ -83,8 +83,7 @@ class SpeculativeStableDiffusionPipeline(StableDiffusionPipeline):
     def from_pipe(cls, pipeline, **kwargs):
         """From a ``StableDiffusionPipeline``, sharing its components (in their own dtypes).
         Scheduler options (``window``, ``frozen_prediction``, ``eta``) may be passed."""
-        rewrap = SpeculativeScheduler.wrap_pipeline_scheduler(kwargs)
-        return rewrap(from_pipe_keeping_dtypes(super().from_pipe, pipeline, kwargs))
+        return speculative_from_pipe(super().from_pipe, pipeline, kwargs)
 
     def guidance_inputs(self, unet, prompt_embeds, negative_prompt_embeds, timestep_cond) -> dict:
         """Arguments of :func:`guided_model` for ``unet``: each row gets its sample's prompt

@@ -20,7 +20,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
 
-from specdiff.pipelines.speculative_utils import SpeculativeFlowPipelineOutput, from_pipe_keeping_dtypes, run_speculative
+from specdiff.pipelines.speculative_utils import SpeculativeFlowPipelineOutput, speculative_from_pipe, run_speculative
 from specdiff.schedulers import SpeculativeScheduler
 
 
@@ -59,8 +59,7 @@ class SpeculativeStableDiffusion3Pipeline(StableDiffusion3Pipeline):
     def from_pipe(cls, pipeline, **kwargs):
         """From a ``StableDiffusion3Pipeline``, sharing its components (in their own dtypes).
         Scheduler options (``window``, ``frozen_prediction``) may be passed."""
-        rewrap = SpeculativeScheduler.wrap_pipeline_scheduler(kwargs)
-        return rewrap(from_pipe_keeping_dtypes(super().from_pipe, pipeline, kwargs))
+        return speculative_from_pipe(super().from_pipe, pipeline, kwargs)
 
     def guidance_inputs(self, transformer, cond: dict, uncond: dict | None) -> dict:
         def network(latent_input, t, encoder_hidden_states, pooled_projections):

@@ -18,8 +18,10 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers.utils import BaseOutput
+from diffusers.utils import logging as diffusers_logging
 from torch import Tensor
 
+from specdiff.schedulers import SpeculativeScheduler
 from specdiff.stats import SpeculativeStats
 
 
@@ -30,21 +32,37 @@ class SpeculativeFlowPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     stats: SpeculativeStats | None = None
 
-def from_pipe_keeping_dtypes(from_pipe: Callable, pipeline, kwargs: dict):
-    """``from_pipe(pipeline, **kwargs)`` that leaves the shared modules in their own dtypes.
+def _dtype_key() -> str:
+    """diffusers' loaders take ``dtype`` since it deprecated ``torch_dtype`` (which older versions need)."""
+    from diffusers.utils import deprecation_utils
 
-    diffusers' ``from_pipe`` casts every module to ``dtype`` (float32 when none is given),
-    in place, so a half-precision pipeline's shared UNet would become float32 in both
-    pipelines. Without an explicit ``dtype``/``torch_dtype`` we keep each module's dtype.
-    """
+    return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+
+
+DTYPE_KEY = _dtype_key()
+
+
+def speculative_from_pipe(from_pipe: Callable, pipeline, kwargs: dict):
+    """diffusers' ``from_pipe`` (bound to the new class) with the scheduler options honoured
+    (``window``, ``eta``, ...: the scheduler is wrapped before the new pipeline is built) and
+    the shared modules left in their own dtypes: diffusers would cast them, the user's own
+    modules, in place, to float32 unless a dtype is passed."""
+    kwargs = dict(kwargs)
+    rewrap = SpeculativeScheduler.wrap_pipeline_scheduler(kwargs, pipeline)
     if "dtype" in kwargs or "torch_dtype" in kwargs:
-        return from_pipe(pipeline, **kwargs)
+        return rewrap(from_pipe(pipeline, **kwargs))
     modules = {k: v for k, v in pipeline.components.items() if isinstance(v, torch.nn.Module)}
     dtypes = {k: next(v.parameters(), torch.empty(())).dtype for k, v in modules.items()}
-    new = from_pipe(pipeline, dtype=pipeline.dtype, **kwargs)
-    for name, module in modules.items():  # mixed dtypes (e.g. a float32 VAE beside a bf16 UNet)
-        module.to(dtype=dtypes[name])
-    return new
+    log = diffusers_logging.get_logger("diffusers.models.modeling_utils")
+    level = log.level
+    log.setLevel(diffusers_logging.ERROR)  # the cast below is undone at once: its warning is noise
+    try:
+        new = from_pipe(pipeline, **{DTYPE_KEY: pipeline.dtype}, **kwargs)
+        for name, module in modules.items():  # mixed dtypes (e.g. a float32 VAE beside a bf16 UNet)
+            module.to(dtype=dtypes[name])
+    finally:
+        log.setLevel(level)
+    return rewrap(new)
 
 
 Conditioning = Mapping[str, "Tensor | Conditioning | None"]

@@ -268,7 +268,6 @@ def test_from_pipe_keeps_half_precision_and_decodes_to_every_output_type(dtype):
     assert spec(output_type="pil", **kwargs).images[0].size == (8, 8)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the wrap_pipeline_scheduler fix from the CLI branch (eta lost)")
 def test_from_pipe_honours_eta_for_ddim():
     from diffusers import DDIMScheduler
 
