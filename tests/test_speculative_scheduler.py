@@ -282,3 +282,12 @@ def test_sample_baseline_uses_the_same_chain():
     a = spec.sample_baseline(model, x, num_inference_steps=9, generator=torch.Generator().manual_seed(0))
     b = spec.sample(model, x, window=1, generator=torch.Generator().manual_seed(0)).sample
     assert torch.equal(a, b)
+
+
+def test_the_wrappers_step_options_are_the_ones_the_adapters_declare():
+    from specdiff.schedulers.base import step_options
+
+    config_options = set(SpeculativeScheduler.options()) - {"window", "drafter", "frozen_prediction"}
+    assert config_options == set(step_options())  # declared once, by the adapters
+    with pytest.raises(TypeError, match="unknown SpeculativeScheduler option"):
+        SpeculativeScheduler.from_scheduler(DDPMScheduler(), churn=1.0)

@@ -122,6 +122,13 @@ def supported_schedulers() -> list[str]:
     return sorted(_ADAPTERS)
 
 
+def step_options() -> tuple[str, ...]:
+    """The ``step()`` arguments some adapter declares in its ``options`` (e.g. DDIM's ``eta``): the
+    only place they are listed; :class:`SpeculativeScheduler` reads them from here."""
+    _load_adapters()
+    return tuple(sorted({name for cls in _ADAPTERS.values() for name in cls.options}))
+
+
 def supported_table() -> str:
     """The supported schedulers as the README's markdown table (a test keeps the README equal to it)."""
     rows = ["| scheduler | supported configurations | adapter |", "| --- | --- | --- |"]

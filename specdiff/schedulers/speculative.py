@@ -33,9 +33,7 @@ from torch import Tensor
 from ..drafters import Drafter
 from ..noise import GeneratorArg
 from ..sampler import SpeculativeOutput, sample_baseline, speculative_sample
-from .base import FROZEN_PREDICTIONS, ModelFn, SchedulerChain, adapter_class_for, check_scheduler_name
-
-_STEP_OPTIONS = ("eta", "use_clipped_model_output")
+from .base import FROZEN_PREDICTIONS, ModelFn, SchedulerChain, adapter_class_for, check_scheduler_name, step_options
 
 
 def _json_safe(value):
@@ -80,7 +78,9 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
         frozen_prediction: what the frozen drafter freezes: ``"sample"`` (predicted x0, the
             default), ``"model_output"``, ``"epsilon"`` or ``"v_prediction"``. Changes acceptance
             only, never the law (see :class:`~specdiff.schedulers.base.SchedulerChain`).
-        eta, use_clipped_model_output: DDIM's ``step()`` arguments (``eta > 0`` required).
+        eta, use_clipped_model_output: ``step()`` arguments that an adapter declares in its
+            ``options`` (DDIM's; ``eta > 0`` required). They are the config's copy of
+            :func:`~specdiff.schedulers.base.step_options`; a test keeps the two equal.
     """
 
     config_name = "scheduler_config.json"
@@ -102,8 +102,8 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
         base_cls = _scheduler_class(base_scheduler_class)
         if base_cls is None or not issubclass(base_cls, SchedulerMixin):
             raise ValueError(f"{base_scheduler_class!r} is not a diffusers scheduler class")
-        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-            raise ValueError(f"window must be a positive integer (1 = plain sampler); got {window!r}")
+        if window != "auto" and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+            raise ValueError(f"window must be a positive integer (1 = plain sampler) or 'auto'; got {window!r}")
         if drafter != "frozen":
             raise ValueError(
                 f"drafter={drafter!r}: the scheduler config only stores 'frozen'; pass a draft model to "
@@ -119,14 +119,14 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
     @classmethod
     def from_scheduler(cls, scheduler, **options) -> SpeculativeScheduler:
         """Wrap a diffusers scheduler (a copy of it, built from its config; the original is not
-        touched). ``options`` are this class's config arguments (``window``, ``drafter``,
-        ``frozen_prediction``, ``eta``, ``use_clipped_model_output``). Wrapping a
-        ``SpeculativeScheduler`` returns a new one with the options updated."""
+        touched). ``options`` are this class's config arguments (:meth:`options`: ``window``,
+        ``drafter``, ``frozen_prediction`` and the adapters' step options such as DDIM's ``eta``).
+        Wrapping a ``SpeculativeScheduler`` returns a new one with the options updated."""
         if isinstance(scheduler, SpeculativeScheduler):
             merged = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
             merged.update(options)
             return cls(**merged)
-        unknown = sorted(set(options) - set(inspect.signature(cls.__init__).parameters) - {"self"})
+        unknown = sorted(set(options) - set(cls.options()))
         if unknown:
             raise TypeError(f"unknown SpeculativeScheduler option(s): {', '.join(unknown)}")
         adapter_class_for(scheduler)  # a clear error for unsupported classes, before anything else
@@ -136,15 +136,12 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
 
     @classmethod
     def wrap_pipeline_scheduler(cls, kwargs: dict, pipeline=None):
-        """For a pipeline's ``from_pipe``: pop this class's options (``window``,
-        ``frozen_prediction``, ``eta``, ``use_clipped_model_output``) from ``kwargs`` and,
+        """For a pipeline's ``from_pipe``: pop this class's :meth:`options` from ``kwargs`` and,
         if any were given, re-wrap ``pipe.scheduler`` with them; returns a callable doing that
         to the new pipeline. Given the source ``pipeline``, the scheduler is wrapped up front
         (``kwargs["scheduler"]``), so options the new pipeline's constructor needs (DDIM's
         ``eta``) reach it."""
-        options = {
-            k: kwargs.pop(k) for k in ("window", "frozen_prediction", "eta", "use_clipped_model_output") if k in kwargs
-        }
+        options = {k: kwargs.pop(k) for k in cls.options() if k in kwargs}
         if options and pipeline is not None:
             kwargs["scheduler"] = cls.from_scheduler(kwargs.get("scheduler", pipeline.scheduler), **options)
             options = {}
@@ -157,6 +154,13 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
         return apply
 
     @classmethod
+    def options(cls) -> tuple[str, ...]:
+        """The options a user sets on the wrapper (``window``, ``drafter``, ``frozen_prediction``,
+        and the step options the adapters declare), i.e. the config minus the wrapped scheduler."""
+        names = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        return tuple(p for p in names if not p.startswith("base_scheduler_"))
+
+    @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
         """Load a SpeculativeScheduler config; a saved config of a plain diffusers scheduler
         (``_class_name`` set) is wrapped. A live plain config has no class name: use
@@ -164,7 +168,7 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
         if isinstance(config, Mapping):
             name = config.get("_class_name")
             if name not in (None, cls.__name__) and _scheduler_class(name) is not None:
-                options = {k: kwargs.pop(k) for k in list(kwargs) if k in inspect.signature(cls.__init__).parameters}
+                options = {k: kwargs.pop(k) for k in list(kwargs) if k in cls.options()}
                 base = _scheduler_class(name).from_config(config, **kwargs)
                 wrapped = cls.from_scheduler(base, **options)
                 return (wrapped, {}) if return_unused_kwargs else wrapped
@@ -184,7 +188,7 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
         return self._base
 
     def _step_options(self, **overrides) -> dict:
-        options = {k: self.config[k] for k in _STEP_OPTIONS}
+        options = {k: self.config[k] for k in step_options()}
         options.update({k: v for k, v in overrides.items() if v is not None})
         return options
 
@@ -233,7 +237,7 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
         """One plain (non-speculative) step of the wrapped scheduler, so the wrapper works in an
         ordinary diffusers loop. Speculative sampling runs through :meth:`sample` instead."""
         parameters = inspect.signature(self._base.step).parameters
-        for name in _STEP_OPTIONS:
+        for name in step_options():
             if name in parameters and name not in kwargs and self.config[name] is not None:
                 kwargs[name] = self.config[name]
         return self._base.step(model_output, timestep, sample, *args, **kwargs)
