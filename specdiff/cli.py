@@ -175,7 +175,7 @@ class ImageJob:
         from diffusers import DiffusionPipeline
 
         from .pipelines import SpeculativeDDPMPipeline
-        from .pipelines.pipeline_speculative_ddpm import DTYPE_KEY
+        from .pipelines.speculative_utils import DTYPE_KEY
 
         dtype = {DTYPE_KEY: getattr(torch, args.dtype)}
         local = Path(args.model).expanduser()
