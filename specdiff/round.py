@@ -129,7 +129,7 @@ def _draft(drafter, x: Tensor, step: Tensor, c: Carry, ids: Tensor, tally, skip:
     if not ask.numel():
         return c.pred
     a = ask.to(x.device)
-    memory = DraftMemory(c.pred[a], c.n[ask] - (~c.fresh[ask]).long(), c.prev[a], ids[ask].to(x.device))
+    memory = DraftMemory(c.pred[a], (c.n[ask] - (~c.fresh[ask]).long()).to(x.device), c.prev[a], ids[ask].to(x.device))
     guess = drafter.predict(x[a], step[ask].to(x.device), memory)
     tally.stats.draft_calls += int(drafter.network_calls)
     if guess.shape != memory.prediction.shape:
