@@ -20,6 +20,7 @@ from .coupling import reflection_coupling
 from .drafters import Drafter, as_drafter
 from .noise import GeneratorArg, NoiseStreams
 from .stats import SpeculativeStats
+from .window import WindowPolicy, resolve_window
 
 
 @dataclass
@@ -123,7 +124,7 @@ def speculative_sample(
     chain: GaussianChain,
     x_init: Tensor,
     *,
-    window: int = 8,
+    window: int | str | WindowPolicy = 8,
     drafter: Drafter | Callable | str | None = None,
     generator: GeneratorArg = None,
     progress: bool | Callable = False,
@@ -138,9 +139,11 @@ def speculative_sample(
     ``callback`` receives ``{"round", "x", "step", "stats"}`` after every round.
     """
     _check_chain(chain, x_init)
-    _check_window(window)
     drafter = as_drafter(drafter)
     started = time.perf_counter()
+    policy = resolve_window(window, chain, x_init)
+    window = policy if isinstance(policy, int) else policy.max_window
+    observe = None if isinstance(policy, int) else policy.observe
     num_steps, batch, device = chain.num_steps, x_init.shape[0], x_init.device
     stats = SpeculativeStats(num_steps=num_steps, batch_size=batch, window=window)
     noise = NoiseStreams(generator, x_init)
@@ -150,7 +153,7 @@ def speculative_sample(
     # `prev` is the target prediction of step n-1 (for multistep chains).
     x = x_init.clone()
     n = torch.zeros(batch, dtype=torch.long)
-    pred = _check_finite(predict(chain, x, n.to(device), torch.arange(batch)), n, "target")
+    pred = _check_finite(_timed(chain, x, n.to(device), torch.arange(batch), observe), n, "target")
     prev = pred.clone()
     fresh = torch.ones(batch, dtype=torch.bool)
     stats.target_calls, stats.target_rows = 1, batch
@@ -158,9 +161,14 @@ def speculative_sample(
 
     with _progress(progress, batch * num_steps) as bar:
         while (live := (n < num_steps).nonzero().squeeze(1)).numel():
+            size = window
+            if observe is not None:  # the policy sees the past only: stats so far, timings
+                tally.write(stats)
+                size = min(max(int(policy.choose(stats, live.numel())), 1), window)
             stats.rounds += 1
             committed, x_next, state = _round(
-                chain, drafter, noise, stats, tally, window, x[live], n[live], pred[live], prev[live], fresh[live], live
+                chain, drafter, noise, stats, tally, size, x[live], n[live], pred[live], prev[live], fresh[live], live,
+                observe,
             )
             x[live], n[live] = x_next, n[live] + committed
             pred[live], prev[live], fresh[live] = state
@@ -190,7 +198,16 @@ class _Tally:
         stats.committed_per_round = self.round_counts.tolist()
 
 
-def _round(chain, drafter, noise, stats, tally, window, x, n, pred, prev, fresh, ids):
+def _timed(chain, x, step, sample, observe):
+    if observe is None:
+        return predict(chain, x, step, sample)
+    started = time.perf_counter()
+    out = predict(chain, x, step, sample)
+    observe(x.shape[0], time.perf_counter() - started)
+    return out
+
+
+def _round(chain, drafter, noise, stats, tally, window, x, n, pred, prev, fresh, ids, observe=None):
     """One speculative round for the live samples ``ids`` (SPEC §3).
 
     Position ``j`` of sample ``i`` is its drafted step ``n_i + j``, used when ``j < L_i``.
@@ -233,7 +250,7 @@ def _round(chain, drafter, noise, stats, tally, window, x, n, pred, prev, fresh,
     if need.any():
         at = steps[need]
         target[need] = _check_finite(
-            predict(chain, states[need], at.to(device), ids.expand(span + 1, m)[need]), at, "target"
+            _timed(chain, states[need], at.to(device), ids.expand(span + 1, m)[need], observe), at, "target"
         )
         stats.target_calls += 1
         stats.target_rows += int(need.sum())
@@ -276,7 +293,7 @@ def _round(chain, drafter, noise, stats, tally, window, x, n, pred, prev, fresh,
     stats.accepted += int((counted & accept).sum())
     tally.position_counts[:span] += torch.stack([counted.sum(1), (counted & accept).sum(1)], 1)
     tally.sample_counts[ids] += torch.stack([counted.sum(0), (counted & accept).sum(0)], 1)
-    tally.round_counts += torch.bincount(committed, minlength=window + 1)
+    tally.round_counts[: window + 1] += torch.bincount(committed, minlength=window + 1)
     return committed, x_next, (new_pred, new_prev, new_fresh)
 
 
