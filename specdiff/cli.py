@@ -1,5 +1,5 @@
 """Command line: ``specdiff generate`` (the main job; DDPM-style or masked-diffusion models),
-``specdiff analytic``,
+``specdiff analytic``, ``specdiff probe``,
 ``specdiff bench``, ``specdiff train-digits``. Also ``python -m specdiff``."""
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ def _positive(kind):
         return value
 
     return parse
+
+
+def _window(text):
+    return text if text == "auto" else _positive(int)(text)
 
 
 def _writable(folder: Path) -> Path:
@@ -120,8 +124,17 @@ def cmd_generate(args) -> int:
                           output_type="pt", **kwargs)
         return result, time.perf_counter() - started
 
-    result, wall = run(pipe, window=args.window, **draft)
+    window = args.window
+    if window == "auto":
+        if masked:
+            raise CLIError("--window auto is not available for masked-diffusion models yet; pass an integer window")
+        from .window import AutoWindow
+
+        window = AutoWindow()
+    result, wall = run(pipe, window=window, **draft)
     stats = result.stats
+    if args.window == "auto":
+        print(window.describe())
     _save_grid(result.images, out / "speculative.png")
     report = {"model": str(args.model), "steps": args.steps, "window": args.window, "drafter": args.drafter,
               "num_images": args.num_images, "seed": args.seed, "wall_clock_s": wall, "speculative": stats.to_dict()}
@@ -183,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default=str(DEFAULT_MODEL), help="diffusers pipeline folder or hub id (default: bundled digits DDPM)")
     gen.add_argument("--num-images", type=_positive(int), default=16)
     gen.add_argument("--steps", type=_positive(int), default=1000, help="number of denoising steps")
-    gen.add_argument("--window", type=_positive(int), default=16, help="drafted steps per round (1 = plain sampler)")
+    gen.add_argument("--window", type=_window, default=16,
+                     help="drafted steps per round (1 = plain sampler), or 'auto' (chosen per round from the measured "
+                          "batch latency and acceptance)")
     gen.add_argument("--drafter", choices=["frozen", "model"], default="frozen")
     gen.add_argument("--draft-model", default=None,
                      help="draft model folder for --drafter model (default: the bundled digits draft UNet, or "
@@ -209,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=func)
+    from .probe import add_probe_arguments, run_probe
+
+    probe = sub.add_parser("probe", help="predict acceptance and speedup per window from one plain run")
+    add_probe_arguments(probe).set_defaults(func=run_probe)
     return parser
 
 
