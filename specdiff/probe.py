@@ -15,7 +15,6 @@ those acceptances (steps taken as independent), and the plain sampler's
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import time
 from dataclasses import dataclass, field
@@ -23,28 +22,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .drafters import Drafter, as_drafter
+from .drafters import as_drafter
+from .drafters_research import Memory, draft_prediction
 from .noise import NoiseStreams
 from .sampler import _check_chain, _transition, predict
 from .window import LatencyCurve, measure_latency
-
-
-@dataclass
-class Memory:
-    """What a drafter may use (the new driver's interface): the target's last prediction
-    for each row's sample, the step it was made at, the one before, and the sample index."""
-
-    prediction: Tensor
-    step: Tensor
-    previous: Tensor
-    sample: Tensor
-
-
-def draft_prediction(drafter: Drafter, x: Tensor, step: Tensor, memory: Memory) -> Tensor:
-    """Call a drafter with the memory interface, or the 3-argument one (``frozen``)."""
-    if "memory" in inspect.signature(drafter.predict).parameters:
-        return drafter.predict(x, step, memory)
-    return drafter.predict(x, step, memory.prediction)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from .drafters import Drafter, as_drafter
 from .noise import GeneratorArg, NoiseStreams
 from .stats import SpeculativeStats
 from .window import WindowPolicy, resolve_window
+from .drafters_research import Memory, draft_prediction  # prototype: the new driver passes memory itself
 
 
 @dataclass
@@ -231,7 +232,9 @@ def _round(chain, drafter, noise, stats, tally, window, x, n, pred, prev, fresh,
         guess = pred.clone() if ask.numel() < m else None
         if ask.numel():
             at = steps[j, ask]
-            drafted_pred = drafter.predict(states[j][ask], at.to(device), pred[ask])
+            memory = Memory(prediction=pred[ask], step=(n - (~fresh).long())[ask].to(device), previous=prev[ask],
+                            sample=ids[ask].to(device))
+            drafted_pred = draft_prediction(drafter, states[j][ask], at.to(device), memory)
             drafted_pred = _check_finite(drafted_pred, at, "draft").to(pred.dtype)
             guess = drafted_pred if guess is None else guess.index_put_((ask.to(device),), drafted_pred)
             stats.draft_calls += int(drafter.network_calls)
