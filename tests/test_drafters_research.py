@@ -9,19 +9,9 @@ from specdiff.drafters_research import ExtrapolatedDrafter, PicardDrafter
 from specdiff.testing import GaussianMixtureDDPM, two_sample_test
 
 ALPHA = 1e-3  # family-wise significance of the two-sample tests
-N_SAMPLES, STEPS = 1500, 100
-
-
-@pytest.fixture(scope="module")
-def mixture():
-    chain = GaussianMixtureDDPM.random(dim=2, components=4, num_steps=STEPS, seed=1)
-    x = chain.sample_prior(N_SAMPLES, torch.Generator().manual_seed(11))
-    return chain, x, sample_baseline(chain, x, torch.Generator().manual_seed(12))
-
-
 @pytest.mark.parametrize("name", ["picard", "extrapolated"])
-def test_research_drafters_keep_the_baseline_law(mixture, name):
-    chain, x, reference = mixture
+def test_research_drafters_keep_the_baseline_law(mixture_reference, name):
+    chain, x, reference = mixture_reference
     drafter = PicardDrafter() if name == "picard" else ExtrapolatedDrafter(1.0)
     watched = drafter.watch(chain) if name == "picard" else chain
     out = speculative_sample(watched, x, window=8, drafter=drafter, generator=torch.Generator().manual_seed(13))

@@ -146,21 +146,11 @@ def test_a_policy_answering_one_reproduces_the_baseline_bit_for_bit():
     assert torch.equal(out.sample, sample_baseline(chain, x, torch.Generator().manual_seed(2)))
 
 
-N_SAMPLES, STEPS = 1500, 100
-
-
-@pytest.fixture(scope="module")
-def mixture():
-    chain = GaussianMixtureDDPM.random(dim=2, components=4, num_steps=STEPS, seed=1)
-    x = chain.sample_prior(N_SAMPLES, torch.Generator().manual_seed(11))
-    return chain, x, sample_baseline(chain, x, torch.Generator().manual_seed(12))
-
-
 @pytest.mark.parametrize("policy", ["auto", "history"])
-def test_windows_chosen_from_the_past_keep_the_baseline_law(mixture, policy):
+def test_windows_chosen_from_the_past_keep_the_baseline_law(mixture_reference, policy):
     """The window may follow acceptance so far (here: shrink right after rejections, grow after
     whole windows), and the output law is still the plain sampler's."""
-    chain, x, reference = mixture
+    chain, x, reference = mixture_reference
     if policy == "auto":
         window = AutoWindow(max_window=16, latency=flat())
     else:
@@ -169,7 +159,7 @@ def test_windows_chosen_from_the_past_keep_the_baseline_law(mixture, policy):
         def rule(stats):
             rejected = (stats.proposed - last["proposed"]) - (stats.accepted - last["accepted"])
             last.update(accepted=stats.accepted, proposed=stats.proposed)
-            return 2 if rejected > N_SAMPLES // 20 else 12
+            return 2 if rejected > len(x) // 20 else 12
 
         window = Replay(rule)
     out = speculative_sample(chain, x, window=window, generator=torch.Generator().manual_seed(13))
