@@ -4,11 +4,13 @@ drafter's time-aligned predictions raise acceptance where the frozen one is stal
 import pytest
 import torch
 
-from specdiff import sample_baseline, speculative_sample
+from specdiff import speculative_sample
 from specdiff.drafters_research import ExtrapolatedDrafter, PicardDrafter
 from specdiff.testing import GaussianMixtureDDPM, two_sample_test
 
 ALPHA = 1e-3  # family-wise significance of the two-sample tests
+
+
 @pytest.mark.parametrize("name", ["picard", "extrapolated"])
 def test_research_drafters_keep_the_baseline_law(mixture_reference, name):
     chain, x, reference = mixture_reference
@@ -26,7 +28,7 @@ def test_picard_drafter_accepts_more_than_frozen_after_rejections():
     frozen = speculative_sample(chain, x, window=16, generator=torch.Generator().manual_seed(1))
     picard = PicardDrafter()
     out = speculative_sample(picard.watch(chain), x, window=16, drafter=picard, generator=torch.Generator().manual_seed(1))
-    first = lambda s: s.accepted_by_position[0] / s.proposed_by_position[0]  # noqa: E731  the root after a rejection
+    first = lambda s: s.accepted_by_position[0] / s.proposed_by_position[0]  # the root after a rejection
     assert first(out.stats) > first(frozen.stats) + 0.03
     assert out.stats.target_calls < frozen.stats.target_calls
     assert sum(out.stats.per_sample_target_calls) < sum(frozen.stats.per_sample_target_calls)
