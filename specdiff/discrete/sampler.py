@@ -35,8 +35,9 @@ from torch import Tensor
 from ..chains import CategoricalChain
 from ..drafters import Drafter, as_drafter
 from ..noise import GeneratorArg, split_generators
-from ..sampler import SpeculativeOutput, _check_window, _progress, predict
+from ..sampler import SpeculativeOutput, _progress, _timed, predict
 from ..stats import SpeculativeStats
+from ..window import WindowPolicy, resolve_window
 from .coupling import sample_residual, step_acceptance_probability
 from .scheduler import sample_categorical
 
@@ -213,7 +214,7 @@ def speculative_sample_discrete(
     chain: CategoricalChain,
     x_init: Tensor,
     *,
-    window: int = 8,
+    window: int | str | WindowPolicy = 8,
     drafter: Drafter | Callable | str | None = None,
     generator: GeneratorArg = None,
     progress: bool | Callable = False,
@@ -233,9 +234,11 @@ def speculative_sample_discrete(
     step has ratio exactly 1). ``callback`` receives ``{"round", "x", "step", "stats"}``.
     """
     _check_chain(chain, x_init)
-    _check_window(window)
     drafter = as_drafter(drafter)
     started = time.perf_counter()
+    policy = resolve_window(window, chain, x_init)
+    window = policy if isinstance(policy, int) else policy.max_window
+    observe = None if isinstance(policy, int) else policy.observe
     num_steps, batch, device = chain.num_steps, x_init.shape[0], x_init.device
     stats = SpeculativeStats(num_steps=num_steps, batch_size=batch, window=window)
     noise = CategoricalNoise(generator, x_init)
@@ -244,16 +247,17 @@ def speculative_sample_discrete(
     # it, at (x, n) when `fresh`, else at the state the last rejected step left from.
     x = x_init.clone()
     n = torch.zeros(batch, dtype=torch.long)
-    pred = _check_finite(predict(chain, x, n.to(device), torch.arange(batch)), n, "target")
+    pred = _check_finite(_timed(chain, x, n.to(device), torch.arange(batch), observe), n, "target")
     fresh = torch.ones(batch, dtype=torch.bool)
     stats.target_calls, stats.target_rows = 1, batch
     stats.per_sample_target_calls = [1] * batch
 
     with _progress(progress, batch * num_steps) as bar:
         while (live := (n < num_steps).nonzero().squeeze(1)).numel():
+            size = window if observe is None else min(max(int(policy.choose(stats, live.numel())), 1), window)
             stats.rounds += 1
             committed, x_next, new_pred, new_fresh = _round(
-                chain, drafter, noise, stats, window, x[live], n[live], pred[live], fresh[live], live
+                chain, drafter, noise, stats, size, x[live], n[live], pred[live], fresh[live], live, observe
             )
             x[live.to(device)], n[live] = x_next, n[live] + committed
             pred[live.to(device)], fresh[live] = new_pred.to(pred.dtype), new_fresh
@@ -266,7 +270,7 @@ def speculative_sample_discrete(
     return SpeculativeOutput(sample=x, stats=stats)
 
 
-def _round(chain, drafter, noise, stats, window, x, n, pred, fresh, ids):
+def _round(chain, drafter, noise, stats, window, x, n, pred, fresh, ids, observe=None):
     """One speculative round for the live samples ``ids``."""
     m, device, num_steps = x.shape[0], x.device, chain.num_steps
     length = (num_steps - n).clamp(max=window)  # L_i: steps this sample may commit
@@ -310,7 +314,9 @@ def _round(chain, drafter, noise, stats, window, x, n, pred, fresh, ids):
         j_rows, i_rows = jj[need], ii[need]
         step = n[i_rows] + j_rows
         target[j_rows.to(device), i_rows.to(device)] = _check_finite(
-            predict(chain, states[j_rows.to(device), i_rows.to(device)], step.to(device), ids[i_rows]), step, "target"
+            _timed(chain, states[j_rows.to(device), i_rows.to(device)], step.to(device), ids[i_rows], observe),
+            step,
+            "target",
         ).to(pred.dtype)
         stats.target_calls += 1
         stats.target_rows += int(need.sum())
