@@ -32,7 +32,6 @@ counts with exponential forgetting and shrinkage towards a prior.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections import Counter
@@ -130,7 +129,7 @@ def _find_module(obj, depth: int = 2):
         return None
     candidates = [getattr(obj, name, None) for name in ("model", "unet", "transformer", "model_fn", "__self__")]
     closure = getattr(obj, "__closure__", None) or ()
-    candidates += [cell.cell_contents for cell in closure if _cell_filled(cell)]
+    candidates += [_cell_contents(cell) for cell in closure]
     for candidate in candidates:
         found = _find_module(candidate, depth - 1)
         if found is not None:
@@ -138,17 +137,19 @@ def _find_module(obj, depth: int = 2):
     return None
 
 
-def _cell_filled(cell) -> bool:
+def _cell_contents(cell):
     try:
-        cell.cell_contents
-        return True
-    except ValueError:
-        return False
+        return cell.cell_contents
+    except ValueError:  # a closure variable not bound yet
+        return None
 
 
 def latency_key(chain, x_init: Tensor) -> tuple[str, bool]:
     """``(key, stable)``: stable keys name the architecture (class and parameter count) and
-    may be cached on disk; otherwise the key is the chain object (memory only)."""
+    may be cached on disk; otherwise the key is the chain object (memory only). A wrapper
+    that keeps the wrapped chain in ``.chain`` times the same network."""
+    while "chain" in getattr(chain, "__dict__", {}):
+        chain = chain.__dict__["chain"]
     shape = "x".join(map(str, x_init.shape[1:]))
     where = f"{x_init.device}|{x_init.dtype}|{shape}|threads={torch.get_num_threads()}"
     explicit = getattr(chain, "latency_key", None)
@@ -169,26 +170,28 @@ def _synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def measure_latency(chain, x_init: Tensor, sizes: list[int], repeats: int = 2) -> dict[int, float]:
+def measure_latency(chain, x_init: Tensor, sizes: list[int], repeats: int = 3) -> dict[int, float]:
     """Synchronised wall-clock of ``chain.predict`` on ``b`` rows (copies of ``x_init``'s rows
-    at step 0) for each ``b`` in ``sizes``; the minimum over ``repeats``."""
+    at step 0) for each ``b`` in ``sizes``: the median over ``repeats`` sweeps, taken in turn
+    so that a burst of load on a shared machine does not bend one part of the curve."""
     from .sampler import predict  # late: the sampler imports this module
 
     batch = x_init.shape[0]
-    out = {}
+    inputs = {}
+    for b in sizes:
+        index = torch.arange(b) % batch
+        inputs[b] = (x_init[index], torch.zeros(b, dtype=torch.long, device=x_init.device), index)
+    times = {b: [] for b in sizes}
     with torch.no_grad():
-        for b in [sizes[0]] + list(sizes):  # the first call warms up kernels and caches
-            index = torch.arange(b) % batch
-            x, step = x_init[index], torch.zeros(b, dtype=torch.long, device=x_init.device)
-            best = math.inf
-            for _ in range(repeats):
+        predict(chain, *inputs[sizes[0]])  # warm-up: kernels, caches, lazy initialisation
+        for _ in range(repeats):
+            for b in sizes:
                 _synchronize(x_init.device)
                 started = time.perf_counter()
-                predict(chain, x, step, index)
+                predict(chain, *inputs[b])
                 _synchronize(x_init.device)
-                best = min(best, time.perf_counter() - started)
-            out[b] = best
-    return out
+                times[b].append(time.perf_counter() - started)
+    return {b: sorted(t)[len(t) // 2] for b, t in times.items()}
 
 
 # ----------------------------------------------------------------------------------------
