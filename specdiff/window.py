@@ -19,10 +19,12 @@ exact is the stationary ``pi = p_n / (1 - p_f + p_n)`` of that two-state chain
 (``p_f``, ``p_n``: probability of accepting the whole window from an exact / a drafted
 root). A round verifies ``L + 1 - pi`` rows per live sample, so for ``B`` live samples
 
-    rate(L) = B * E[C | L] / (t(B * (L + 1 - pi)) + h * L),
+    rate(L) = B * E[C | L] / (t(B * (L + 1 - pi)) + c + h * L),
 
-where ``t(b)`` is the measured latency of one target call on ``b`` rows and ``h`` the
-measured time per drafted step outside the target call (drafting, coupling, bookkeeping).
+where ``t(b)`` is the measured latency of one target call on ``b`` rows and ``c + h L`` the
+time of a round outside the target call (drafting, coupling, bookkeeping), fitted to the
+run's rounds (every eighth round tries half or twice the best window so that the fit sees
+more than one window).
 ``t`` is measured once per model, device, dtype and row shape (a few synchronised calls,
 cached in memory and in a small JSON file under the user's cache directory) and refined
 by the driver's timings; ``a_j`` is estimated online from the run's own accept/reject
@@ -87,15 +89,21 @@ class LatencyCurve:
 
     def __init__(self, points: dict[int, float] | None = None):
         self.points = {int(b): float(t) for b, t in (points or {}).items()}
+        self._sorted = None
+
+    def _table(self):
+        if self._sorted is None:
+            bs, ts, peak = sorted(self.points), [], 0.0
+            for b in bs:
+                peak = max(peak, self.points[b])
+                ts.append(peak)
+            self._sorted = (bs, ts)
+        return self._sorted
 
     def __call__(self, rows: float) -> float:
-        bs = sorted(self.points)
-        if not bs:
+        if not self.points:
             return max(rows, 1.0)  # unknown: proportional to rows (the CPU worst case)
-        ts, peak = [], 0.0
-        for b in bs:
-            peak = max(peak, self.points[b])
-            ts.append(peak)
+        bs, ts = self._table()
         if rows <= bs[0]:
             return ts[0]
         for (b0, t0), (b1, t1) in zip(zip(bs, ts), zip(bs[1:], ts[1:])):
@@ -109,6 +117,7 @@ class LatencyCurve:
     def update(self, rows: int, seconds: float, weight: float = 0.2) -> None:
         old = self.points.get(rows)
         self.points[rows] = seconds if old is None else (1 - weight) * old + weight * seconds
+        self._sorted = None
 
 
 def _cache_dir() -> Path:
@@ -224,13 +233,14 @@ class AutoWindow:
         self.measured = latency is not None
         self.cache = cache
         self.source = "given" if latency is not None else "none"
-        self.per_step = 0.0  # h: seconds per drafted step outside the target call
+        self.per_round, self.per_step = 0.0, 0.0  # c, h: seconds outside the target call per round / drafted step
+        self._overhead = [0.0] * 5  # decayed sums 1, L, L², o, L·o of the rounds' (window, outside time)
         self.chosen: Counter[int] = Counter()
         self._seen = (0, [0] * max_window, [0] * max_window)
         self._acc = [0.0] * max_window
         self._prop = [0.0] * max_window
         self._round: tuple[float, int, float] | None = None  # (start, window, target seconds so far)
-        self._last_rows = 0
+        self._last_rows, self._live = 0, 0
 
     # -- binding and measurement ---------------------------------------------------------
     def bind(self, chain, x_init: Tensor) -> None:
@@ -290,17 +300,35 @@ class AutoWindow:
         now = time.perf_counter()
         self._update_overhead(now)
         self._update_acceptance(stats)
+        self._live = live
         window = self.best_window(live)
+        if stats.rounds % 8 == 7:  # now and then try a neighbour, so the overhead fit sees more than one window
+            window = min(2 * window, self.max_window) if (stats.rounds // 8) % 2 else max(window // 2, 1)
         self.chosen[window] += 1
         self._round = (now, window, 0.0)
         return window
 
     def _update_overhead(self, now: float) -> None:
+        """Fit ``outside(L) = c + h L`` to the rounds so far (decayed least squares, a tiny
+        ridge so that rounds of a single window split the time between the two)."""
         if self._round is None:
             return
         start, window, spent = self._round
-        outside = max(now - start - spent, 0.0) / window
-        self.per_step = outside if self.per_step == 0.0 else 0.8 * self.per_step + 0.2 * outside
+        outside = max(now - start - spent, 0.0)
+        sums = [self.memory * v for v in self._overhead]
+        for i, v in enumerate((1.0, window, window * window, outside, window * outside)):
+            sums[i] += v
+        self._overhead = sums
+        n, sl, sll, so, slo = sums
+        ridge = 1e-2 * n
+        det = (n + ridge) * (sll + ridge) - sl * sl
+        c = ((sll + ridge) * so - sl * slo) / det
+        h = ((n + ridge) * slo - sl * so) / det
+        if c < 0:
+            c, h = 0.0, slo / (sll + ridge)
+        elif h < 0:
+            c, h = so / (n + ridge), 0.0
+        self.per_round, self.per_step = c, h
 
     def _update_acceptance(self, stats: SpeculativeStats) -> None:
         acc = list(stats.accepted_by_position)[: self.max_window]
@@ -317,32 +345,42 @@ class AutoWindow:
         shrink = self.prior_weight
         return [(a + shrink * pooled) / (p + shrink) for a, p in zip(self._acc, self._prop)]
 
-    def expected_rate(self, window: int, live: int, accept: list[float] | None = None) -> float:
-        """``rate(L)`` of the module docstring: expected committed steps per second."""
+    def rates(self, live: int, accept: list[float] | None = None) -> list[float]:
+        """``rate(L)`` of the module docstring for L = 1..max_window: expected committed steps per second."""
         a = self.acceptance() if accept is None else accept
-        exact_root, drafted_root = _expected_committed(a, window, exact_root=True), _expected_committed(a, window)
-        p_f, p_n = exact_root[1], drafted_root[1]
-        pi = p_n / (1 - p_f + p_n) if (1 - p_f + p_n) > 0 else 1.0
-        committed = pi * exact_root[0] + (1 - pi) * drafted_root[0]
-        seconds = self.latency(live * (window + 1 - pi)) + self.per_step * window
-        return live * committed / max(seconds, 1e-12)
+        out = []
+        drafted, exact, p_n, p_f = 0.0, 0.0, 1.0, 1.0  # E[C] and P(whole window) from a drafted / exact root
+        for window in range(1, self.max_window + 1):
+            j = window - 1
+            drafted, exact = drafted + p_n, exact + p_f
+            p_n, p_f = p_n * a[j], p_f * (1.0 if j == 0 else a[j])
+            pi = p_n / (1 - p_f + p_n) if (1 - p_f + p_n) > 0 else 1.0
+            committed = pi * exact + (1 - pi) * drafted
+            seconds = self.latency(live * (window + 1 - pi)) + self.per_round + self.per_step * window
+            out.append(live * committed / max(seconds, 1e-12))
+        return out
+
+    def expected_rate(self, window: int, live: int, accept: list[float] | None = None) -> float:
+        return self.rates(live, accept)[window - 1]
 
     def best_window(self, live: int) -> int:
-        a = self.acceptance()
-        rates = [self.expected_rate(w, live, a) for w in range(1, self.max_window + 1)]
+        rates = self.rates(live)
         return 1 + max(range(len(rates)), key=rates.__getitem__)
 
     def describe(self) -> str:
         """Which windows were chosen and why (for the CLI)."""
         a = self.acceptance()
         pooled = sum(a) / len(a)
-        t1 = self.latency(1) if self.latency.points else float("nan")
-        curve = ", ".join(f"t({b})={self.latency(b) / t1:.1f}" for b in (2, 5, 9, 17, 33) if b <= self.max_window + 1)
+        b = self._live or 1
+        t1 = self.latency(b) if self.latency.points else float("nan")
+        curve = ", ".join(f"t({k}B)={self.latency(k * b) / t1:.1f}" for k in (2, 5, 9, 17, 33)
+                          if k <= self.max_window + 1)
         used = ", ".join(f"L={w} x{n}" for w, n in sorted(self.chosen.items())) or "none yet"
         return (f"auto window (max {self.max_window}): rounds {used}; chosen to maximise expected committed steps "
-                f"per second, E[C|L]/(t(rows)+h*L), with acceptance ~{pooled:.3f} (position 0: {a[0]:.3f}), "
-                f"latency t(1)={t1 * 1e3:.1f} ms and t(b)/t(1): {curve} ({self.source}), "
-                f"h={self.per_step * 1e3:.2f} ms per drafted step")
+                f"per second, E[C|L]/(t(rows)+c+h*L), with acceptance ~{pooled:.3f} (position 0: {a[0]:.3f}), "
+                f"latency t(B)={t1 * 1e3:.1f} ms for B={b} live rows and t(kB)/t(B): {curve} ({self.source}), "
+                f"outside the network {self.per_round * 1e3:.2f} ms per round + {self.per_step * 1e3:.2f} ms per "
+                f"drafted step")
 
     def __repr__(self) -> str:
         return f"AutoWindow(max_window={self.max_window})"
