@@ -2,6 +2,7 @@
 
   specdiff generate       generate images with the speculative sampler (the main job)
   specdiff analytic       exactness and speed on an analytic model (no files, no network)
+  specdiff probe          ‖Δ‖ and acceptance per step, predicted calls and speedup per window
   specdiff bench          the benchmarks (results in assets/bench/)
   specdiff train-digits   retrain the bundled digits models
 
@@ -558,6 +559,11 @@ def build_parser() -> argparse.ArgumentParser:
     # Listed here for 'specdiff --help'; main() hands their arguments (and --help) to their own parsers.
     sub.add_parser("bench", help="run the benchmarks (results in assets/bench/); see 'specdiff bench --help'")
     sub.add_parser("train-digits", help="retrain the bundled digits models; see 'specdiff train-digits --help'")
+    from .probe import add_probe_arguments, run_probe
+
+    probe = sub.add_parser("probe", formatter_class=formatter,
+                           help="predict acceptance and speedup per window from one short plain run")
+    add_probe_arguments(probe).set_defaults(func=run_probe)
     return parser
 
 

@@ -122,7 +122,9 @@ def speculative_sample(
     tally = _Tally(stats)
     with _progress(progress, batch * num_steps, "speculative sampler") as bar:
         while (live := (c.n < num_steps).nonzero().squeeze(1)).numel():
-            L = (num_steps - c.n[live]).clamp(max=int(policy.choose(stats, len(live))))
+            if not isinstance(policy, _Fixed):
+                tally.write()  # the policy sees the run so far (past rounds only: exactness is kept)
+            L = (num_steps - c.n[live]).clamp(max=min(max(int(policy.choose(stats, len(live))), 1), policy.max_window))
             stats.rounds += 1
             stats.chosen_windows.append(int(L.max()))
             before = int(c.n.sum())
@@ -133,9 +135,19 @@ def speculative_sample(
             if callback is not None:
                 callback({"round": stats.rounds, "x": c.x.clone(), "step": c.n.clone(), "stats": stats})
     tally.write()
+    stats.window_choice = policy.describe() if hasattr(policy, "describe") else None
     stats.peak_memory = _track_memory(device)
     stats.wall_clock = time.perf_counter() - started
     return SpeculativeOutput(sample=c.x, stats=stats)
+
+
+def predict(chain, x: Tensor, step: Tensor, sample: Tensor) -> Tensor:
+    """The chain's network call on rows ``x`` at ``step``; a chain with ``uses_sample_index``
+    also learns the sample of each row (per-sample conditioning)."""
+    step = step.to(x.device)
+    if getattr(chain, "uses_sample_index", False):
+        return chain.predict(x, step, sample=sample.to(x.device))
+    return chain.predict(x, step)
 
 
 speculative_sample_discrete = speculative_sample  # the masked-diffusion names of earlier releases
@@ -164,10 +176,7 @@ class _Target:
         return out
 
     def _predict(self, x: Tensor, step: Tensor, sample: Tensor) -> Tensor:
-        step = step.to(x.device)
-        if getattr(self.chain, "uses_sample_index", False):
-            return self.chain.predict(x, step, sample=sample.to(x.device))
-        return self.chain.predict(x, step)
+        return predict(self.chain, x, step, sample)
 
     def fit_max_rows(self, max_rows: int | str | None, first_call: Callable[[], Tensor]) -> Tensor:
         """Set the row cap and make the first call. ``"auto"`` caps nothing on CPU; on CUDA it fits

@@ -20,7 +20,8 @@ class SpeculativeStats:
     * ``per_sample_target_calls[b]``: calls in which sample b had at least one row.
     * ``peak_rows``: the most states evaluated in one network call (after the ``max_rows`` cap);
       ``peak_memory``: the peak device memory allocated during the run, in bytes (CUDA only).
-    * ``chosen_windows``: the window of each round (constant unless the window is automatic).
+    * ``chosen_windows``: the window of each round (constant unless the window is automatic);
+      ``window_choice``: how an automatic window chose it (its policy's ``describe()``).
     """
 
     num_steps: int
@@ -44,6 +45,7 @@ class SpeculativeStats:
     peak_rows: int = 0
     peak_memory: int | None = None
     chosen_windows: list[int] = field(default_factory=list)
+    window_choice: str | None = None
 
     def __post_init__(self):
         b, w = self.batch_size, self.window

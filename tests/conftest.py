@@ -9,3 +9,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def mixture_reference():
+    """(chain, x_init, plain samples): 1500 draws of a 100-step 2-d mixture DDPM, for two-sample law tests."""
+    from specdiff import sample_baseline
+    from specdiff.testing import GaussianMixtureDDPM
+
+    chain = GaussianMixtureDDPM.random(dim=2, components=4, num_steps=100, seed=1)
+    x = chain.sample_prior(1500, torch.Generator().manual_seed(11))
+    return chain, x, sample_baseline(chain, x, torch.Generator().manual_seed(12))

@@ -479,7 +479,7 @@ def write_model_card(out: Path, summary: dict) -> None:
     )
     if d:
         lines += [
-            f"**digits-ddpm** -- `UNet2DModel(sample_size=16, block_out_channels=(32, 64, 64), layers_per_block=1, "
+            "**digits-ddpm** -- `UNet2DModel(sample_size=16, block_out_channels=(32, 64, 64), layers_per_block=1, "
             "attention only in the 4x4 block)`, schedule `" + sched + "`. "
             f"Epsilon-MSE objective, AdamW lr {d['lr']} (warm-up + cosine decay), batch {d['batch_size']}, "
             f"random +-1 px shifts (no flips), EMA {d['ema_decay']} (EMA weights saved). "

@@ -1,0 +1,395 @@
+"""Choosing the window L: a fixed integer, or a policy that looks at the past only.
+
+``speculative_sample(chain, x_init, window=...)`` takes an int, ``"auto"`` or a
+:class:`WindowPolicy`. The driver calls :func:`resolve_window` once, then
+``policy.choose(stats, live)`` before every round and ``policy.observe(rows, seconds)``
+after every target call. The law of the output never depends on the policy: L is a
+function of the run so far (decisions of committed steps, timings), never of the
+randomness of the round it sizes, and the noise of step k is keyed by (sample, k).
+
+:class:`AutoWindow` (``window="auto"``) maximises the expected committed steps per second.
+With per-position acceptance ``a_j`` (position 0 is the root of a round that follows a
+rejection; after a fully accepted round the root is exact, ``a_0 = 1``), a round of
+window L commits ``C = min(L, first rejection + 1)`` steps per sample, so
+
+    E[C | L] = sum_{k=0}^{L-1} prod_{j<k} a_j.
+
+A fully accepted round leaves the next root exact, so the fraction of rounds that start
+exact is the stationary ``pi = p_n / (1 - p_f + p_n)`` of that two-state chain
+(``p_f``, ``p_n``: probability of accepting the whole window from an exact / a drafted
+root). A round verifies ``L + 1 - pi`` rows per live sample, so for ``B`` live samples
+
+    rate(L) = B * E[C | L] / (t(B * (L + 1 - pi)) + c + h * L),
+
+where ``t(b)`` is the measured latency of one target call on ``b`` rows and ``c + h L`` the
+time of a round outside the target call (drafting, coupling, bookkeeping), fitted to the
+run's rounds (every eighth round tries half or twice the best window so that the fit sees
+more than one window).
+``t`` is measured once per model, device, dtype and row shape (a few synchronised calls,
+cached in memory and in a small JSON file under the user's cache directory) and refined
+by the driver's timings; ``a_j`` is estimated online from the run's own accept/reject
+counts with exponential forgetting and shrinkage towards a prior.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from .stats import SpeculativeStats
+
+
+@runtime_checkable
+class WindowPolicy(Protocol):
+    """Chooses the window of each round from the past. ``max_window`` bounds it (the run's
+    stats are sized by it)."""
+
+    max_window: int
+
+    def choose(self, stats: SpeculativeStats, live: int) -> int:
+        """L for the next round, from the run so far (``live``: samples still running)."""
+
+    def observe(self, rows: int, seconds: float) -> None:
+        """Called after every target call with its rows and wall-clock (not synchronised)."""
+
+
+def resolve_window(window, chain=None, x_init: Tensor | None = None) -> int | WindowPolicy:
+    """An int (checked), or a policy bound to ``chain``/``x_init``: ``"auto"`` -> :class:`AutoWindow`."""
+    if isinstance(window, str):
+        if window != "auto":
+            raise ValueError(f"window must be a positive integer, 'auto' or a WindowPolicy; got {window!r}")
+        window = AutoWindow()
+    if isinstance(window, WindowPolicy) and not isinstance(window, (int, str)):
+        if not isinstance(window.max_window, int) or window.max_window < 1:
+            raise ValueError(f"{type(window).__name__}.max_window must be a positive integer; got {window.max_window!r}")
+        if hasattr(window, "bind") and chain is not None and x_init is not None:
+            window.bind(chain, x_init)
+        return window
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(
+            f"window must be a positive integer (1 = plain sampler), 'auto' or a WindowPolicy; got {window!r}"
+        )
+    return window
+
+
+# ----------------------------------------------------------------------------------------
+# Batch-latency curve t(b)
+
+
+class LatencyCurve:
+    """Seconds of one target call as a function of its rows: piecewise linear through the
+    measured points (made non-decreasing), linear beyond the largest."""
+
+    def __init__(self, points: dict[int, float] | None = None):
+        self.points = {int(b): float(t) for b, t in (points or {}).items()}
+        self._sorted = None
+
+    def _table(self):
+        if self._sorted is None:
+            bs, ts, peak = sorted(self.points), [], 0.0
+            for b in bs:
+                peak = max(peak, self.points[b])
+                ts.append(peak)
+            self._sorted = (bs, ts)
+        return self._sorted
+
+    def __call__(self, rows: float) -> float:
+        if not self.points:
+            return max(rows, 1.0)  # unknown: proportional to rows (the CPU worst case)
+        bs, ts = self._table()
+        if rows <= bs[0]:
+            return ts[0]
+        for (b0, t0), (b1, t1) in zip(zip(bs, ts), zip(bs[1:], ts[1:])):
+            if rows <= b1:
+                return t0 + (t1 - t0) * (rows - b0) / (b1 - b0)
+        if len(bs) == 1:
+            return ts[0] * rows / bs[0]
+        slope = max((ts[-1] - ts[-2]) / (bs[-1] - bs[-2]), 0.0)
+        return ts[-1] + slope * (rows - bs[-1])
+
+    def update(self, rows: int, seconds: float, weight: float = 0.2) -> None:
+        old = self.points.get(rows)
+        self.points[rows] = seconds if old is None else (1 - weight) * old + weight * seconds
+        self._sorted = None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SPECDIFF_CACHE_DIR")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "specdiff"
+
+
+_MEMORY_CACHE: dict[str, dict[int, float]] = {}
+
+
+def _find_module(obj, depth: int = 2):
+    """The torch module behind a chain or a model function (for the latency cache key)."""
+    if isinstance(obj, torch.nn.Module):
+        return obj
+    if depth < 0 or obj is None:
+        return None
+    candidates = [getattr(obj, name, None) for name in ("model", "unet", "transformer", "model_fn", "__self__")]
+    closure = getattr(obj, "__closure__", None) or ()
+    candidates += [_cell_contents(cell) for cell in closure]
+    for candidate in candidates:
+        found = _find_module(candidate, depth - 1)
+        if found is not None:
+            return found
+    return None
+
+
+def _cell_contents(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:  # a closure variable not bound yet
+        return None
+
+
+def latency_key(chain, x_init: Tensor) -> tuple[str, bool]:
+    """``(key, stable)``: stable keys name the architecture (class and parameter count) and
+    may be cached on disk; otherwise the key is the chain object (memory only). A wrapper
+    that keeps the wrapped chain in ``.chain`` times the same network."""
+    while "chain" in getattr(chain, "__dict__", {}):
+        chain = chain.__dict__["chain"]
+    shape = "x".join(map(str, x_init.shape[1:]))
+    where = f"{x_init.device}|{x_init.dtype}|{shape}|threads={torch.get_num_threads()}"
+    explicit = getattr(chain, "latency_key", None)
+    if isinstance(explicit, str):
+        return f"{explicit}|{where}", True
+    module = _find_module(chain)
+    if module is not None:
+        params = sum(p.numel() for p in module.parameters())
+        dtype = next(module.parameters()).dtype if params else ""
+        return f"{type(module).__name__}:{params}:{dtype}|{type(chain).__name__}|{where}", True
+    return f"{type(chain).__name__}@{id(chain)}|{where}", False
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def measure_latency(chain, x_init: Tensor, sizes: list[int], repeats: int = 3) -> dict[int, float]:
+    """Synchronised wall-clock of ``chain.predict`` on ``b`` rows (copies of ``x_init``'s rows
+    at step 0) for each ``b`` in ``sizes``: the median over ``repeats`` sweeps, taken in turn
+    so that a burst of load on a shared machine does not bend one part of the curve."""
+    from .sampler import predict  # late: the sampler imports this module
+
+    batch = x_init.shape[0]
+    inputs = {}
+    for b in sizes:
+        index = torch.arange(b) % batch
+        inputs[b] = (x_init[index], torch.zeros(b, dtype=torch.long, device=x_init.device), index)
+    times = {b: [] for b in sizes}
+    with torch.no_grad():
+        predict(chain, *inputs[sizes[0]])  # warm-up: kernels, caches, lazy initialisation
+        for _ in range(repeats):
+            for b in sizes:
+                _synchronize(x_init.device)
+                started = time.perf_counter()
+                predict(chain, *inputs[b])
+                _synchronize(x_init.device)
+                times[b].append(time.perf_counter() - started)
+    return {b: sorted(t)[len(t) // 2] for b, t in times.items()}
+
+
+# ----------------------------------------------------------------------------------------
+# The policy
+
+
+class AutoWindow:
+    """The window that maximises expected committed steps per second (module docstring).
+
+    Args:
+        max_window: the largest window considered.
+        prior_acceptance, prior_weight: Beta-style prior on the per-step acceptance
+            (``prior_weight`` pseudo-observations), used before the run has data.
+        memory: per-round decay of the acceptance counts (older rounds count less, since
+            acceptance drifts along a trajectory).
+        latency: a known curve (``{rows: seconds}``); skips the measurement.
+        cache: keep measured curves in a JSON file under ``$SPECDIFF_CACHE_DIR`` (default
+            ``~/.cache/specdiff``); memory-only when False or when the folder is not writable.
+    """
+
+    def __init__(self, max_window: int = 32, *, prior_acceptance: float = 0.9, prior_weight: float = 4.0,
+                 memory: float = 0.95, latency: dict[int, float] | None = None, cache: bool = True):
+        if not isinstance(max_window, int) or isinstance(max_window, bool) or max_window < 1:
+            raise ValueError(f"max_window must be a positive integer; got {max_window!r}")
+        if not 0 < prior_acceptance < 1:
+            raise ValueError(f"prior_acceptance must be in (0, 1); got {prior_acceptance!r}")
+        self.max_window = max_window
+        self.prior_acceptance, self.prior_weight, self.memory = prior_acceptance, prior_weight, memory
+        self.latency = LatencyCurve(latency)
+        self.measured = latency is not None
+        self.cache = cache
+        self.source = "given" if latency is not None else "none"
+        self.per_round, self.per_step = 0.0, 0.0  # c, h: seconds outside the target call per round / drafted step
+        self._overhead = [0.0] * 5  # decayed sums 1, L, L², o, L·o of the rounds' (window, outside time)
+        self.chosen: Counter[int] = Counter()
+        self._seen = (0, [0] * max_window, [0] * max_window)
+        self._acc = [0.0] * max_window
+        self._prop = [0.0] * max_window
+        self._round: tuple[float, int, float] | None = None  # (start, window, target seconds so far)
+        self._last_rows, self._live = 0, 0
+
+    # -- binding and measurement ---------------------------------------------------------
+    def bind(self, chain, x_init: Tensor) -> None:
+        """Measure ``t(b)`` for this model/device/dtype/shape unless known or cached."""
+        if self.measured:
+            return
+        key, stable = latency_key(chain, x_init)
+        batch = x_init.shape[0]
+        sizes = sorted({batch * k for k in (1, 2, 3, 5, 9, 17, 33, 65) if k <= self.max_window + 1}
+                       | {batch * (self.max_window + 1)})
+        known = dict(_MEMORY_CACHE.get(key, {}))
+        self.source = "memory cache"
+        if stable and self.cache and not all(b in known for b in sizes):
+            known.update(self._read_disk(key))
+            self.source = "disk cache"
+        missing = [b for b in sizes if b not in known]
+        if missing:
+            known.update(measure_latency(chain, x_init, missing))
+            self.source = "measured"
+            if stable and self.cache:
+                self._write_disk(key, known)
+        _MEMORY_CACHE[key] = known
+        self.latency = LatencyCurve({b: known[b] for b in sizes})
+        self.measured = True
+
+    @staticmethod
+    def _read_disk(key: str) -> dict[int, float]:
+        try:
+            data = json.loads((_cache_dir() / "latency.json").read_text())
+            return {int(b): float(t) for b, t in data.get(key, {}).items()}
+        except (OSError, ValueError, AttributeError):
+            return {}
+
+    @staticmethod
+    def _write_disk(key: str, curve: dict[int, float]) -> None:
+        path = _cache_dir() / "latency.json"
+        try:
+            data = json.loads(path.read_text()) if path.exists() else {}
+            data[key] = {str(b): t for b, t in sorted(curve.items())}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(data, indent=1))
+            tmp.replace(path)
+        except (OSError, ValueError):
+            pass  # a read-only home must not stop sampling: the curve stays in memory
+
+    # -- the policy ----------------------------------------------------------------------
+    def observe(self, rows: int, seconds: float) -> None:
+        if self._round is not None:
+            start, window, spent = self._round
+            self._round = (start, window, spent + seconds)
+        self._last_rows = rows
+        if not torch.cuda.is_available() or not self.measured:
+            self.latency.update(rows, seconds)  # CPU timings are real; asynchronous GPU ones are not
+
+    def choose(self, stats: SpeculativeStats, live: int) -> int:
+        now = time.perf_counter()
+        self._update_overhead(now)
+        self._update_acceptance(stats)
+        self._live = live
+        window = self.best_window(live)
+        if stats.rounds % 8 == 7:  # now and then try a neighbour, so the overhead fit sees more than one window
+            window = min(2 * window, self.max_window) if (stats.rounds // 8) % 2 else max(window // 2, 1)
+        self.chosen[window] += 1
+        self._round = (now, window, 0.0)
+        return window
+
+    def _update_overhead(self, now: float) -> None:
+        """Fit ``outside(L) = c + h L`` to the rounds so far (decayed least squares, a tiny
+        ridge so that rounds of a single window split the time between the two)."""
+        if self._round is None:
+            return
+        start, window, spent = self._round
+        outside = max(now - start - spent, 0.0)
+        sums = [self.memory * v for v in self._overhead]
+        for i, v in enumerate((1.0, window, window * window, outside, window * outside)):
+            sums[i] += v
+        self._overhead = sums
+        n, sl, sll, so, slo = sums
+        ridge = 1e-2 * n
+        det = (n + ridge) * (sll + ridge) - sl * sl
+        c = ((sll + ridge) * so - sl * slo) / det
+        h = ((n + ridge) * slo - sl * so) / det
+        if c < 0:
+            c, h = 0.0, slo / (sll + ridge)
+        elif h < 0:
+            c, h = so / (n + ridge), 0.0
+        self.per_round, self.per_step = c, h
+
+    def _update_acceptance(self, stats: SpeculativeStats) -> None:
+        acc = list(stats.accepted_by_position)[: self.max_window]
+        prop = list(stats.proposed_by_position)[: self.max_window]
+        _, acc_seen, prop_seen = self._seen
+        for j in range(len(acc)):
+            self._acc[j] = self.memory * self._acc[j] + acc[j] - acc_seen[j]
+            self._prop[j] = self.memory * self._prop[j] + prop[j] - prop_seen[j]
+        self._seen = (stats.rounds, acc + [0] * (self.max_window - len(acc)), prop + [0] * (self.max_window - len(prop)))
+
+    def acceptance(self) -> list[float]:
+        """Estimated acceptance per window position (position 0: a drafted root)."""
+        pooled = (sum(self._acc) + self.prior_weight * self.prior_acceptance) / (sum(self._prop) + self.prior_weight)
+        shrink = self.prior_weight
+        return [(a + shrink * pooled) / (p + shrink) for a, p in zip(self._acc, self._prop)]
+
+    def rates(self, live: int, accept: list[float] | None = None) -> list[float]:
+        """``rate(L)`` of the module docstring for L = 1..max_window: expected committed steps per second."""
+        a = self.acceptance() if accept is None else accept
+        out = []
+        drafted, exact, p_n, p_f = 0.0, 0.0, 1.0, 1.0  # E[C] and P(whole window) from a drafted / exact root
+        for window in range(1, self.max_window + 1):
+            j = window - 1
+            drafted, exact = drafted + p_n, exact + p_f
+            p_n, p_f = p_n * a[j], p_f * (1.0 if j == 0 else a[j])
+            pi = p_n / (1 - p_f + p_n) if (1 - p_f + p_n) > 0 else 1.0
+            committed = pi * exact + (1 - pi) * drafted
+            seconds = self.latency(live * (window + 1 - pi)) + self.per_round + self.per_step * window
+            out.append(live * committed / max(seconds, 1e-12))
+        return out
+
+    def expected_rate(self, window: int, live: int, accept: list[float] | None = None) -> float:
+        return self.rates(live, accept)[window - 1]
+
+    def best_window(self, live: int) -> int:
+        rates = self.rates(live)
+        return 1 + max(range(len(rates)), key=rates.__getitem__)
+
+    def describe(self) -> str:
+        """Which windows were chosen and why (for the CLI)."""
+        a = self.acceptance()
+        pooled = sum(a) / len(a)
+        b = self._live or 1
+        t1 = self.latency(b) if self.latency.points else float("nan")
+        curve = ", ".join(f"t({k}B)={self.latency(k * b) / t1:.1f}" for k in (2, 5, 9, 17, 33)
+                          if k <= self.max_window + 1)
+        used = ", ".join(f"L={w} x{n}" for w, n in sorted(self.chosen.items())) or "none yet"
+        return (f"auto window (max {self.max_window}): rounds {used}; chosen to maximise expected committed steps "
+                f"per second, E[C|L]/(t(rows)+c+h*L), with acceptance ~{pooled:.3f} (position 0: {a[0]:.3f}), "
+                f"latency t(B)={t1 * 1e3:.1f} ms for B={b} live rows and t(kB)/t(B): {curve} ({self.source}), "
+                f"outside the network {self.per_round * 1e3:.2f} ms per round + {self.per_step * 1e3:.2f} ms per "
+                f"drafted step")
+
+    def __repr__(self) -> str:
+        return f"AutoWindow(max_window={self.max_window})"
+
+
+def _expected_committed(accept: list[float], window: int, exact_root: bool = False) -> tuple[float, float]:
+    """``(E[C], P(whole window accepted))`` for one round with per-position acceptance."""
+    expected, survive = 0.0, 1.0
+    for j in range(window):
+        expected += survive
+        survive *= 1.0 if (j == 0 and exact_root) else accept[min(j, len(accept) - 1)]
+    return expected, survive

@@ -1,0 +1,202 @@
+"""Window policies (specdiff.window): AutoWindow's choice on synthetic latency curves and
+acceptance, its latency cache, and exactness of the sampler when the window follows the past."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import specdiff.window as window_module
+from specdiff import sample_baseline, speculative_sample
+from specdiff.stats import SpeculativeStats
+from specdiff.testing import GaussianMixtureDDPM, two_sample_test
+from specdiff.window import AutoWindow, LatencyCurve, WindowPolicy, resolve_window
+
+ALPHA = 1e-3  # family-wise significance of the two-sample tests
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Never touch the user's cache (or the repo) from tests."""
+    monkeypatch.setenv("SPECDIFF_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(window_module, "_MEMORY_CACHE", {})
+
+
+def stats_with(acceptance_by_position, proposed=1000, window=32):
+    stats = SpeculativeStats(num_steps=1000, batch_size=1, window=window)
+    stats.proposed_by_position = [proposed] * window
+    stats.accepted_by_position = [round(proposed * a) for a in acceptance_by_position]
+    stats.proposed, stats.accepted = sum(stats.proposed_by_position), sum(stats.accepted_by_position)
+    return stats
+
+
+def flat(seconds=0.01):  # a GPU with spare capacity: any batch costs one call
+    return {b: seconds for b in (1, 64, 4096)}
+
+
+def linear(seconds=0.01):  # a saturated device: cost proportional to rows
+    return {1: seconds, 1000: 1000 * seconds}
+
+
+def test_expected_committed_matches_the_closed_form():
+    alpha = 0.9
+    for window in (1, 4, 16):
+        drafted, whole = window_module._expected_committed([alpha] * 32, window)
+        assert drafted == pytest.approx((1 - alpha**window) / (1 - alpha))
+        assert whole == pytest.approx(alpha**window)
+        exact, whole_exact = window_module._expected_committed([alpha] * 32, window, exact_root=True)
+        assert exact == pytest.approx(1 + (1 - alpha ** (window - 1)) / (1 - alpha))
+        assert whole_exact == pytest.approx(alpha ** (window - 1))
+
+
+def test_flat_latency_and_high_acceptance_take_the_largest_window():
+    policy = AutoWindow(max_window=32, latency=flat())
+    assert policy.choose(stats_with([0.99] * 32), live=1) == 32
+
+
+def test_rows_proportional_latency_takes_window_one():
+    """When a batch of L rows costs L single calls, speculation cannot pay in wall-clock."""
+    policy = AutoWindow(max_window=32, latency=linear())
+    assert policy.choose(stats_with([0.96] * 32), live=1) == 1
+
+
+def test_window_is_the_argmax_of_the_expected_rate_and_falls_with_acceptance():
+    curve = {1: 1.0, 2: 1.6, 4: 2.0, 8: 2.9, 17: 5.3, 33: 8.8}  # the bundled UNet on a CPU (issue 10)
+    chosen = []
+    for alpha in (0.6, 0.9, 0.96, 0.995):
+        policy = AutoWindow(max_window=32, latency=curve, prior_weight=1e-9)
+        window = policy.choose(stats_with([alpha] * 32, proposed=10**6), live=1)
+        rates = [policy.expected_rate(w, 1) for w in range(1, 33)]
+        assert rates[window - 1] == max(rates)
+        chosen.append(window)
+    assert chosen == sorted(chosen) and chosen[0] < chosen[-1]
+
+
+def test_overhead_per_drafted_step_shortens_the_window():
+    policy = AutoWindow(max_window=32, latency=flat(0.01))
+    stats = stats_with([0.97] * 32)
+    cheap = policy.choose(stats, live=1)
+    policy.per_step = 0.01  # drafting a step costs as much as a target call
+    assert policy.best_window(1) < cheap
+
+
+def test_acceptance_is_estimated_from_the_runs_counts_with_forgetting():
+    policy = AutoWindow(max_window=4, latency=flat(), prior_acceptance=0.5, prior_weight=1.0, memory=0.5)
+    stats = SpeculativeStats(num_steps=100, batch_size=1, window=4)
+    assert policy.acceptance() == pytest.approx([0.5] * 4)  # the prior alone
+    stats.proposed_by_position, stats.accepted_by_position = [100] * 4, [90] * 4
+    policy.choose(stats, 1)
+    assert policy.acceptance()[0] == pytest.approx(0.9, abs=0.01)
+    stats.proposed_by_position, stats.accepted_by_position = [200] * 4, [90] * 4  # the last 100: all rejected
+    policy.choose(stats, 1)
+    assert policy.acceptance()[0] == pytest.approx(45 / 150, abs=0.01)  # old counts halved
+
+
+def test_latency_curve_interpolates_and_stays_non_decreasing():
+    curve = LatencyCurve({1: 1.0, 3: 3.0, 5: 2.0})
+    assert curve(2) == pytest.approx(2.0)
+    assert curve(4) == pytest.approx(3.0)  # the dip at 5 is noise: cost never falls with rows
+    assert curve(0.5) == 1.0 and curve(7) >= 3.0
+
+
+def test_resolve_window_accepts_ints_auto_and_policies_and_names_the_fix():
+    assert resolve_window(8) == 8
+    assert isinstance(resolve_window("auto"), AutoWindow)
+    policy = AutoWindow(max_window=4, latency=flat())
+    assert resolve_window(policy) is policy and isinstance(policy, WindowPolicy)
+    for bad in (0, -3, 2.5, True, "fast", None):
+        with pytest.raises(ValueError, match="positive integer.*'auto'"):
+            resolve_window(bad)
+    with pytest.raises(ValueError, match="max_window"):
+        AutoWindow(max_window=0)
+
+
+class Replay:
+    """A policy that records what it saw and answers from a fixed rule of the past."""
+
+    def __init__(self, rule, max_window=16):
+        self.max_window, self.rule, self.seen, self.calls = max_window, rule, [], []
+
+    def choose(self, stats, live):
+        self.seen.append((stats.rounds, stats.proposed, stats.accepted, live))
+        return self.rule(stats)
+
+    def observe(self, rows, seconds):
+        self.calls.append(rows)
+
+
+def test_a_policy_sees_only_completed_rounds_and_every_target_call():
+    chain = GaussianMixtureDDPM.random(dim=2, num_steps=200)
+    x = chain.sample_prior(3, torch.Generator().manual_seed(0))
+    policy = Replay(lambda s: 1 + s.rounds % 7)
+    out = speculative_sample(chain, x, window=policy, generator=torch.Generator().manual_seed(1))
+    rounds = [r for r, *_ in policy.seen]
+    assert rounds == list(range(out.stats.rounds))  # asked before each round, after the previous one
+    proposed = [p for _, p, *_ in policy.seen]
+    assert proposed == sorted(proposed) and proposed[-1] <= out.stats.proposed
+    assert len(policy.calls) == out.stats.target_calls and sum(policy.calls) == out.stats.target_rows
+    assert max(i for i, n in enumerate(out.stats.committed_per_round) if n) <= 7
+
+
+def test_a_policy_answering_one_reproduces_the_baseline_bit_for_bit():
+    chain = GaussianMixtureDDPM.random(dim=3, num_steps=60)
+    x = chain.sample_prior(4, torch.Generator().manual_seed(0))
+    out = speculative_sample(chain, x, window=Replay(lambda s: 1), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(out.sample, sample_baseline(chain, x, torch.Generator().manual_seed(2)))
+
+
+@pytest.mark.parametrize("policy", ["auto", "history"])
+def test_windows_chosen_from_the_past_keep_the_baseline_law(mixture_reference, policy):
+    """The window may follow acceptance so far (here: shrink right after rejections, grow after
+    whole windows), and the output law is still the plain sampler's."""
+    chain, x, reference = mixture_reference
+    if policy == "auto":
+        window = AutoWindow(max_window=16, latency=flat())
+    else:
+        last = {"accepted": 0, "proposed": 0}
+
+        def rule(stats):
+            rejected = (stats.proposed - last["proposed"]) - (stats.accepted - last["accepted"])
+            last.update(accepted=stats.accepted, proposed=stats.proposed)
+            return 2 if rejected > len(x) // 20 else 12
+
+        window = Replay(rule)
+    out = speculative_sample(chain, x, window=window, generator=torch.Generator().manual_seed(13))
+    result = two_sample_test(out.sample, reference, alpha=ALPHA)
+    assert result.passed, str(result)
+    assert out.stats.accepted < out.stats.proposed  # rejections happened: the coupling was exercised
+
+
+def test_auto_window_measures_latency_once_and_reuses_the_disk_cache(tmp_path, monkeypatch):
+    chain = GaussianMixtureDDPM.random(dim=2, num_steps=50)
+    chain.latency_key = "analytic-mixture-test"
+    x = chain.sample_prior(2, torch.Generator().manual_seed(0))
+    first = AutoWindow(max_window=8)
+    out = speculative_sample(chain, x, window=first, generator=torch.Generator().manual_seed(1))
+    assert first.source == "measured" and out.stats.window == 8
+    saved = json.loads((tmp_path / "cache" / "latency.json").read_text())
+    (key, curve), = saved.items()
+    assert key.startswith("analytic-mixture-test|cpu|torch.float64|2|") and {"2", "18"} <= set(curve)
+
+    monkeypatch.setattr(window_module, "_MEMORY_CACHE", {})
+    monkeypatch.setattr(window_module, "measure_latency", lambda *a, **k: pytest.fail("measured twice"))
+    second = AutoWindow(max_window=8)
+    speculative_sample(chain, x, window=second, generator=torch.Generator().manual_seed(1))
+    assert second.source == "disk cache"
+    assert "auto window (max 8)" in second.describe() and "disk cache" in second.describe()
+
+
+def test_an_unwritable_cache_folder_falls_back_to_memory(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("SPECDIFF_CACHE_DIR", str(blocker / "cache"))
+    chain = GaussianMixtureDDPM.random(dim=2, num_steps=30)
+    chain.latency_key = "unwritable-test"
+    x = chain.sample_prior(1, torch.Generator().manual_seed(0))
+    policy = AutoWindow(max_window=4)
+    speculative_sample(chain, x, window=policy, generator=torch.Generator().manual_seed(1))
+    assert policy.source == "measured" and all(math.isfinite(t) for t in policy.latency.points.values())
+    again = AutoWindow(max_window=4)
+    again.bind(chain, x)
+    assert again.source == "memory cache"
