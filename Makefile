@@ -14,7 +14,7 @@ $(BIN)/specdiff: pyproject.toml
 install: $(BIN)/specdiff
 
 demo: install
-	$(BIN)/specdiff generate --compare --num-images 4 --steps 1000 --window 16 --out outputs/demo
+	$(BIN)/specdiff generate --compare --num-images 4 --batch-size 4 --steps 1000 --out outputs/demo
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -401,12 +401,19 @@ def summary(report: dict) -> str:
         verdict += " (add --compare to time the plain sampler on the same seeds)."
     lines.append(verdict)
     drafter = "reusing the network's last prediction" if report["drafter"] == "frozen" else "with a small draft model"
+    window = report["window"]
+    if window == "auto":
+        chosen = [w for batch in spec.get("batches", []) for w in batch.get("chosen_windows", [])]
+        window = max(chosen, default="auto")
     lines.append(
-        f"The plain sampler calls the network once per step. The speculative one guesses up to {report['window']} "
+        f"The plain sampler calls the network once per step. The speculative one guesses up to {window} "
         f"steps ahead ({drafter}), checks them all in one batched call and keeps "
         f"{100 * spec['acceptance_rate']:.0f}% of the guesses; a rejected guess is replaced by an exact draw. "
         "The images have exactly the plain sampler's distribution."
     )
+    choice = next((b["window_choice"] for b in spec.get("batches", []) if b.get("window_choice")), None)
+    if choice:
+        lines.append(f"Window: {choice}.")
     if "plain" in report and spec["wall_clock_s"] > report["plain"]["wall_clock_s"]:
         lines.append("Here a batched call costs more than the calls it saves; speculation pays on devices with "
                      "spare parallel capacity (a GPU) and with many small steps.")
@@ -524,8 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="images sampled together; an image depends only on its seed and batch, never on the "
                           "number of processes")
     gen.add_argument("--steps", type=_positive(int), metavar="N", default=1000, help="denoising steps per image")
-    gen.add_argument("--window", type=_window, metavar="L", default=16,
-                     help="steps guessed ahead per network call (an integer, 1 = plain sampler, or auto)")
+    gen.add_argument("--window", type=_window, metavar="L", default="auto",
+                     help="steps guessed ahead per network call: an integer (1 = plain sampler), or auto (chosen "
+                          "before every call from the measured cost of a batch and the acceptance so far)")
     gen.add_argument("--drafter", choices=["frozen", "model"], default="frozen",
                      help="who guesses: frozen reuses the network's last prediction (free); model runs --draft-model")
     gen.add_argument("--draft-model", default=None, metavar="PATH",

@@ -72,7 +72,9 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
     Args:
         base_scheduler_class: name of the wrapped diffusers scheduler class.
         base_scheduler_config: its config (a plain dict).
-        window: steps drafted per round (L); 1 is the plain sampler.
+        window: steps drafted per round (L); 1 is the plain sampler; ``"auto"`` (the default)
+            chooses it before every round from the measured batch latency and the acceptance so far
+            (:class:`specdiff.window.AutoWindow`).
         drafter: ``"frozen"`` (reuse the target's last prediction; no network call). An
             independent draft model is passed at call time (:meth:`sample`'s ``drafter``).
         frozen_prediction: what the frozen drafter freezes: ``"sample"`` (predicted x0, the
@@ -92,7 +94,7 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
         self,
         base_scheduler_class: str = "DDPMScheduler",
         base_scheduler_config: dict | None = None,
-        window: int = 8,
+        window: int | str = "auto",
         drafter: str = "frozen",
         frozen_prediction: str = "sample",
         eta: float | None = None,
