@@ -106,6 +106,11 @@ def _save_grid(images, path: Path) -> None:
 def cmd_generate(args) -> int:
     import torch
 
+    from .workbench.text_cli import generate_text, is_text_model
+
+    if is_text_model(args.model):
+        return generate_text(args)
+
     out = _writable(Path(args.out))
     masked = _is_masked(args.model)
     pipe, plain_pipe = _load_pipeline(args.model, args.device)
@@ -193,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", default="outputs/generate", help="folder for the PNG grid and stats.json")
     gen.add_argument("--compare", action="store_true", help="also run the plain sampler on the same seeds")
     gen.add_argument("--no-progress", action="store_true")
+    gen.add_argument("--prompt", default=None, help="text models: the text to continue (kept fixed)")
+    gen.add_argument("--length", type=_positive(int), default=128, help="text models: tokens to generate")
+    gen.add_argument("--block-size", type=_positive(int), default=None, help="text models: semi-AR blocks")
     gen.set_defaults(func=cmd_generate)
 
     ana = sub.add_parser("analytic", help="exactness and speed on the analytic Gaussian-mixture model")

@@ -165,7 +165,8 @@ def train(model, loss_fn, train_ids, args, iterations: int, label: str) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        running = float(loss) if running is None else 0.98 * running + 0.02 * float(loss)
+        value = float(loss.detach())
+        running = value if running is None else 0.98 * running + 0.02 * value
         elapsed = time.perf_counter() - started
         if it % args.log_every == 0 or it == iterations:
             log.append({"iteration": it, "train_loss_ema": running, "seconds": round(elapsed, 1)})
