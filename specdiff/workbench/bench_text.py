@@ -45,6 +45,22 @@ def same_law_check(a: torch.Tensor, b: torch.Tensor, alpha: float = 1e-3, top: i
             "passed": bool(min(p) >= threshold)}
 
 
+def forward_cost(model, vocab: int, length: int, rows=(1, 2, 4, 8, 16), repeats: int = 5) -> dict:
+    """Median seconds of one target call on ``rows`` texts: on a CPU the cost grows about
+    linearly with the rows, which bounds what fewer sequential calls can save in wall-clock."""
+    out = {}
+    for r in rows:
+        x = torch.randint(3, vocab, (r, length))
+        model(x)
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - started)
+        out[str(r)] = float(np.median(times))
+    return out
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Benchmark speculative sampling on the bundled text model")
     p.add_argument("--model", type=Path, default=asset("models", "stdlib-text"))
@@ -85,6 +101,7 @@ def main(argv=None) -> dict:
     }
     started = time.perf_counter()
     with torch.no_grad():
+        results["target_call_seconds_by_rows"] = forward_cost(target, len(tokenizer), args.length)
         for n in args.steps:
             scheduler.set_timesteps(n)
             chain = MaskedLMChain.from_tokenizer(target, tokenizer, scheduler)
