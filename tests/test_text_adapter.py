@@ -156,3 +156,14 @@ def test_bad_input_errors_name_the_fix():
     chain = MaskedLMChain(lambda x: x, MaskedDiffusionScheduler(vocab_size=5), mask_token_id=2)
     with pytest.raises(ValueError, match="pad_token_id"):
         chain.initial_state([[3, 4], [4]], 2)
+
+
+def test_half_precision_model_runs_and_the_kernel_stays_float64():
+    scheduler = MaskedDiffusionScheduler(vocab_size=len(TOKENIZER), num_inference_steps=6)
+    chain = MaskedLMChain.from_tokenizer(tiny_bert(0).to(torch.bfloat16), TOKENIZER, scheduler)
+    x = chain.initial_state([[3]] * 4, 5)
+    step = torch.zeros(4, dtype=torch.long)
+    assert chain.predict(x, step).dtype == torch.bfloat16
+    assert chain.transition(x, step, chain.predict(x, step)).dtype == torch.float64
+    out = speculative_sample_discrete(chain, x, window=3, generator=torch.Generator().manual_seed(0))
+    assert ((out.sample == 3) | (out.sample == 4)).all()

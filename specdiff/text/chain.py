@@ -124,8 +124,8 @@ class MaskedLMChain(MaskedDiffusionChain):
     def _call(self, x: Tensor, t: Tensor | None = None) -> Tensor:
         if t is not None and self.time_input == "sigma":
             t = -alpha(t, self.scheduler.config.alpha_schedule).clamp(min=1e-3).log()
-        if t is not None:
-            t = t.to(x.device, torch.float32)
+        if t is not None:  # in the model's dtype (fp16/bf16 models take half-precision times)
+            t = t.to(x.device, getattr(self.denoiser.model, "dtype", torch.float32))
         return self.denoiser(x, t)
 
     def initial_state(self, prompt_ids: Sequence[Sequence[int]], length: int, device=None) -> Tensor:
