@@ -6,7 +6,7 @@ For each grid size N (128 tokens, unconditional) it samples ``--num-samples`` te
 batches of ``--batch-size`` (16) with the plain sampler (one call per step), the cached
 sampler (MDLM ``ddpm_cache``) and the speculative sampler for each window (frozen-target
 drafter, and the distilled drafter in MODEL/drafter), and times ``--latency-samples`` texts
-one at a time (batch 1). Recorded: target calls per sample (the batch-1 latency unit),
+one at a time (batch 1, the samplers interleaved text by text). Recorded: target calls per sample (the batch-1 latency unit),
 sequential calls per batch of 16, rows, draft calls, acceptance, wall-clock at batch 1 and
 16; and a two-sample check that speculative and plain texts have the same law (independent
 seeds; per position, chi-square homogeneity of the character frequencies over the 7 most
@@ -28,7 +28,7 @@ from ..discrete.scheduler import MaskedDiffusionScheduler
 from ..drafters import ModelDrafter
 from ..paths import asset
 from ..text.chain import MaskedLMChain
-from .bench_discrete import _contingency_p, bench_config
+from .bench_discrete import _contingency_p, _run, bench_config, plot
 
 
 def same_law_check(a: torch.Tensor, b: torch.Tensor, alpha: float = 1e-3, top: int = 7) -> dict:
@@ -61,6 +61,17 @@ def forward_cost(model, vocab: int, length: int, rows=(1, 2, 4, 8, 16), repeats:
     return out
 
 
+def batch1_latency(chain, length: int, configs: list, samples: int, seed: int) -> dict:
+    """Seconds per text at batch 1, the samplers interleaved text by text (same seeds), so
+    that the load of a shared machine hits all of them alike: ``{name: [seconds, ...]}``."""
+    times = {name: [] for name, *_ in configs}
+    for i in range(samples):
+        for name, kind, window, drafter in configs:
+            g = torch.Generator().manual_seed(seed + i)
+            times[name].append(_run(kind, chain, chain.prior(1, (length,)), g, window, drafter).stats.wall_clock)
+    return times
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Benchmark speculative sampling on the bundled text model")
     p.add_argument("--model", type=Path, default=asset("models", "stdlib-text"))
@@ -75,6 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("assets/bench/text.json"))
+    p.add_argument("--table", action="store_true", help="only print the README table of the saved --out results")
     return p.parse_args(argv)
 
 
@@ -82,6 +94,10 @@ def main(argv=None) -> dict:
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     args = parse_args(argv)
+    if args.table:
+        results = json.loads(args.out.read_text())
+        print(table(results))
+        return results
     torch.set_num_threads(args.threads)
     target = AutoModelForMaskedLM.from_pretrained(args.model / "transformer").eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model / "tokenizer")
@@ -105,14 +121,26 @@ def main(argv=None) -> dict:
         for n in args.steps:
             scheduler.set_timesteps(n)
             chain = MaskedLMChain.from_tokenizer(target, tokenizer, scheduler)
-            plain, plain_x = bench_config("plain", chain, args.length, args, seed=args.seed + 1)
-            cached, _ = bench_config("cached", chain, args.length, args, seed=args.seed + 2)
-            results["runs"] += [plain, cached]
+            batch_args = argparse.Namespace(**{**vars(args), "latency_samples": 0})
+            plain, plain_x = bench_config("plain", chain, args.length, batch_args, seed=args.seed + 1)
+            cached, _ = bench_config("cached", chain, args.length, batch_args, seed=args.seed + 2)
             configs = [(w, None) for w in args.windows]
             configs += [(w, ModelDrafter(draft.predict)) for w in args.drafter_windows if draft is not None]
+            specs = []
             for w, drafter in configs:
-                rec, spec_x = bench_config("speculative", chain, args.length, args, seed=args.seed + 3,
+                rec, spec_x = bench_config("speculative", chain, args.length, batch_args, seed=args.seed + 3,
                                            window=w, drafter=drafter)
+                rec["same_law_as_plain"] = same_law_check(spec_x, plain_x, args.alpha)
+                specs.append(rec)
+            latency = batch1_latency(
+                chain, args.length,
+                [("plain", "plain", None, None), ("cached", "cached", None, None)]
+                + [(_name(r), "speculative", w, d) for r, (w, d) in zip(specs, configs)],
+                args.latency_samples, seed=args.seed + 10**6)
+            for rec in [plain, cached, *specs]:
+                rec["wall_clock_batch1_seconds"] = latency[_name(rec)]
+                rec["wall_clock_batch1_seconds_per_sample"] = float(np.mean(latency[_name(rec)]))
+            for rec in specs:
                 for base in (plain, cached):
                     name = base["sampler"]
                     rec[f"calls_vs_{name}"] = base["target_calls_per_sample"] / rec["target_calls_per_sample"]
@@ -120,12 +148,11 @@ def main(argv=None) -> dict:
                                                      / rec["wall_clock_batch1_seconds_per_sample"])
                     rec[f"wall_batch{args.batch_size}_vs_{name}"] = (base["wall_clock_batch_seconds"]
                                                                    / rec["wall_clock_batch_seconds"])
-                rec["same_law_as_plain"] = same_law_check(spec_x, plain_x, args.alpha)
-                results["runs"].append(rec)
-                print(f"N={n} L={w} {rec['drafter']}: {rec['target_calls_per_sample']:.1f} calls/sample (cached "
-                      f"{cached['target_calls_per_sample']:.1f}, {rec['calls_vs_cached']:.2f}x), batch-1 wall "
+                print(f"N={n} L={rec['window']} {rec['drafter']}: {rec['target_calls_per_sample']:.1f} calls/sample "
+                      f"(cached {cached['target_calls_per_sample']:.1f}, {rec['calls_vs_cached']:.2f}x), batch-1 wall "
                       f"{rec['wall_batch1_vs_cached']:.2f}x cached, acceptance {rec['acceptance_rate']:.3f}, "
                       f"same law {rec['same_law_as_plain']['passed']}", flush=True)
+            results["runs"] += [plain, cached, *specs]
     batches = -(-args.num_samples // args.batch_size)
     for rec in results["runs"]:  # per batch of --batch-size, the unit of the README table
         rec["sequential_calls_per_batch"] = rec["sequential_batched_calls"] / batches
@@ -143,46 +170,24 @@ def _name(r: dict) -> str:
 
 
 def table(results: dict) -> str:
-    """The README table (markdown) from a results file."""
+    """The README table (markdown) from a results file; ratios are the cached sampler's
+    figure over the row's (above 1: the row is better)."""
     b = results["args"]["batch_size"]
-    lines = [f"| steps | sampler | calls / text (batch 1) | wall-clock / text, batch 1 | calls / batch of {b} | "
-             f"wall-clock / batch of {b} | acceptance | same law as plain (min p) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [f"| steps | sampler | calls / text, batch 1 | vs cached | wall-clock / text, batch 1 | vs cached | "
+             f"calls / batch of {b} | wall-clock / batch of {b} | vs cached | acceptance | same law as plain (min p) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    cached = {r["num_steps"]: r for r in results["runs"] if r["sampler"] == "cached"}
     for r in results["runs"]:
-        law = r.get("same_law_as_plain")
+        c, law = cached[r["num_steps"]], r.get("same_law_as_plain")
+        calls, wall1, wall = (r[k] for k in ("target_calls_per_sample", "wall_clock_batch1_seconds_per_sample",
+                                             "wall_clock_per_batch_seconds"))
         lines.append(
-            f"| {r['num_steps']} | {_name(r)} | {r['target_calls_per_sample']:.1f} | "
-            f"{r['wall_clock_batch1_seconds_per_sample']:.2f} s | {r['sequential_calls_per_batch']:.1f} | "
-            f"{r['wall_clock_per_batch_seconds']:.2f} s | {r.get('acceptance_rate', float('nan')):.3f} | "
+            f"| {r['num_steps']} | {_name(r)} | {calls:.1f} | {c['target_calls_per_sample'] / calls:.2f}x | "
+            f"{wall1:.3f} s | {c['wall_clock_batch1_seconds_per_sample'] / wall1:.2f}x | "
+            f"{r['sequential_calls_per_batch']:.1f} | {wall:.2f} s | {c['wall_clock_per_batch_seconds'] / wall:.2f}x | "
+            + (f"{r['acceptance_rate']:.3f} | " if "acceptance_rate" in r else "- | ")
             + (f"{'yes' if law['passed'] else 'NO'} ({law['min_p']:.2g}) |" if law else "- |"))
     return "\n".join(lines)
-
-
-def plot(results: dict, path: Path) -> None:
-    """Calls per text and batch-1 wall-clock per text, per sampler and grid size."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover - matplotlib is in the bench extra
-        return
-    steps = sorted({r["num_steps"] for r in results["runs"]})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, title in ((axes[0], "target_calls_per_sample", "sequential target calls per text"),
-                           (axes[1], "wall_clock_batch1_seconds_per_sample", "wall-clock per text at batch 1 (s)")):
-        width = 0.8 / len(steps)
-        for si, n in enumerate(steps):
-            runs = [r for r in results["runs"] if r["num_steps"] == n]
-            ax.bar(np.arange(len(runs)) + si * width, [r[key] for r in runs], width, label=f"N = {n}")
-            ax.set_xticks(np.arange(len(runs)) + width * (len(steps) - 1) / 2)
-            ax.set_xticklabels([_name(r) for r in runs], rotation=30, ha="right", fontsize=8)
-        ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"{results['model']}, 128 tokens, {results['device']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 if __name__ == "__main__":
