@@ -8,18 +8,18 @@ import torch
 from scipy import stats as sps
 
 pytest.importorskip("transformers")
-from transformers import BertConfig, BertForMaskedLM  # noqa: E402
+from transformers import BertConfig, BertForMaskedLM
 
-from specdiff.discrete import (  # noqa: E402
+from specdiff.discrete import (
     MaskedDiffusionScheduler,
     exact_baseline_law,
     exact_speculative_law,
     sample_baseline_discrete,
     speculative_sample_discrete,
 )
-from specdiff.discrete.chain import ScaledDrafter, _state_index  # noqa: E402
-from specdiff.drafters import ModelDrafter  # noqa: E402
-from specdiff.text import MaskedLMChain, char_tokenizer  # noqa: E402
+from specdiff.discrete.chain import ScaledDrafter, _state_index
+from specdiff.drafters import ModelDrafter
+from specdiff.text import MaskedLMChain, char_tokenizer
 
 ALPHA = 1e-3  # level of each Monte-Carlo test (fixed seeds: deterministic outcomes)
 TOKENIZER = char_tokenizer("ab")  # ids: [PAD]=0 [UNK]=1 [MASK]=2 a=3 b=4; the chain's MASK is 5

@@ -8,11 +8,12 @@ import torch
 
 pytest.importorskip("transformers")
 
-from specdiff.discrete import exact_baseline_law, exact_speculative_law, sample_baseline_discrete  # noqa: E402
-from specdiff.discrete.chain import ScaledDrafter, _state_index, all_states  # noqa: E402
-from specdiff.text import sample_blocks  # noqa: E402
-from specdiff.text.blocks import block_generators  # noqa: E402
-from test_text_adapter import ALPHA, chi_square_p, make_chain  # noqa: E402
+from test_text_adapter import ALPHA, chi_square_p, make_chain
+
+from specdiff.discrete import exact_baseline_law, exact_speculative_law
+from specdiff.discrete.chain import ScaledDrafter, all_states
+from specdiff.text import sample_blocks
+from specdiff.text.blocks import block_generators
 
 LENGTH, BLOCK = 4, 2
 
@@ -64,7 +65,7 @@ def test_window_one_cached_and_plain_blocks_agree_token_for_token_and_keep_the_p
 def test_a_sample_does_not_depend_on_its_batch_with_one_generator_per_sample():
     chain = make_chain(steps=4)
     x = torch.full((3, LENGTH), chain.mask_token_id)
-    seeds = lambda: [torch.Generator().manual_seed(10 + i) for i in range(3)]  # noqa: E731
+    seeds = lambda: [torch.Generator().manual_seed(10 + i) for i in range(3)]
     batch = sample_blocks(chain, x, block_size=BLOCK, window=2, generator=seeds()).sample
     alone = sample_blocks(chain, x[1:2], block_size=BLOCK, window=2, generator=seeds()[1:2]).sample
     assert torch.equal(batch[1:2], alone)

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from transformers import BertConfig, BertForMaskedLM  # noqa: E402
+from specdiff.pipelines import SpeculativeTextDiffusionPipeline
+from transformers import BertConfig, BertForMaskedLM
 
-from specdiff.cli import main  # noqa: E402
-from specdiff.discrete import MaskedDiffusionScheduler  # noqa: E402
-from specdiff.paths import asset  # noqa: E402
-from specdiff.pipelines import SpeculativeTextDiffusionPipeline  # noqa: E402
-from specdiff.text import char_tokenizer  # noqa: E402
+from specdiff.cli import main
+from specdiff.discrete import MaskedDiffusionScheduler
+from specdiff.paths import asset
+from specdiff.text import char_tokenizer
 
 BUNDLED = asset("models", "stdlib-text")
 

@@ -110,7 +110,7 @@ class MaskedLMChain(MaskedDiffusionChain):
     @classmethod
     def from_tokenizer(
         cls, model, tokenizer, scheduler: MaskedDiffusionScheduler | None = None, **kwargs
-    ) -> "MaskedLMChain":
+    ) -> MaskedLMChain:
         """Mask, padding and special tokens from ``tokenizer``; a default scheduler (linear α,
         64 steps) over the model's vocabulary when none is given."""
         if tokenizer.mask_token_id is None:

@@ -173,8 +173,9 @@ def table(results: dict) -> str:
     """The README table (markdown) from a results file; ratios are the cached sampler's
     figure over the row's (above 1: the row is better)."""
     b = results["args"]["batch_size"]
-    lines = [f"| steps | sampler | calls / text, batch 1 | vs cached | wall-clock / text, batch 1 | vs cached | "
-             f"calls / batch of {b} | wall-clock / batch of {b} | vs cached | acceptance | same law as plain (min p) |",
+    header = (f"| steps | sampler | calls / text, batch 1 | vs cached | wall-clock / text, batch 1 | vs cached | "
+              f"calls / batch of {b} | wall-clock / batch of {b} | vs cached | acceptance | same law as plain (min p) |")
+    lines = [header,
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     cached = {r["num_steps"]: r for r in results["runs"] if r["sampler"] == "cached"}
     for r in results["runs"]:

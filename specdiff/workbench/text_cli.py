@@ -44,9 +44,10 @@ def generate_text(args) -> int:
             raise SystemExit(f"specdiff: error: {err}") from err
         return out, time.perf_counter() - started
 
+    pipe(prompt=args.prompt, length=args.length, num_inference_steps=1, window=None)  # warm-up, not timed
     runs = {"speculative": run(window=args.window, drafter=drafter)}
     if args.compare:
-        runs["plain"], runs["cached"] = run(window=None), run(window=None, cache=True)
+        runs = {"plain": run(window=None), "cached": run(window=None, cache=True), **runs}
     for i, text in enumerate(runs["speculative"][0].texts):
         print(f"--- sample {i} (seed {args.seed + i})\n{text}")
     print(f"\n{'sampler':12} {'calls':>6} {'rows':>7} {'wall-clock':>11}")
