@@ -2,7 +2,7 @@
 
 Each file also works on its own as a diffusers custom pipeline
 (``custom_pipeline="path/to/pipeline_xxx.py"``, ``trust_remote_code=True``). Pipelines
-with heavier dependencies (Stable Diffusion, SDXL, SD3 and FLUX need ``transformers``) are imported on first use.
+with heavier dependencies (Stable Diffusion, SDXL, SD3, FLUX and text need ``transformers``) are imported on first use.
 """
 
 from importlib import import_module
@@ -19,6 +19,8 @@ _LAZY = {
     "SpeculativeFlowPipelineOutput": "speculative_utils",
     "SpeculativeMaskedDiffusionPipeline": "pipeline_speculative_masked_diffusion",
     "MaskedDiffusionPipelineOutput": "pipeline_speculative_masked_diffusion",
+    "SpeculativeTextDiffusionPipeline": "pipeline_speculative_text",
+    "TextDiffusionPipelineOutput": "pipeline_speculative_text",
 }
 
 

@@ -427,10 +427,14 @@ def cmd_generate(args) -> int:
     from accelerate.utils import gather_object
     from diffusers.utils import logging as diffusers_logging
 
+    from .workbench.text_cli import generate_text, is_text_model
+
     # accelerate runs CPU processes together (gloo) only when told they are CPU processes.
     gpu = torch.cuda.is_available() or torch.backends.mps.is_available()
     state = PartialState(cpu=args.device == "cpu" or (args.device == "auto" and not gpu))
     device = _device(args.device, state)
+    if is_text_model(args.model):
+        return generate_text(argparse.Namespace(**{**vars(args), "device": str(device)}))
     out = _writable(Path(args.out)) if state.is_main_process else Path(args.out)
     shows = state.is_main_process and not args.no_progress
     bars_were_on = diffusers_logging.is_progress_bar_enabled()
@@ -550,6 +554,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--compare", action="store_true",
                      help="also run the plain sampler (same scheduler, same seeds) and time both")
     gen.add_argument("--no-progress", action="store_true", help="no progress bars")
+    gen.add_argument("--prompt", default=None, help="text models: the text to continue (kept fixed)")
+    gen.add_argument("--length", type=_positive(int), default=128, metavar="N", help="text models: tokens to generate")
+    gen.add_argument("--block-size", type=_positive(int), default=None, metavar="N",
+                     help="text models: generate in semi-autoregressive blocks of N tokens (default: one block)")
     gen.set_defaults(func=cmd_generate)
 
     ana = sub.add_parser("analytic", formatter_class=formatter,

@@ -322,7 +322,7 @@ def bench_discrete_latency(out: Path, quick: bool = False, repeats: int = 3) -> 
     """Masked diffusion, bundled digits model: wall-clock of the speculative sampler (auto and
     fixed windows) against the cached sampler at batch 1 and 64, interleaved, 256 steps."""
     from ..discrete.chain import MaskedDiffusionChain
-    from ..discrete.sampler import sample_baseline_discrete, speculative_sample_discrete
+    from ..sampler import sample_baseline_discrete, speculative_sample_discrete
     from ..window import AutoWindow
     from .bench_discrete import _load
 

@@ -1,0 +1,101 @@
+"""Semi-autoregressive sampling: masked diffusion block by block, left to right (as MDLM's
+semi-AR sampler, block diffusion and LLaDA's blocks).
+
+The masked positions of ``x_init`` (a common suffix of every row, after the prompt) are cut
+into blocks of ``block_size``. Block ``b`` is one run of a sampler of the chain's whole
+grid on the prefix ``x[:, :end_b]``: everything before the block is fixed (copied by the
+kernel) and the model sees no position after it. The speculative sampler is exact for each
+block given its prefix, so the whole block sampler has exactly the law of the plain one.
+
+Block ``b`` draws only from generators derived from the caller's generator(s) and ``b``
+(a hash of the state on entry), never from what earlier blocks consumed, so the plain,
+cached and speculative block samplers use the same randomness for every block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import hashlib
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ..sampler import sample_baseline_discrete, speculative_sample_discrete
+from ..drafters import Drafter
+from ..sampler import SpeculativeOutput
+from ..stats import SpeculativeStats
+
+
+def _derive(generator: torch.Generator, block: int) -> torch.Generator:
+    state = generator.get_state().cpu().numpy().tobytes()
+    seed = int.from_bytes(hashlib.sha256(b"specdiff-block-%d" % block + state).digest()[:8], "little") >> 1
+    return torch.Generator(device=generator.device).manual_seed(seed)
+
+
+def block_generators(generator, batch: int, num_blocks: int) -> list:
+    """Per block: a generator (or a list, one per sample) derived from the caller's."""
+    if generator is None:  # seeded from torch's global RNG, so torch.manual_seed repeats runs
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+    if isinstance(generator, torch.Generator):
+        return [_derive(generator, b) for b in range(num_blocks)]
+    if not isinstance(generator, Sequence) or len(generator) != batch:
+        raise ValueError(f"generator must be a torch.Generator or a list of {batch} (one per sample)")
+    return [[_derive(g, b) for g in generator] for b in range(num_blocks)]
+
+
+def _masked_suffix(x: Tensor, mask_id: int) -> int:
+    masked = (x == mask_id).flatten(1) if x.ndim > 2 else x == mask_id
+    start = int(masked.shape[1] - masked.flip(1).int().cumprod(1).sum(1).min())
+    if not masked[:, start:].all() or masked[:, :start].any():
+        raise ValueError("block sampling needs the masked positions to be the same suffix of every row (prompt first)")
+    return start
+
+
+def _add(total: SpeculativeStats, s: SpeculativeStats) -> None:
+    for name in ("target_calls", "target_rows", "draft_calls", "proposed", "accepted", "rounds", "residual_draws"):
+        setattr(total, name, getattr(total, name) + getattr(s, name))
+    for name in ("committed_per_round", "proposed_by_position", "accepted_by_position",
+                 "per_sample_target_calls", "per_sample_proposed", "per_sample_accepted"):
+        setattr(total, name, [a + b for a, b in zip(getattr(total, name), getattr(s, name))])
+
+
+@torch.no_grad()
+def sample_blocks(
+    chain,
+    x_init: Tensor,
+    *,
+    block_size: int,
+    window: int | None = None,
+    drafter: Drafter | Callable | str | None = None,
+    cached: bool = False,
+    generator=None,
+    progress: bool | Callable = False,
+) -> SpeculativeOutput:
+    """Generate the masked suffix of ``x_init [B, L]`` in blocks of ``block_size`` tokens.
+
+    Each block runs ``chain.num_steps`` steps: the plain sampler (``window=None``; ``cached``
+    as MDLM's ``ddpm_cache``) or the speculative one (``window``, ``drafter``). ``stats`` add
+    up over blocks (``num_steps`` = blocks x steps).
+    """
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    start, length = _masked_suffix(x_init, chain.mask_token_id), x_init.shape[1]
+    ends = list(range(start + block_size, length, block_size)) + [length]
+    gens = block_generators(generator, x_init.shape[0], len(ends))
+    stats, x = None, x_init.clone()
+    for end, g in zip(ends, gens):
+        if window is None:
+            out = sample_baseline_discrete(chain, x[:, :end], g, cached=cached, progress=progress, return_stats=True)
+        else:
+            out = speculative_sample_discrete(
+                chain, x[:, :end], window=window, drafter=drafter, generator=g, progress=progress
+            )
+        x[:, :end] = out.sample
+        if stats is None:  # the first block's stats, for the whole run (sized by its window)
+            stats = dataclasses.replace(out.stats, num_steps=chain.num_steps * len(ends))
+        else:
+            _add(stats, out.stats)
+            stats.wall_clock += out.stats.wall_clock
+    return SpeculativeOutput(sample=x, stats=stats)

@@ -1,0 +1,87 @@
+"""Semi-autoregressive blocks: each block is a full masked-diffusion run on the prefix, so the
+speculative block sampler has exactly the plain block sampler's law (enumeration per block,
+chi-square of the whole sampler), ``window=1`` reproduces it token for token, and a block's
+randomness comes only from the caller's generator(s)."""
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from test_text_adapter import ALPHA, chi_square_p, make_chain
+
+from specdiff.discrete import exact_baseline_law, exact_speculative_law
+from specdiff.discrete.chain import ScaledDrafter, all_states
+from specdiff.text import sample_blocks
+from specdiff.text.blocks import block_generators
+
+LENGTH, BLOCK = 4, 2
+
+
+def block_law(chain, law_of_block):
+    """Output pmf of the block sampler over all_states(S, 4), from the per-block laws."""
+    s, mask = chain.scheduler.num_states, chain.mask_token_id
+    first = law_of_block(torch.full((BLOCK,), mask))  # over all_states(S, 2)
+    law = torch.zeros(s**LENGTH, dtype=torch.float64)
+    for prefix, p in zip(all_states(s, BLOCK), first.tolist()):
+        if p > 0:
+            law += p * law_of_block(torch.cat([prefix, torch.full((LENGTH - BLOCK,), mask)]))
+    return law
+
+
+def test_speculative_block_law_equals_plain_block_law_by_enumeration():
+    chain = make_chain(steps=3)
+    plain = block_law(chain, lambda x: exact_baseline_law(chain, x))
+    spec = block_law(chain, lambda x: exact_speculative_law(chain, x, window=2, drafter=ScaledDrafter(-3.0)))
+    assert plain.sum() == pytest.approx(1.0, abs=1e-12)
+    assert (spec - plain).abs().max() < 1e-9
+    # Blocks are a different sampler from one 4-token run: the test can tell them apart.
+    assert (plain - exact_baseline_law(chain, torch.full((LENGTH,), chain.mask_token_id))).abs().max() > 1e-3
+
+
+def test_block_sampler_matches_the_block_law_chi_square():
+    chain = make_chain(steps=3)
+    x = torch.full((6000, LENGTH), chain.mask_token_id)
+    out = sample_blocks(chain, x, block_size=BLOCK, window=3, drafter=ScaledDrafter(-3.0),
+                        generator=torch.Generator().manual_seed(1))
+    assert out.stats.proposed > out.stats.accepted and out.stats.num_steps == 6
+    assert chi_square_p(out.sample, block_law(chain, lambda x: exact_baseline_law(chain, x)), 6) > ALPHA
+
+
+def test_window_one_cached_and_plain_blocks_agree_token_for_token_and_keep_the_prompt():
+    chain = make_chain(steps=4)
+    x = chain.initial_state([[4, 3]] * 8, 5)
+    runs = [
+        sample_blocks(chain, x, block_size=2, generator=torch.Generator().manual_seed(5)),
+        sample_blocks(chain, x, block_size=2, cached=True, generator=torch.Generator().manual_seed(5)),
+        sample_blocks(chain, x, block_size=2, window=1, generator=torch.Generator().manual_seed(5)),
+    ]
+    assert all(torch.equal(runs[0].sample, r.sample) for r in runs[1:])
+    assert (runs[0].sample[:, :2] == torch.tensor([4, 3])).all() and (runs[0].sample >= 3).all()
+    assert runs[0].stats.target_calls == 3 * 4  # blocks of 2, 2, 1 tokens, 4 steps each
+    assert runs[1].stats.target_rows < runs[0].stats.target_rows  # unchanged rows reuse their prediction
+
+
+def test_a_sample_does_not_depend_on_its_batch_with_one_generator_per_sample():
+    chain = make_chain(steps=4)
+    x = torch.full((3, LENGTH), chain.mask_token_id)
+    seeds = lambda: [torch.Generator().manual_seed(10 + i) for i in range(3)]
+    batch = sample_blocks(chain, x, block_size=BLOCK, window=2, generator=seeds()).sample
+    alone = sample_blocks(chain, x[1:2], block_size=BLOCK, window=2, generator=seeds()[1:2]).sample
+    assert torch.equal(batch[1:2], alone)
+
+
+def test_each_block_draws_from_its_own_derived_generator():
+    g = torch.Generator().manual_seed(0)
+    first, second = block_generators(g, 2, 2)
+    assert g.initial_seed() == 0 and torch.equal(g.get_state(), torch.Generator().manual_seed(0).get_state())
+    assert not torch.equal(torch.rand(4, generator=first), torch.rand(4, generator=second))
+
+
+def test_block_sampler_rejects_masks_that_are_not_a_common_suffix():
+    chain = make_chain()
+    m = chain.mask_token_id
+    with pytest.raises(ValueError, match="suffix"):
+        sample_blocks(chain, torch.tensor([[m, 3, m, m]]), block_size=2)
+    with pytest.raises(ValueError, match="block_size"):
+        sample_blocks(chain, torch.tensor([[3, m]]), block_size=0)

@@ -1,0 +1,113 @@
+"""The text pipeline and CLI: strings out, prompt kept, saved and reloaded offline, the plain,
+cached, speculative (frozen or model drafter) and block paths; the bundled stdlib model."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from specdiff.pipelines import SpeculativeTextDiffusionPipeline
+from transformers import BertConfig, BertForMaskedLM
+
+from specdiff.cli import main
+from specdiff.discrete import MaskedDiffusionScheduler
+from specdiff.paths import asset
+from specdiff.text import char_tokenizer
+
+BUNDLED = asset("models", "stdlib-text")
+
+
+def tiny_bert(tokenizer, seed=0, hidden=16):
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=2 * hidden, max_position_embeddings=32, initializer_range=0.3)
+    return BertForMaskedLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-text")
+    tokenizer = char_tokenizer("abc de")
+    scheduler = MaskedDiffusionScheduler(vocab_size=len(tokenizer))
+    SpeculativeTextDiffusionPipeline(tiny_bert(tokenizer), tokenizer, scheduler).save_pretrained(folder)
+    tiny_bert(tokenizer, seed=1, hidden=8).save_pretrained(folder / "drafter")
+    return folder
+
+
+def test_pipeline_round_trips_and_returns_strings_that_continue_the_prompt(tiny_folder):
+    pipe = SpeculativeTextDiffusionPipeline.from_pretrained(tiny_folder)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompt=["ab", "d"], num_samples=2, length=12, num_inference_steps=16, window=4,
+               generator=[torch.Generator().manual_seed(i) for i in range(4)])
+    assert len(out.texts) == 4 and all(isinstance(t, str) for t in out.texts)
+    assert [t[:2] for t in out.texts[:2]] == ["ab", "ab"] and out.texts[2].startswith("d")
+    assert all(len(t) == len(p) + 12 for t, p in zip(out.texts, ["ab", "ab", "d", "d"]))
+    assert set("".join(out.texts)) <= set("abc de") and out.stats.num_steps == 16
+
+
+def test_generic_diffusers_loader_finds_the_pipeline_file(tiny_folder):
+    import specdiff.pipelines.pipeline_speculative_text as module
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_folder, custom_pipeline=module.__file__, trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe(prompt="ab", length=3, num_inference_steps=3).texts[0].startswith("ab")
+
+
+def test_window_one_plain_and_cached_give_the_same_tokens(tiny_folder):
+    pipe = SpeculativeTextDiffusionPipeline.from_pretrained(tiny_folder)
+    pipe.set_progress_bar_config(disable=True)
+    runs = [pipe(prompt="a", num_samples=3, length=10, num_inference_steps=12, generator=torch.Generator().manual_seed(0),
+                 **kw) for kw in ({"window": None}, {"window": None, "cache": True}, {"window": 1})]
+    assert all(torch.equal(runs[0].sequences, r.sequences) for r in runs[1:])
+    assert runs[1].stats.target_rows < runs[0].stats.target_rows
+
+
+def test_model_drafter_and_blocks(tiny_folder):
+    pipe = SpeculativeTextDiffusionPipeline.from_pretrained(tiny_folder)
+    pipe.set_progress_bar_config(disable=True)
+    drafter = BertForMaskedLM.from_pretrained(tiny_folder / "drafter").eval()
+    out = pipe(prompt="ab", length=8, num_inference_steps=16, window=4, drafter=drafter,
+               generator=torch.Generator().manual_seed(0))
+    assert out.stats.draft_calls > 0 and out.texts[0].startswith("ab")
+    blocks = pipe(length=10, num_inference_steps=12, window=4, block_size=4, generator=torch.Generator().manual_seed(0))
+    assert len(blocks.texts[0]) == 10 and blocks.stats.num_steps == 12  # 3 blocks of 4 steps
+    with pytest.raises(ValueError, match="multiple of 3"):
+        pipe(length=10, num_inference_steps=10, block_size=4)
+
+
+def test_cli_prints_texts_and_the_comparison_table(tiny_folder, tmp_path, capsys):
+    code = main(["generate", "--model", str(tiny_folder), "--prompt", "ab", "--length", "8", "--steps", "16",
+                 "--window", "4", "--num-images", "2", "--compare", "--no-progress", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert code == 0 and printed.count("--- sample") == 2
+    for name in ("plain", "cached", "speculative"):
+        assert any(line.startswith(name) for line in printed.splitlines())
+    report = json.loads((tmp_path / "stats.json").read_text())
+    assert report["plain"]["target_calls"] == 16 and report["texts"][0].startswith("ab")
+    assert main(["generate", "--model", str(tiny_folder), "--length", "4", "--steps", "4", "--drafter", "model",
+                 "--num-images", "1", "--no-progress", "--out", str(tmp_path)]) == 0
+
+
+@pytest.mark.skipif(not (BUNDLED / "model_index.json").exists(), reason="bundled text model not built")
+def test_bundled_text_model_generates_from_a_prompt():
+    pipe = SpeculativeTextDiffusionPipeline.from_pretrained(BUNDLED)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompt="Return the ", length=32, num_inference_steps=32, window=8,
+               generator=torch.Generator().manual_seed(0))
+    assert out.texts[0].startswith("Return the ") and len(out.texts[0]) == 11 + 32
+    assert out.stats.target_calls < 32
+
+
+def test_readme_text_table_is_the_saved_benchmark():
+    """The README's text numbers are what `python -m specdiff.workbench.bench_text --table` prints."""
+    from pathlib import Path
+
+    from specdiff.workbench.bench_text import table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    shown = readme.split("<!-- text-bench -->\n", 1)[1].split("\n<!-- /text-bench -->", 1)[0]
+    results = json.loads(asset("bench", "text.json").read_text())
+    assert table(results) in shown
+    assert all(r["same_law_as_plain"]["passed"] for r in results["runs"] if r["sampler"] == "speculative")
