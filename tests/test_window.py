@@ -214,3 +214,12 @@ def test_an_unwritable_cache_folder_falls_back_to_memory(tmp_path, monkeypatch):
     again = AutoWindow(max_window=4)
     again.bind(chain, x)
     assert again.source == "memory cache"
+
+
+def test_generate_with_an_auto_window_says_which_window_it_chose_and_why(tmp_path, capsys):
+    from specdiff.cli import main
+
+    assert main(["generate", "--num-images", "1", "--steps", "12", "--window", "auto", "--no-progress",
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "auto window (max 32): rounds L=" in out and "expected committed steps per second" in out
