@@ -256,6 +256,9 @@ class AutoWindow:
         if stable and self.cache and not all(b in known for b in sizes):
             known.update(self._read_disk(key))
             self.source = "disk cache"
+            ends = sorted({sizes[0], sizes[-1]})
+            if all(b in known for b in sizes) and not _still_true(known, measure_latency(chain, x_init, ends, 1)):
+                known = {}  # the machine changed (or the cache was measured under load): measure again
         missing = [b for b in sizes if b not in known]
         if missing:
             known.update(measure_latency(chain, x_init, missing))
@@ -303,7 +306,8 @@ class AutoWindow:
         self._live = live
         window = self.best_window(live)
         if stats.rounds % 8 == 7:  # now and then try a neighbour, so the overhead fit sees more than one window
-            window = min(2 * window, self.max_window) if (stats.rounds // 8) % 2 else max(window // 2, 1)
+            half, double = max(window // 2, 1), min(2 * window, self.max_window)
+            window = double if (stats.rounds // 8) % 2 or half == window else half
         self.chosen[window] += 1
         self._round = (now, window, 0.0)
         return window
@@ -384,6 +388,15 @@ class AutoWindow:
 
     def __repr__(self) -> str:
         return f"AutoWindow(max_window={self.max_window})"
+
+
+def _still_true(cached: dict[int, float], check: dict[int, float], tolerance: float = 1.5) -> bool:
+    """Does a quick measurement agree with a cached curve (its shape, and its level within ``tolerance``)?"""
+    (b0, t0), *rest = sorted(check.items())
+    ratio = t0 / cached[b0]
+    if not 1 / tolerance < ratio < tolerance:
+        return False
+    return all(1 / tolerance < (t / t0) / (cached[b] / cached[b0]) < tolerance for b, t in rest)
 
 
 def _expected_committed(accept: list[float], window: int, exact_root: bool = False) -> tuple[float, float]:

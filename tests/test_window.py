@@ -168,7 +168,8 @@ def test_windows_chosen_from_the_past_keep_the_baseline_law(mixture_reference, p
     assert out.stats.accepted < out.stats.proposed  # rejections happened: the coupling was exercised
 
 
-def test_auto_window_measures_latency_once_and_reuses_the_disk_cache(tmp_path, monkeypatch):
+@pytest.mark.parametrize("machine", ["same", "changed"])
+def test_auto_window_measures_latency_once_and_reuses_the_disk_cache(tmp_path, monkeypatch, machine):
     chain = GaussianMixtureDDPM.random(dim=2, num_steps=50)
     chain.latency_key = "analytic-mixture-test"
     x = chain.sample_prior(2, torch.Generator().manual_seed(0))
@@ -179,12 +180,25 @@ def test_auto_window_measures_latency_once_and_reuses_the_disk_cache(tmp_path, m
     (key, curve), = saved.items()
     assert key.startswith("analytic-mixture-test|cpu|torch.float64|2|") and {"2", "18"} <= set(curve)
 
+    # A new process: the curve comes from disk after a two-point check (here made deterministic).
     monkeypatch.setattr(window_module, "_MEMORY_CACHE", {})
-    monkeypatch.setattr(window_module, "measure_latency", lambda *a, **k: pytest.fail("measured twice"))
+    scale = 1.0 if machine == "same" else 3.0
+    asked = []
+
+    def measure(chain, x_init, sizes, repeats=3):
+        asked.append(list(sizes))
+        return {b: scale * float(curve[str(b)]) for b in sizes}
+
+    monkeypatch.setattr(window_module, "measure_latency", measure)
     second = AutoWindow(max_window=8)
     speculative_sample(chain, x, window=second, generator=torch.Generator().manual_seed(1))
-    assert second.source == "disk cache"
-    assert "auto window (max 8)" in second.describe() and "disk cache" in second.describe()
+    if machine == "same":
+        assert asked == [[2, 18]] and second.source == "disk cache"
+        assert "auto window (max 8)" in second.describe() and "disk cache" in second.describe()
+    else:  # the check disagrees with the cache: measured again, and the cache rewritten
+        assert asked[0] == [2, 18] and len(asked) == 2 and second.source == "measured"
+        rewritten = json.loads((tmp_path / "cache" / "latency.json").read_text())[key]
+        assert rewritten["18"] == pytest.approx(3.0 * float(curve["18"]))
 
 
 def test_an_unwritable_cache_folder_falls_back_to_memory(tmp_path, monkeypatch):
@@ -200,3 +214,12 @@ def test_an_unwritable_cache_folder_falls_back_to_memory(tmp_path, monkeypatch):
     again = AutoWindow(max_window=4)
     again.bind(chain, x)
     assert again.source == "memory cache"
+
+
+def test_generate_with_an_auto_window_says_which_window_it_chose_and_why(tmp_path, capsys):
+    from specdiff.cli import main
+
+    assert main(["generate", "--num-images", "1", "--steps", "12", "--window", "auto", "--no-progress",
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "auto window (max 32): rounds L=" in out and "expected committed steps per second" in out
