@@ -8,7 +8,7 @@ is imported on first use.
 from importlib import import_module
 
 from .chains import CategoricalChain, GaussianChain
-from .drafters import DraftMemory, Drafter, FrozenTargetDrafter, ModelDrafter
+from .drafters import DraftMemory, Drafter, FrozenTargetDrafter, ModelDrafter, PicardDrafter
 from .kernels.gaussian import acceptance_probability, reflection_coupling
 from .sampler import (
     SpeculativeOutput,
@@ -41,6 +41,7 @@ __all__ = [
     "GaussianChain",
     "MaskedDiffusionScheduler",
     "ModelDrafter",
+    "PicardDrafter",
     "SpeculativeOutput",
     "SpeculativeScheduler",
     "SpeculativeStats",

@@ -211,7 +211,7 @@ class ImageJob:
             raise CLIError(f"--steps {args.steps}: this model was trained with {trained} steps; pass --steps {trained} "
                            "or fewer")
         self.pipe.to(device)
-        self.draft = {}
+        self.draft = {} if args.drafter == "model" else {"drafter": args.drafter}
         if args.drafter == "model":
             from diffusers import UNet2DModel
 
@@ -266,7 +266,7 @@ class MaskedJob:
                 self.pipe = SpeculativeMaskedDiffusionPipeline.from_pretrained(args.model).to(device)
         except Exception as err:
             raise CLIError(f"could not load the masked-diffusion model {args.model}: {_first_line(err)}") from None
-        self.draft = {}
+        self.draft = {} if args.drafter == "model" else {"drafter": args.drafter}
         if args.drafter == "model":
             from .discrete.model import MaskedDiffusionTransformer
 
@@ -400,7 +400,8 @@ def summary(report: dict) -> str:
     else:
         verdict += " (add --compare to time the plain sampler on the same seeds)."
     lines.append(verdict)
-    drafter = "reusing the network's last prediction" if report["drafter"] == "frozen" else "with a small draft model"
+    drafter = {"frozen": "reusing the network's last prediction", "picard": "reusing the network's latest "
+               "predictions", "model": "with a small draft model"}.get(report["drafter"], report["drafter"])
     window = report["window"]
     if window == "auto":
         chosen = [w for batch in spec.get("batches", []) for w in batch.get("chosen_windows", [])]
@@ -538,8 +539,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--window", type=_window, metavar="L", default="auto",
                      help="steps guessed ahead per network call: an integer (1 = plain sampler), or auto (chosen "
                           "before every call from the measured cost of a batch and the acceptance so far)")
-    gen.add_argument("--drafter", choices=["frozen", "model"], default="frozen",
-                     help="who guesses: frozen reuses the network's last prediction (free); model runs --draft-model")
+    gen.add_argument("--drafter", choices=["picard", "frozen", "model"], default="picard",
+                     help="who guesses: picard reuses the network's prediction of the same step from the last call "
+                          "where there is one, else its last prediction (free); frozen only the last prediction "
+                          "(free); model runs --draft-model")
     gen.add_argument("--draft-model", default=None, metavar="PATH",
                      help="draft model folder for --drafter model (default: the bundled digits draft UNet, or the "
                           "masked model's drafter/ subfolder)")

@@ -18,6 +18,7 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 
@@ -28,13 +29,18 @@ class DraftMemory:
     * ``prediction``: the target's last prediction for the sample (what the frozen drafter returns);
     * ``step``: the step it was made at (``n`` after a fully accepted round, ``n - 1`` after a rejection);
     * ``previous``: the target's prediction one step before that (``prediction`` itself when unknown);
-    * ``sample``: the batch index of each row (per-sample conditioning).
+    * ``sample``: the batch index of each row (per-sample conditioning);
+    * ``same_step``: where ``has_same_step``, the target's prediction *at the drafted step*, made by
+      the last verify call on a draft that a rejection discarded (a nearby state); ``None`` if no row
+      has one.
     """
 
     prediction: Tensor
     step: Tensor
     previous: Tensor
     sample: Tensor
+    same_step: Tensor | None = None
+    has_same_step: Tensor | None = None
 
 
 class Drafter:
@@ -57,6 +63,23 @@ class FrozenTargetDrafter(Drafter):
 
     def __repr__(self) -> str:
         return "FrozenTargetDrafter()"
+
+
+class PicardDrafter(Drafter):
+    """The frozen drafter, except where the target has already predicted the drafted step: after a
+    rejection, the verify call also evaluated the discarded drafts, and the next round redrafts the
+    same steps from the corrected state with the same step noise, so those time-aligned predictions
+    (Picard iteration's idea) are closer than the frozen one. No network call; exact like any
+    drafter (they depend on the noise of earlier steps only)."""
+
+    def predict(self, x: Tensor, step: Tensor, memory: DraftMemory) -> Tensor:
+        if memory.same_step is None:
+            return memory.prediction
+        has = memory.has_same_step.view(-1, *[1] * (memory.prediction.ndim - 1))
+        return torch.where(has, memory.same_step, memory.prediction)
+
+    def __repr__(self) -> str:
+        return "PicardDrafter()"
 
 
 def takes_sample(fn: Callable) -> bool:
@@ -86,14 +109,17 @@ class ModelDrafter(Drafter):
 
 
 def as_drafter(drafter: Drafter | Callable | str | None) -> Drafter:
-    """``None`` or ``"frozen"`` -> frozen target; a callable -> :class:`ModelDrafter`."""
+    """``None`` or ``"frozen"`` -> frozen target; ``"picard"`` -> :class:`PicardDrafter`; a callable
+    -> :class:`ModelDrafter`."""
     if drafter is None or (isinstance(drafter, str) and drafter == "frozen"):
         return FrozenTargetDrafter()
+    if isinstance(drafter, str) and drafter == "picard":
+        return PicardDrafter()
     if isinstance(drafter, Drafter):
         return drafter
     if callable(drafter) and not isinstance(drafter, str):
         return ModelDrafter(drafter)
     raise TypeError(
-        f"drafter must be None/'frozen', a specdiff.Drafter, or a callable with the signature of the "
+        f"drafter must be None/'frozen', 'picard', a specdiff.Drafter, or a callable with the signature of the "
         f"chain's predict(x, step); got {drafter!r}"
     )

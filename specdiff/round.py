@@ -32,10 +32,13 @@ class Carry:
     * ``pred``: the target's last prediction for it — at ``(x, n)`` when ``fresh`` (the round
       verified ``y_L``: the next first step needs no draft), else at the state the last rejected
       step left from (step ``n - 1``);
-    * ``prev``: the target's prediction at step ``n - 1``, the ``previous=`` of multistep chains.
+    * ``prev``: the target's prediction at step ``n - 1``, the ``previous=`` of multistep chains;
+    * ``ahead[i]``: the target's prediction at step ``n + i`` made by the last verify call on a
+      draft discarded after a rejection (valid for ``i < ahead_len``): the same step, a nearby
+      state. It depends on the noise of steps before ``n + i`` only, so a drafter may use it.
 
-    ``n`` and ``fresh`` live on the CPU; ``x``, ``pred``, ``prev`` on the states' device. Every
-    tensor here is the sampler's own (model outputs are copied in, never written to).
+    ``n``, ``fresh``, ``ahead_len`` live on the CPU; the rest on the states' device. Every tensor
+    here is the sampler's own (model outputs are copied in, never written to).
     """
 
     x: Tensor
@@ -43,16 +46,20 @@ class Carry:
     pred: Tensor
     prev: Tensor
     fresh: Tensor
+    ahead: Tensor
+    ahead_len: Tensor
 
     def take(self, ids: Tensor) -> Carry:
         dev = ids.to(self.x.device)
-        return Carry(self.x[dev], self.n[ids], self.pred[dev], self.prev[dev], self.fresh[ids])
+        return Carry(self.x[dev], self.n[ids], self.pred[dev], self.prev[dev], self.fresh[ids],
+                     self.ahead[:, dev], self.ahead_len[ids])
 
     def put(self, ids: Tensor, new: Carry) -> None:
         dev = ids.to(self.x.device)
         self.x[dev], self.n[ids], self.pred[dev], self.prev[dev], self.fresh[ids] = (
             new.x, new.n, new.pred, new.prev, new.fresh
         )
+        self.ahead[: len(new.ahead), dev], self.ahead_len[ids] = new.ahead, new.ahead_len
 
 
 def speculative_round(chain, kernel, drafter, noise, target, c: Carry, ids: Tensor, L: Tensor, tally) -> Carry:
@@ -68,7 +75,7 @@ def speculative_round(chain, kernel, drafter, noise, target, c: Carry, ids: Tens
     # 1. Draft y_{j+1} ~ J(. | y_j) with the drafter's prediction (the exact one where J = K).
     y, law_D, guess = [c.x], [], c.pred
     for jj in range(span):
-        before, guess = guess, _draft(drafter, y[jj], k[jj], c, ids, tally, skip=exact[jj] if jj == 0 else None)
+        before, guess = guess, _draft(drafter, y[jj], k[jj], jj, c, ids, tally, skip=exact[jj] if jj == 0 else None)
         law_D.append(kernel.law(chain, y[jj], k[jj].to(dev), guess, c.prev if jj == 0 else before))
         y.append(kernel.draw(law_D[-1], z[jj], c.x))
     y, law_D = torch.stack(y), tuple(torch.stack(part) for part in zip(*law_D))
@@ -119,17 +126,23 @@ def speculative_round(chain, kernel, drafter, noise, target, c: Carry, ids: Tens
         fresh |= ~whole & (c.n + committed < N) & (x_new == y[n_acc.to(dev), i]).flatten(1).all(1).cpu()
     pred_new = pred_T[torch.where(whole, L, n_acc).to(dev), i]
     prev_new = torch.where(_rows(fresh.to(dev), c.pred), pred_T[(L - 1).clamp(min=0).to(dev), i], pred_new)
+    after = n_acc + 1 + j[:span]  # the positions after the rejection, as the next round's 0, 1, ...
+    ahead = pred_T[after.clamp(max=span).to(dev), i]
+    ahead_len = torch.where(whole, 0, ((after <= L) & (c.n + after < N)).sum(0))
     tally.round(ids, drafted & (j[:span] <= n_acc) & ~exact, accept, committed)
-    return Carry(x_new, c.n + committed, pred_new, prev_new, fresh)
+    return Carry(x_new, c.n + committed, pred_new, prev_new, fresh, ahead, ahead_len)
 
 
-def _draft(drafter, x: Tensor, step: Tensor, c: Carry, ids: Tensor, tally, skip: Tensor | None) -> Tensor:
+def _draft(drafter, x: Tensor, step: Tensor, j: int, c: Carry, ids: Tensor, tally, skip: Tensor | None) -> Tensor:
     """The drafter's prediction for rows ``x`` at ``step``; rows in ``skip`` keep the exact ``c.pred``."""
     ask = torch.arange(len(ids)) if skip is None else (~skip).nonzero().squeeze(1)
     if not ask.numel():
         return c.pred
     a = ask.to(x.device)
-    memory = DraftMemory(c.pred[a], (c.n[ask] - (~c.fresh[ask]).long()).to(x.device), c.prev[a], ids[ask].to(x.device))
+    has = j < c.ahead_len[ask]
+    same_step = c.ahead[min(j, len(c.ahead) - 1), a] if has.any() else None
+    memory = DraftMemory(c.pred[a], (c.n[ask] - (~c.fresh[ask]).long()).to(x.device), c.prev[a], ids[ask].to(x.device),
+                         same_step, has.to(x.device))
     guess = drafter.predict(x[a], step[ask].to(x.device), memory)
     tally.stats.draft_calls += int(drafter.network_calls)
     if guess.shape != memory.prediction.shape:

@@ -118,7 +118,9 @@ def speculative_sample(
     _track_memory(device, reset=True)
     n = torch.zeros(batch, dtype=torch.long)
     pred = target.fit_max_rows(max_rows, lambda: target(x_init, n, torch.arange(batch)))
-    c = Carry(x_init.clone(), n, pred, pred.clone(), torch.ones(batch, dtype=torch.bool))
+    ahead = pred.new_zeros((policy.max_window, *pred.shape))
+    c = Carry(x_init.clone(), n, pred, pred.clone(), torch.ones(batch, dtype=torch.bool), ahead,
+              torch.zeros(batch, dtype=torch.long))
     tally = _Tally(stats)
     with _progress(progress, batch * num_steps, "speculative sampler") as bar:
         while (live := (c.n < num_steps).nonzero().squeeze(1)).numel():

@@ -196,7 +196,7 @@ def test_from_scheduler_copies_and_never_touches_the_original():
     "kwargs,message",
     [
         ({"window": 0}, "window must be a positive integer"),
-        ({"drafter": "medusa"}, "only stores 'frozen'"),
+        ({"drafter": "medusa"}, "stores 'picard' or 'frozen'"),
         ({"frozen_prediction": "x0"}, "frozen_prediction must be one of"),
     ],
 )

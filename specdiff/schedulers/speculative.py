@@ -75,8 +75,10 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
         window: steps drafted per round (L); 1 is the plain sampler; ``"auto"`` (the default)
             chooses it before every round from the measured batch latency and the acceptance so far
             (:class:`specdiff.window.AutoWindow`).
-        drafter: ``"frozen"`` (reuse the target's last prediction; no network call). An
-            independent draft model is passed at call time (:meth:`sample`'s ``drafter``).
+        drafter: ``"picard"`` (the default: the target's last prediction, or its prediction at the
+            drafted step from the last verify call where there is one; no network call) or
+            ``"frozen"`` (the last prediction only). An independent draft model is passed at call
+            time (:meth:`sample`'s ``drafter``).
         frozen_prediction: what the frozen drafter freezes: ``"sample"`` (predicted x0, the
             default), ``"model_output"``, ``"epsilon"`` or ``"v_prediction"``. Changes acceptance
             only, never the law (see :class:`~specdiff.schedulers.base.SchedulerChain`).
@@ -95,7 +97,7 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
         base_scheduler_class: str = "DDPMScheduler",
         base_scheduler_config: dict | None = None,
         window: int | str = "auto",
-        drafter: str = "frozen",
+        drafter: str = "picard",
         frozen_prediction: str = "sample",
         eta: float | None = None,
         use_clipped_model_output: bool | None = None,
@@ -106,9 +108,9 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"{base_scheduler_class!r} is not a diffusers scheduler class")
         if window != "auto" and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
             raise ValueError(f"window must be a positive integer (1 = plain sampler) or 'auto'; got {window!r}")
-        if drafter != "frozen":
+        if drafter not in ("frozen", "picard"):
             raise ValueError(
-                f"drafter={drafter!r}: the scheduler config only stores 'frozen'; pass a draft model to "
+                f"drafter={drafter!r}: the scheduler config stores 'picard' or 'frozen'; pass a draft model to "
                 "sample(..., drafter=draft_model_fn) or to the pipeline (draft_unet=...)"
             )
         if frozen_prediction not in FROZEN_PREDICTIONS:
@@ -285,7 +287,7 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
                 step noise is drawn exactly as the wrapped scheduler draws it, so ``window=1``
                 reproduces its plain loop.
             window: steps per round (default: the config's).
-            drafter: ``"frozen"`` (default), a draft model function with ``model_fn``'s signature
+            drafter: ``"picard"``/``"frozen"`` (default: the config's), a draft model function with ``model_fn``'s signature
                 (an independent cheaper model with the same schedule), or a :class:`specdiff.Drafter`
                 working on the chain's predictions.
             progress: ``True`` for a tqdm bar, or ``progress(total=) -> tqdm``-like.
@@ -296,9 +298,11 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
             self.set_timesteps(num_inference_steps, device=latents.device)
         chain = self.chain(model_fn, frozen_prediction=frozen_prediction, **step_options)
         drafter = self.config.drafter if drafter is None else drafter
-        if drafter != "frozen" and not isinstance(drafter, Drafter):
+        if drafter not in ("frozen", "picard") and not isinstance(drafter, Drafter):
             if not callable(drafter):
-                raise TypeError(f"drafter must be 'frozen', a model function or a specdiff.Drafter; got {drafter!r}")
+                raise TypeError(
+                    f"drafter must be 'picard', 'frozen', a model function or a specdiff.Drafter; got {drafter!r}"
+                )
             drafter = chain.drafter(drafter)
         return speculative_sample(
             chain,

@@ -80,7 +80,6 @@ def _digits_samplers(plain, spec, draft, latents, quick: bool):
     """``{(name, window): run(make_generator, n) -> (images, figures)}`` on one UNet, in the order
     they are timed (each seed runs them all, interleaved). ``make_generator()`` returns a fresh
     generator (or list) for the run; ``latents(generator, n)`` draws x_T as DDPMPipeline does."""
-    from ..drafters_research import PicardDrafter
     from ..window import AutoWindow
     from .paradigms import paradigms_sample
 
@@ -99,9 +98,8 @@ def _digits_samplers(plain, spec, draft, latents, quick: bool):
             gen = make_gen()
             x = latents(gen, n)
             chain_scheduler.set_timesteps(steps)
-            drafter = PicardDrafter()
-            chain = drafter.watch(chain_scheduler.chain(lambda x, t: unet(x, t).sample))
-            out = speculative_sample(chain, x, window=window(), drafter=drafter, generator=gen)
+            chain = chain_scheduler.chain(lambda x, t: unet(x, t).sample)
+            out = speculative_sample(chain, x, window=window(), drafter="picard", generator=gen)
             return (out.sample / 2 + 0.5).clamp(0, 1), _stats_row(out.stats)
         return run
 
@@ -286,7 +284,6 @@ def _plot_digits(summary, path: Path) -> None:
 def bench_churn(out: Path, quick: bool = False) -> dict:
     """The d = 512 churn protocol (:mod:`.churn`): drafted steps per target call per trajectory,
     frozen and Picard drafters, by window; two-sample test of the final samples vs plain."""
-    from ..drafters_research import PicardDrafter
     from .churn import ChurnMixtureChain
 
     chain = ChurnMixtureChain()
@@ -298,9 +295,7 @@ def bench_churn(out: Path, quick: bool = False) -> dict:
     rows = []
     for name in ("frozen", "picard"):
         for window in windows:
-            drafter = PicardDrafter() if name == "picard" else None
-            run_chain = drafter.watch(chain) if drafter else chain
-            res = speculative_sample(run_chain, x, window=window, drafter=drafter,
+            res = speculative_sample(chain, x, window=window, drafter=name,
                                      generator=[torch.Generator().manual_seed(i) for i in range(n)])
             s = res.stats
             per_sample = sum(s.per_sample_target_calls) / n

@@ -56,7 +56,6 @@ def _hot_spots(stats: pstats.Stats, top: int = 10) -> list:
 def bench_overhead(out: Path, quick: bool = False) -> dict:
     from diffusers import DDPMPipeline
 
-    from ..drafters_research import PicardDrafter
     from ..paths import asset
     from ..sampler import speculative_sample
     from ..schedulers.speculative import SpeculativeScheduler
@@ -72,9 +71,8 @@ def bench_overhead(out: Path, quick: bool = False) -> dict:
     for drafter_name, window_name in [("frozen", "16"), ("frozen", "auto"), ("picard", "auto")][: 1 if quick else 3]:
         row = {"drafter": drafter_name, "window": window_name}
         for profiled in (False, True):  # the fraction from a plain run; hot spots from a profiled one
-            drafter = PicardDrafter() if drafter_name == "picard" else None
+            drafter = drafter_name
             chain = scheduler.chain(lambda x, t: unet(x, t).sample)
-            chain = drafter.watch(chain) if drafter else chain
             window = AutoWindow() if window_name == "auto" else int(window_name)
             gen = torch.Generator().manual_seed(0)
             x = torch.randn(1, unet.config.in_channels, size, size, generator=gen)

@@ -15,8 +15,8 @@ def is_text_model(model: str) -> bool:
 
 
 def _drafter(args):
-    if args.drafter == "frozen":
-        return None
+    if args.drafter in ("frozen", "picard"):
+        return args.drafter
     from transformers import AutoModelForMaskedLM
 
     path = Path(args.draft_model or Path(args.model) / "drafter")
