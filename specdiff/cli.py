@@ -412,13 +412,12 @@ def summary(report: dict) -> str:
         f"{100 * spec['acceptance_rate']:.0f}% of the guesses; a rejected guess is replaced by an exact draw. "
         "The images have exactly the plain sampler's distribution."
     )
-    choice = next((b["window_choice"] for b in spec.get("batches", []) if b.get("window_choice")), None)
-    if choice:
-        lines.append(f"Window: {choice}.")
     if "plain" in report and spec["wall_clock_s"] > report["plain"]["wall_clock_s"]:
         lines.append("Here a batched call costs more than the calls it saves; speculation pays on devices with "
                      "spare parallel capacity (a GPU) and with many small steps.")
-    return "\n".join(textwrap.fill(line, 100) if len(line) > 100 else line for line in lines)
+    text = "\n".join(textwrap.fill(line, 100) if len(line) > 100 else line for line in lines)
+    choice = next((b["window_choice"] for b in spec.get("batches", []) if b.get("window_choice")), None)
+    return text + (f"\nWindow: {choice}." if choice else "")  # one line: the policy's own account
 
 
 def cmd_generate(args) -> int:
