@@ -45,9 +45,11 @@ class DraftMemory:
 
 class Drafter:
     """Base class. ``network_calls`` says whether ``predict`` runs a network (counted in
-    ``stats.draft_calls``)."""
+    ``stats.draft_calls``); ``reuses_target`` that it only returns the target's own (already
+    checked) predictions."""
 
     network_calls: bool = False
+    reuses_target: bool = False
 
     def predict(self, x: Tensor, step: Tensor, memory: DraftMemory) -> Tensor:
         """Prediction for drafted states ``x`` (one row each) at ``step``."""
@@ -57,6 +59,8 @@ class Drafter:
 class FrozenTargetDrafter(Drafter):
     """Training-free (the paper's frozen-target drafter): reuse the target's last prediction
     at every drafted state and step. No network call."""
+
+    reuses_target = True
 
     def predict(self, x: Tensor, step: Tensor, memory: DraftMemory) -> Tensor:
         return memory.prediction
@@ -71,6 +75,8 @@ class PicardDrafter(Drafter):
     same steps from the corrected state with the same step noise, so those time-aligned predictions
     (Picard iteration's idea) are closer than the frozen one. No network call; exact like any
     drafter (they depend on the noise of earlier steps only)."""
+
+    reuses_target = True
 
     def predict(self, x: Tensor, step: Tensor, memory: DraftMemory) -> Tensor:
         if memory.same_step is None:

@@ -97,15 +97,21 @@ class NoiseStreams:
 
     def _lookup(self, what: int, rows: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         rows, steps = rows.cpu(), steps.cpu()
-        groups, slots = self.group_of[rows], self.slot_of[rows]
-        out = None
-        for gi, k in torch.stack([groups, steps], 1).unique(dim=0).tolist():
-            table = self._draw(gi, k)[what]
-            at = ((groups == gi) & (steps == k)).nonzero().squeeze(1)
+        if len(self.groups) == 1:  # one generator: one gather from the stacked steps
+            return self._gather(0, what, steps, self.slot_of[rows])
+        groups, out = self.group_of[rows], None
+        for gi in groups.unique().tolist():
+            at = (groups == gi).nonzero().squeeze(1)
+            picked = self._gather(gi, what, steps[at], self.slot_of[rows[at]])
             if out is None:
-                out = table.new_empty((len(rows), *table.shape[1:]))
-            out[at.to(out.device)] = table[slots[at].to(table.device)]
+                out = picked.new_empty((len(rows), *picked.shape[1:]))
+            out[at.to(out.device)] = picked
         return out
+
+    def _gather(self, gi: int, what: int, steps: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        lo, hi = int(steps.min()), int(steps.max())
+        table = torch.stack([self._draw(gi, k)[what] for k in range(lo, hi + 1)])  # [step, slot, ...]
+        return table[(steps - lo).to(table.device), slots.to(table.device)]
 
     def noise(self, rows: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         """The step noise of ``steps[i]`` for sample ``rows[i]``: ``[len(rows), *shape]``."""

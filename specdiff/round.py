@@ -138,21 +138,22 @@ def _draft(drafter, x: Tensor, step: Tensor, j: int, c: Carry, ids: Tensor, tall
     ask = torch.arange(len(ids)) if skip is None else (~skip).nonzero().squeeze(1)
     if not ask.numel():
         return c.pred
-    a = ask.to(x.device)
+    full, a = len(ask) == len(ids), ask.to(x.device)
+    rows = (lambda t: t) if full else (lambda t: t[a])  # every row asks from the second position on: no copies
     has = j < c.ahead_len[ask]
-    same_step = c.ahead[min(j, len(c.ahead) - 1), a] if has.any() else None
-    memory = DraftMemory(c.pred[a], (c.n[ask] - (~c.fresh[ask]).long()).to(x.device), c.prev[a], ids[ask].to(x.device),
-                         same_step, has.to(x.device))
-    guess = drafter.predict(x[a], step[ask].to(x.device), memory)
+    same_step = rows(c.ahead[min(j, len(c.ahead) - 1)]) if has.any() else None
+    memory = DraftMemory(rows(c.pred), (c.n[ask] - (~c.fresh[ask]).long()).to(x.device), rows(c.prev),
+                         ids[ask].to(x.device), same_step, has.to(x.device))
+    guess = drafter.predict(rows(x), step[ask].to(x.device), memory)
     tally.stats.draft_calls += int(drafter.network_calls)
     if guess.shape != memory.prediction.shape:
         raise ValueError(
             f"{type(drafter).__name__}.predict returned shape {tuple(guess.shape)}; expected "
             f"{tuple(memory.prediction.shape)} (one prediction per drafted row, like the chain's predict)"
         )
-    if guess is not memory.prediction:  # the frozen prediction was checked when the target made it
+    if not getattr(drafter, "reuses_target", False):  # target predictions were checked when the target made them
         _check_finite(guess, step[ask], "draft", x)
-    return guess.to(c.pred.dtype) if len(ask) == len(ids) else c.pred.index_put((a,), guess.to(c.pred.dtype))
+    return guess.to(c.pred.dtype) if full else c.pred.index_put((a,), guess.to(c.pred.dtype))
 
 
 def _check_finite(prediction: Tensor, steps: Tensor, who: str, x: Tensor) -> Tensor:
