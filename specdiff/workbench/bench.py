@@ -88,8 +88,9 @@ def _digits_samplers(plain, spec, draft, latents, quick: bool):
 
     def pipeline(window, draft_unet=None):
         def run(make_gen, n):
+            drafter = {} if draft_unet is not None else {"drafter": "frozen"}  # not the pipeline's default (picard)
             res = spec(batch_size=n, generator=make_gen(), num_inference_steps=steps, window=window(),
-                       draft_unet=draft_unet, output_type="pt")
+                       draft_unet=draft_unet, output_type="pt", **drafter)
             return res.images, _stats_row(res.stats)
         return run
 
