@@ -198,18 +198,27 @@ def bench_digits(out: Path, quick: bool = False, samples: int = 64, repeats: int
 
     # Quality over a batch (same seeds for every sampler: image i uses generator seed 10_000 + i).
     n = 16 if quick else samples
-    previous = out / "digits.json"
-    if quality or not previous.exists():
+    name, command = _digits_file(), "python -m specdiff.workbench.bench digits"
+    if torch.get_num_threads() != 1:
+        command += f" --threads {torch.get_num_threads()}"
+    saved = [p for p in (out / f"{name}.json", out / "digits.json") if p.exists()]
+    if quality or not saved:
         quality = _digits_quality(samplers, n)
-    else:  # --no-quality: keep the saved quality block (same samplers, seeds and images)
-        quality = json.loads(previous.read_text())["quality"]
+    else:  # --no-quality: keep the saved quality block (same samplers, seeds and images; the law has no thread count)
+        quality = json.loads(saved[0].read_text())["quality"]
     meter.handle.remove()
-    result = {"benchmark": "digits", "command": "python -m specdiff.workbench.bench digits", "num_steps": 1000,
+    result = {"benchmark": "digits", "command": command, "num_steps": 1000,
               "environment": _environment(), "repeats": 1 if quick else repeats, "latency_batch1": latency,
               "summary": summary, "quality": quality}
-    _write(out / "digits.json", result)
-    _plot_digits(summary, out / "digits.png")
+    _write(out / f"{name}.json", result)
+    _plot_digits(summary, out / f"{name}.png", torch.get_num_threads())
     return result
+
+
+def _digits_file() -> str:
+    """``digits`` for the 1-thread run, ``digits_threads<N>`` for N threads."""
+    threads = torch.get_num_threads()
+    return "digits" if threads == 1 else f"digits_threads{threads}"
 
 
 QUALITY_SAMPLERS = [("plain DDPMPipeline", "1"), ("speculative (picard)", "auto"), ("speculative (frozen)", "auto"),
@@ -263,7 +272,7 @@ def _summarise(latency):
     return summary
 
 
-def _plot_digits(summary, path: Path) -> None:
+def _plot_digits(summary, path: Path, threads: int = 1) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -275,7 +284,7 @@ def _plot_digits(summary, path: Path) -> None:
     ax.bar([i - 0.2 for i in x], [r["call_speedup"] for r in summary], 0.4, label="fewer sequential target calls")
     ax.bar([i + 0.2 for i in x], [r["wall_clock_speedup"] for r in summary], 0.4, label="wall-clock speedup (median)")
     ax.set_xticks(list(x), labels, fontsize=6)
-    ax.set(ylabel="x vs plain DDPMPipeline", title="digits DDPM, 1000 steps, batch 1, CPU")
+    ax.set(ylabel="x vs plain DDPMPipeline", title=f"digits DDPM, 1000 steps, batch 1, CPU, {threads} thread(s)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -366,17 +375,20 @@ def bench_discrete_latency(out: Path, quick: bool = False, repeats: int = 3) -> 
 
 def _report_digits(d: dict) -> list[str]:
     env = d["environment"]
+    one = env["threads"] == 1  # one thread: CPU time is what wall-clock would be on an idle core
     lines = [f"Bundled digits DDPM, {d['num_steps']} steps, batch 1, same seeds, {env['processor']} CPU, "
-             f"{env['threads']} thread, median of {d['repeats']} interleaved repeats (`{d['command']}`); the machine "
-             "is shared, so the process's CPU time (what wall-clock would be on an idle core) is shown too:", "",
+             f"{env['threads']} thread{'s' if env['threads'] > 1 else ''}, median of {d['repeats']} interleaved repeats (`{d['command']}`)"
+             + ("; the machine is shared, so the process's CPU time (what wall-clock would be on an idle core) is "
+                "shown too:" if one else ", all the machine's cores:"), "",
              "| sampler | window | sequential target calls | rows / image | largest batch | acceptance "
-             "| wall-clock s (min-max) | fewer calls | wall-clock speedup | CPU-time speedup |", "|" + " --- |" * 10]
+             "| wall-clock s (min-max) | fewer calls | wall-clock speedup |" + (" CPU-time speedup |" if one else ""),
+             "|" + " --- |" * (10 if one else 9)]
     for r in d["summary"]:
         acc = "" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.3f}"
         lines.append(f"| {r['sampler']} | {r['window']} | {r['target_calls']:.0f} | {r['target_rows']:.0f} "
                      f"| {r['max_rows_per_call']} | {acc} | {r['wall_clock_s']:.2f} ({r['wall_clock_min_s']:.2f}-"
-                     f"{r['wall_clock_max_s']:.2f}) | {r['call_speedup']:.2f}x | {r['wall_clock_speedup']:.2f}x "
-                     f"| {r['cpu_speedup']:.2f}x |")
+                     f"{r['wall_clock_max_s']:.2f}) | {r['call_speedup']:.2f}x | {r['wall_clock_speedup']:.2f}x |"
+                     + (f" {r['cpu_speedup']:.2f}x |" if one else ""))
     q = d["quality"]
     lines += ["", f"Quality over {q['samples']} images per sampler (image i: seed 10000 + i for every sampler; "
               "two-sample test in classifier features against the plain sampler, family-wise alpha = 0.001):", "",
@@ -431,8 +443,9 @@ def _report_overhead(d: dict) -> list[str]:
 def report(out: Path) -> str:
     """Markdown tables of the results under ``out`` (what the README shows)."""
     lines = []
-    if (out / "digits.json").exists():
-        lines += _report_digits(json.loads((out / "digits.json").read_text()))
+    for path in sorted(out.glob("digits*.json"), key=lambda p: (len(p.name), p.name)):
+        if json.loads(path.read_text()).get("benchmark") == "digits":
+            lines += _report_digits(json.loads(path.read_text()))
     for name, section in [("churn.json", _report_churn), ("discrete_latency.json", _report_discrete_latency),
                           ("overhead.json", _report_overhead)]:
         if (out / name).exists():
@@ -483,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=64, help="digits: images per sampler for the quality check")
     parser.add_argument("--repeats", type=int, default=3, help="digits: seeds timed per sampler (interleaved)")
     parser.add_argument("--no-quality", action="store_true", help="digits: time only; keep the saved quality block")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the published runs use 1)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads; 1 writes digits.json, N writes digits_threadsN.json")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
