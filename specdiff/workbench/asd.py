@@ -66,6 +66,11 @@ class ASDResult:
     def acceptance_rate(self) -> float:
         return self.accepted / max(self.proposed, 1)
 
+    @property
+    def stats(self) -> ASDResult:
+        """The counts under the names of :class:`specdiff.SpeculativeStats` (benchmarks read either)."""
+        return self
+
 
 def asd_draft(chain, x: Tensor, k: Tensor, m_hat: Tensor, z: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """ASD's proposal: ``y_0 = x``, ``y_{j+1} = mean(y_j, k_j; m_hat) + std_j z_j`` for every row of
