@@ -98,3 +98,29 @@ def test_bad_speculation_length_is_refused():
     chain = GaussianMixtureDDPM.random(dim=2, num_steps=10)
     with pytest.raises(ValueError, match="spec_len"):
         asd_sample(chain, chain.sample_prior(2, gen(0)), spec_len=0)
+
+
+def test_on_a_diffusers_ddpm_chain_speculation_length_one_is_its_plain_sampler():
+    """The benchmark's set-up (SchedulerChain carrying x0, clipped): ASD runs it unchanged."""
+    from diffusers import DDPMScheduler
+
+    from specdiff import SpeculativeScheduler
+
+    scheduler = SpeculativeScheduler.from_scheduler(DDPMScheduler(num_train_timesteps=100, clip_sample=True))
+    scheduler.set_timesteps(20)
+    chain = scheduler.chain(lambda x, t: 2 * torch.tanh(x) * t.view(-1, 1, 1, 1) / 100)  # an eps "network"
+    x = torch.randn(2, 1, 8, 8, generator=gen(0))
+    out = asd_sample(chain, x, spec_len=1, generator=gen(1))
+    assert torch.equal(out.sample, sample_baseline(chain, x, gen(1)))
+    free = asd_sample(chain, x, generator=gen(1))
+    assert free.target_calls <= 2 * free.iterations < 2 * 20 and torch.isfinite(free.sample).all()
+
+
+def test_the_churn_chain_carrying_x0_has_the_same_steps():
+    from specdiff.workbench.churn import ChurnMixtureChain, ChurnX0Chain
+
+    v_chain, x0_chain = ChurnMixtureChain(), ChurnX0Chain()
+    x = v_chain.initial_state(3, gen(0))
+    step = torch.full((3,), 5)
+    for a, b in zip(v_chain.transition(x, step, v_chain.predict(x, step)), x0_chain.transition(x, step, x0_chain.predict(x, step))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
