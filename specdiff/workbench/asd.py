@@ -94,6 +94,8 @@ def asd_sample(chain, x_init: Tensor, *, spec_len: int | None = None, generator:
     (still one sequential call)."""
     if spec_len is not None and (isinstance(spec_len, bool) or not isinstance(spec_len, int) or spec_len < 1):
         raise ValueError(f"spec_len must be a positive integer, or None to speculate to the last step; got {spec_len!r}")
+    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
+        raise ValueError(f"max_rows must be a positive integer, or None for one batch per call; got {max_rows!r}")
     if kernel_for(chain, x_init) is not GaussianKernel or not x_init.is_floating_point():
         raise TypeError("ASD needs a Gaussian chain with floating-point states (its increments are Gaussian)")
     if getattr(chain, "uses_previous_prediction", False):
