@@ -81,6 +81,7 @@ def _digits_samplers(plain, spec, draft, latents, quick: bool):
     they are timed (each seed runs them all, interleaved). ``make_generator()`` returns a fresh
     generator (or list) for the run; ``latents(generator, n)`` draws x_T as DDPMPipeline does."""
     from ..window import AutoWindow
+    from .asd import asd_sample
     from .paradigms import paradigms_sample
 
     unet, steps = plain.unet, 1000
@@ -124,6 +125,17 @@ def _digits_samplers(plain, spec, draft, latents, quick: bool):
             return (r.sample / 2 + 0.5).clamp(0, 1), {"target_calls": r.target_calls, "target_rows": r.target_rows}
         return run
 
+    def asd(spec_len):  # autospeculative decoding (Hu et al. 2025), exact: drafts from the anchor's x0
+        def run(make_gen, n):
+            gen = make_gen()
+            x = latents(gen, n)
+            chain_scheduler.set_timesteps(steps)
+            r = asd_sample(chain_scheduler.chain(lambda x, t: unet(x, t).sample), x, spec_len=spec_len, generator=gen,
+                           max_rows=256)
+            return (r.sample / 2 + 0.5).clamp(0, 1), {"target_calls": r.target_calls, "target_rows": r.target_rows / n,
+                                                      "acceptance_rate": r.acceptance_rate}
+        return run
+
     samplers = {("plain DDPMPipeline", "1"): baseline,
                 ("speculative (frozen)", "auto"): pipeline(AutoWindow)}
     for w in ([16] if quick else [8, 16, 32]):
@@ -133,6 +145,8 @@ def _digits_samplers(plain, spec, draft, latents, quick: bool):
     if not quick:
         samplers[("speculative (draft model)", "4")] = pipeline(lambda: 4, draft)
     samplers[("ParaDiGMS (tol 0.1)", "32")] = paradigms(32, 0.1)
+    samplers[("ASD", "all")] = asd(None)  # the paper's unbounded speculation
+    samplers[("ASD", "32")] = asd(32)
     return samplers
 
 
@@ -226,7 +240,7 @@ def _digits_file() -> str:
 
 
 QUALITY_SAMPLERS = [("plain DDPMPipeline", "1"), ("speculative (picard)", "auto"), ("speculative (frozen)", "auto"),
-                    ("ParaDiGMS (tol 0.1)", "32")]
+                    ("ParaDiGMS (tol 0.1)", "32"), ("ASD", "32")]
 
 
 def _digits_quality(samplers, n: int) -> dict:
@@ -297,20 +311,23 @@ def _plot_digits(summary, path: Path, threads: int = 1) -> None:
 
 def bench_churn(out: Path, quick: bool = False) -> dict:
     """The d = 512 churn protocol (:mod:`.churn`): drafted steps per target call per trajectory,
-    frozen and Picard drafters, by window; two-sample test of the final samples vs plain."""
-    from .churn import ChurnMixtureChain
+    frozen and Picard drafters, frozen with x0 carried instead of the velocity, and ASD (which freezes x0),
+    by window; two-sample test of the final samples vs plain."""
+    from .asd import asd_sample
+    from .churn import ChurnMixtureChain, ChurnX0Chain
 
-    chain = ChurnMixtureChain()
+    chain, x0_chain = ChurnMixtureChain(), ChurnX0Chain()  # x0_chain: drafts freeze x0, ASD's drift
     n = 100 if quick else 500
     windows = [2, 4, 16] if quick else [2, 3, 4, 6, 8, 16, 28]
     x = chain.initial_state(n, torch.Generator().manual_seed(0))
     plain = chain.finish(sample_baseline(chain, chain.initial_state(n, torch.Generator().manual_seed(1)),
                                          [torch.Generator().manual_seed(10**6 + i) for i in range(n)]))
     rows = []
-    for name in ("frozen", "picard"):
+    for name, ch in (("frozen", chain), ("picard", chain), ("frozen (x0)", x0_chain), ("ASD (x0)", x0_chain)):
         for window in windows:
-            res = speculative_sample(chain, x, window=window, drafter=name,
-                                     generator=[torch.Generator().manual_seed(i) for i in range(n)])
+            gens = [torch.Generator().manual_seed(i) for i in range(n)]
+            res = (asd_sample(ch, x, spec_len=window, generator=gens) if name.startswith("ASD")
+                   else speculative_sample(ch, x, window=window, drafter=name.split()[0], generator=gens))
             s = res.stats
             per_sample = sum(s.per_sample_target_calls) / n
             check = two_sample_test(chain.finish(res.sample), plain)

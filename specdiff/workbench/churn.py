@@ -72,6 +72,18 @@ class ChurnMixtureChain:
         return x - s * self.velocity(x, torch.full((x.shape[0],), float(s), dtype=torch.float64))
 
 
+class ChurnX0Chain(ChurnMixtureChain):
+    """The same chain (same law) carrying the x0 prediction ``x - s v`` instead of the velocity, so
+    a frozen drafter freezes x0 and re-derives ``v = (y - x0) / s`` at the drafted state: ASD's
+    drift (the posterior mean, :mod:`.asd`)."""
+
+    def predict(self, x: Tensor, step: Tensor) -> Tensor:
+        return x - self._s(step)[0] * super().predict(x, step)
+
+    def transition(self, x: Tensor, step: Tensor, prediction: Tensor) -> tuple[Tensor, Tensor]:
+        return super().transition(x, step, (x - prediction) / self._s(step)[0])
+
+
 def std_per_step(chain: ChurnMixtureChain) -> list[float]:
     steps = torch.arange(chain.num_steps)
     return chain.transition(torch.zeros(chain.num_steps, chain.dim), steps, torch.zeros(chain.num_steps, chain.dim))[1].tolist()
