@@ -70,3 +70,22 @@ def test_a_chain_with_its_own_transition_drafts_step_by_step():
     assert chain.draft_frozen(x, torch.zeros(2, 1, dtype=torch.long), torch.zeros(1, 3, 2), torch.rand(2, 1, 3)) is None
     assert MaskedDiffusionChain.draft_frozen(chain, x, torch.zeros(2, 1, dtype=torch.long), torch.zeros(1, 3, 2),
                                              torch.rand(2, 1, 3)) is None
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_repeated_predictions_get_the_same_law_as_alone(temperature):
+    """clean_probabilities computes a run of equal rows once (a round repeats a prediction while the
+    state is unchanged): every row must still be exactly the row's own softmax."""
+    s = MaskedDiffusionScheduler(vocab_size=V, temperature=temperature, num_inference_steps=8)
+    g = torch.Generator().manual_seed(3)
+    distinct = torch.randn(4, LENGTH, V, generator=g)
+    distinct[2, 0] = float("-inf")
+    distinct[2, 0, 1] = 0.0
+    logits = distinct[torch.tensor([0, 0, 0, 1, 2, 2, 1, 3])]
+    mu = s.clean_probabilities(logits)
+    for row in range(len(logits)):
+        assert torch.equal(mu[row], s.clean_probabilities(logits[row : row + 1])[0])
+    x = torch.full((len(logits), LENGTH), V)
+    step = torch.arange(len(logits)) % 8
+    alone = torch.cat([s.transition_probs(x[r : r + 1], step[r : r + 1], logits[r : r + 1]) for r in range(len(x))])
+    assert torch.equal(s.transition_probs(x, step, logits), alone)

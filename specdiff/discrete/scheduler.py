@@ -161,7 +161,18 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
         temperature = self.config.temperature
         if temperature == 0:
             return torch.nn.functional.one_hot(logits.argmax(-1), v).to(torch.float64)
-        return torch.softmax(logits / temperature, dim=-1)
+        rows = logits.shape[0] if logits.ndim > 1 else 0
+        if rows > 1:  # a round's verified laws repeat a row's prediction while its state is unchanged
+            repeat = (logits[1:] == logits[:-1]).flatten(1).all(1)
+            if repeat.any():  # softmax each distinct row once (row-wise: the same bits), then copy
+                fresh = torch.cat([repeat.new_ones(1), ~repeat])
+                source = torch.cumsum(fresh, 0) - 1
+                return self._softmax(logits[fresh], temperature)[source]
+        return self._softmax(logits, temperature)
+
+    @staticmethod
+    def _softmax(logits: Tensor, temperature: float) -> Tensor:
+        return torch.softmax(logits if temperature == 1 else logits / temperature, dim=-1)  # x / 1 == x
 
     def transition_probs(self, sample: Tensor, step_index: Tensor, model_output: Tensor) -> Tensor:
         """Next-state law of every position, shape ``(*sample.shape, vocab_size + 1)``, float64.
