@@ -97,8 +97,8 @@ def speculative_round(chain, kernel, drafter, noise, target, c: Carry, ids: Tens
     if need.any():
         pred_T[need.to(dev)] = target(y[need.to(dev)], k[need], ids.expand(span + 1, m)[need]).to(c.pred.dtype)
         tally.called(ids[need.any(0)])
-    for jj in range(1, span + 1):
-        pred_T[jj, same[jj].to(dev)] = pred_T[jj - 1, same[jj].to(dev)]
+    if same.any():  # an unchanged state takes the prediction of the last verified one (same[0] is False)
+        pred_T = pred_T[torch.where(same, 0, j).cummax(0).values.to(dev), torch.arange(m, device=dev)]
 
     # 3. Accept: the coupling test of every drafted step (only the prefix up to the first rejection is used).
     jr, ir = drafted.nonzero(as_tuple=True)
