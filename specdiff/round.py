@@ -101,7 +101,7 @@ def speculative_round(chain, kernel, drafter, noise, target, c: Carry, ids: Tens
         pred_T = pred_T[torch.where(same, 0, j).cummax(0).values.to(dev), torch.arange(m, device=dev)]
 
     # 3. Accept: the coupling test of every drafted step (only the prefix up to the first rejection is used).
-    jr, ir = drafted.nonzero(as_tuple=True)
+    ir, jr = drafted.T.nonzero(as_tuple=True)  # sample-major: a sample's repeated predictions are adjacent rows
     jd, idv = jr.to(dev), ir.to(dev)
     previous = torch.where(_rows(jd > 0, c.pred), pred_T[(jd - 1).clamp(min=0), idv], c.prev[idv])
     law_T = kernel.law(chain, y[jd, idv], k[jr, ir].to(dev), pred_T[jd, idv], previous)
