@@ -5,6 +5,7 @@ import torch
 
 from specdiff.discrete import LookupDenoiser, MarkovDenoiser, MaskedDiffusionChain, MaskedDiffusionScheduler
 from specdiff.discrete import speculative_sample_discrete
+import specdiff.discrete.scheduler as scheduler_module
 from specdiff.discrete.scheduler import sample_categorical
 from specdiff.drafters import FrozenTargetDrafter
 
@@ -15,8 +16,10 @@ class StepByStep(FrozenTargetDrafter):
     """The same predictions as the frozen drafter, but not the frozen type: the round drafts step by step."""
 
 
-@pytest.mark.parametrize("schedule,temperature", [("linear", 1.0), ("cosine", 0.7), ("linear", 0.0)])
-def test_draft_frozen_equals_sequential_steps(schedule, temperature):
+@pytest.mark.parametrize("schedule,temperature,chunk", [("linear", 1.0, None), ("cosine", 0.7, 1), ("linear", 0.0, None)])
+def test_draft_frozen_equals_sequential_steps(schedule, temperature, chunk, monkeypatch):
+    if chunk is not None:  # one step per chunk, as for a large vocabulary
+        monkeypatch.setattr(scheduler_module, "DRAFT_CHUNK_ELEMENTS", chunk)
     steps, span, batch = 12, 7, 5
     s = MaskedDiffusionScheduler(vocab_size=V, alpha_schedule=schedule, temperature=temperature,
                                  num_inference_steps=steps)

@@ -37,6 +37,9 @@ from ..kernels.categorical import sample_categorical
 from ..noise import GeneratorArg, split_generators
 
 ALPHA_SCHEDULES = ("linear", "cosine")
+#: ``draft_frozen`` draws at most this many probabilities at once (the CDF's scratch stays small
+#: for large vocabularies); whole steps at a time, so the draws are the same for any value.
+DRAFT_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass
@@ -216,14 +219,18 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
         probs = torch.empty((k.shape[0], *sample.shape, v + 1), dtype=torch.float64, device=sample.device)
         torch.mul(1 - stay, mu, out=probs[..., :v])  # the masked law of transition_probs, every step
         probs[..., v:] = stay
-        draws = sample_categorical(probs, u)
+        chunk = max(1, DRAFT_CHUNK_ELEMENTS // max(probs[0].numel(), 1))
+        draws = torch.cat([sample_categorical(probs[a : a + chunk], u[a : a + chunk]) for a in range(0, len(probs), chunk)])
         hit = draws != mask
-        first = hit.to(torch.uint8).argmax(0, keepdim=True)  # the first draw that unmasks (argmax: first max)
+        hit8 = hit.to(torch.uint8)
+        first = hit8.argmax(0, keepdim=True)  # the first draw that unmasks (argmax: first max)
         token = draws.gather(0, first)
-        states = torch.where(hit.cummax(0).values & (sample == mask), token, sample)
+        states = torch.where(hit8.cummax(0).values.bool() & (sample == mask), token, sample)
         states = torch.cat([sample[None], states.to(sample.dtype)])
         copied = states[:-1] != mask  # those positions follow the copy law: a one-hot on their token
-        probs[copied] = torch.nn.functional.one_hot(states[:-1][copied].long(), v + 1).to(torch.float64)
+        probs.masked_fill_(copied.unsqueeze(-1), 0.0)
+        at = copied.nonzero(as_tuple=True)
+        probs[(*at, states[:-1][at].long())] = 1.0
         return states, probs
 
     def index_for_timestep(self, timestep, batch: int) -> Tensor:

@@ -384,11 +384,47 @@ def bench_discrete_latency(out: Path, quick: bool = False, repeats: int = 3) -> 
                             "wall_clock_vs_cached": med("cached", "wall_clock_s") / med(name, "wall_clock_s"),
                             "cpu_vs_cached": med("cached", "cpu_s") / med(name, "cpu_s"),
                             "ceiling_vs_cached": med("cached", "wall_clock_s") / med(name, "network_s")})
+    breakdown = [_round_breakdown(chain, inside, batch, length, 1 if quick else repeats) for batch in (1, 64)]
     result = {"benchmark": "discrete_latency", "command": "python -m specdiff.workbench.bench discrete-latency",
               "num_steps": steps, "environment": _environment(),
-              "latency_s": {str(b): t for b, t in curve.items()}, "runs": rows, "summary": summary}
+              "latency_s": {str(b): t for b, t in curve.items()}, "runs": rows, "summary": summary,
+              "round_breakdown": breakdown}
     _write(out / "discrete_latency.json", result)
     return result
+
+
+def _round_breakdown(chain, inside: list, batch: int, length: int, repeats: int) -> dict:
+    """Where a speculative round's time goes (window auto): the network, each kernel operation
+    (timed through a kernel wrapper set on the chain) and the rest (the driver: noise lookups,
+    bookkeeping, window policy), in ms per round, summed over ``repeats`` seeds."""
+    from ..sampler import speculative_sample_discrete
+    from ..window import AutoWindow
+
+    spent = dict.fromkeys(("draft_frozen", "law", "accept", "correct"), 0.0)
+
+    def timed(name, fn):
+        def run(*args):
+            started = time.perf_counter()
+            out = fn(*args)
+            spent[name] += time.perf_counter() - started
+            return out
+        return staticmethod(run)
+
+    plain = chain.kernel
+    chain.kernel = type("TimedKernel", (plain,), {name: timed(name, getattr(plain, name)) for name in spent})
+    try:
+        rounds, wall, inside[0] = 0, 0.0, 0.0
+        for seed in range(repeats):
+            gens = [torch.Generator().manual_seed(1000 * seed + i) for i in range(batch)]
+            started = time.perf_counter()
+            res = speculative_sample_discrete(chain, chain.prior(batch, (length,)), window=AutoWindow(), generator=gens)
+            wall += time.perf_counter() - started
+            rounds += res.stats.rounds
+    finally:
+        chain.kernel = plain
+    per_round = {"network": inside[0], **spent}
+    per_round["rest (driver: noise, bookkeeping, window policy)"] = wall - sum(per_round.values())
+    return {"batch": batch, "rounds_per_run": rounds / repeats, "ms_per_round": {k: 1e3 * v / rounds for k, v in per_round.items()}}
 
 
 def _report_digits(d: dict) -> list[str]:
@@ -447,6 +483,9 @@ def _report_discrete_latency(d: dict) -> list[str]:
     if curve:
         lines += ["", "One network call on b rows (batch-1 states, median): " + ", ".join(
             f"t({b}) = {t * 1e3:.1f} ms" for b, t in curve.items()) + "."]
+    for b in d.get("round_breakdown", []):
+        lines += ["", f"Batch {b['batch']}, speculative auto, {b['rounds_per_run']:.1f} rounds per run, ms per round: "
+                  + ", ".join(f"{name} {ms:.2f}" for name, ms in b["ms_per_round"].items()) + "."]
     return lines + [""]
 
 
