@@ -345,7 +345,10 @@ def bench_discrete_latency(out: Path, quick: bool = False, repeats: int = 3) -> 
     chain = MaskedDiffusionChain(network, scheduler)
     runs = {"cached": lambda x, g: sample_baseline_discrete(chain, x, g, cached=True, return_stats=True),
             "speculative auto": lambda x, g: speculative_sample_discrete(chain, x, window=AutoWindow(), generator=g),
-            "speculative 32": lambda x, g: speculative_sample_discrete(chain, x, window=32, generator=g)}
+            "speculative 32": lambda x, g: speculative_sample_discrete(chain, x, window=32, generator=g),
+            # a CPU's cost per row grows past ~16 rows (cache): verify in micro-batches of 16
+            "speculative auto, max_rows 16": lambda x, g: speculative_sample_discrete(
+                chain, x, window=AutoWindow(), generator=g, max_rows=16)}
     sizes = [1, 2, 4, 8, 16, 32, 64]
     curve = measure_latency(chain, chain.prior(1, (length,)), sizes, repeats=3 if quick else 9)
     rows = []
