@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .drafters import DraftMemory
+from .drafters import DraftMemory, FrozenTargetDrafter
 
 
 @dataclass
@@ -72,13 +72,19 @@ def speculative_round(chain, kernel, drafter, noise, target, c: Carry, ids: Tens
     exact = (j[:span] == 0) & c.fresh  # first step of a fresh sample: J = K, accepted without a test
     z = noise.noise(ids.repeat(span), k[:span].flatten()).view(span, m, *c.x.shape[1:])
 
-    # 1. Draft y_{j+1} ~ J(. | y_j) with the drafter's prediction (the exact one where J = K).
-    y, law_D, guess = [c.x], [], c.pred
-    for jj in range(span):
-        before, guess = guess, _draft(drafter, y[jj], k[jj], jj, c, ids, tally, skip=exact[jj] if jj == 0 else None)
-        law_D.append(kernel.law(chain, y[jj], k[jj].to(dev), guess, c.prev if jj == 0 else before))
-        y.append(kernel.draw(law_D[-1], z[jj], c.x))
-    y, law_D = torch.stack(y), tuple(torch.stack(part) for part in zip(*law_D))
+    # 1. Draft y_{j+1} ~ J(. | y_j) with the drafter's prediction (the exact one where J = K). The frozen
+    #    drafter's prediction is c.pred at every step: a kernel may draft all L steps at once.
+    frozen = type(drafter) is FrozenTargetDrafter and hasattr(kernel, "draft_frozen")
+    batched = kernel.draft_frozen(chain, c.x, k[:span].to(dev), c.pred, z) if frozen else None
+    if batched is not None:
+        y, law_D = batched
+    else:
+        y, law_D, guess = [c.x], [], c.pred
+        for jj in range(span):
+            before, guess = guess, _draft(drafter, y[jj], k[jj], jj, c, ids, tally, skip=exact[jj] if jj == 0 else None)
+            law_D.append(kernel.law(chain, y[jj], k[jj].to(dev), guess, c.prev if jj == 0 else before))
+            y.append(kernel.draw(law_D[-1], z[jj], c.x))
+        y, law_D = torch.stack(y), tuple(torch.stack(part) for part in zip(*law_D))
 
     # 2. Verify: one target call on y_0 (unless fresh) and y_1..y_L (except at the final step, and,
     #    for a time-free network, except states equal to their predecessor: same prediction).
@@ -91,11 +97,11 @@ def speculative_round(chain, kernel, drafter, noise, target, c: Carry, ids: Tens
     if need.any():
         pred_T[need.to(dev)] = target(y[need.to(dev)], k[need], ids.expand(span + 1, m)[need]).to(c.pred.dtype)
         tally.called(ids[need.any(0)])
-    for jj in range(1, span + 1):
-        pred_T[jj, same[jj].to(dev)] = pred_T[jj - 1, same[jj].to(dev)]
+    if same.any():  # an unchanged state takes the prediction of the last verified one (same[0] is False)
+        pred_T = pred_T[torch.where(same, 0, j).cummax(0).values.to(dev), torch.arange(m, device=dev)]
 
     # 3. Accept: the coupling test of every drafted step (only the prefix up to the first rejection is used).
-    jr, ir = drafted.nonzero(as_tuple=True)
+    ir, jr = drafted.T.nonzero(as_tuple=True)  # sample-major: a sample's repeated predictions are adjacent rows
     jd, idv = jr.to(dev), ir.to(dev)
     previous = torch.where(_rows(jd > 0, c.pred), pred_T[(jd - 1).clamp(min=0), idv], c.prev[idv])
     law_T = kernel.law(chain, y[jd, idv], k[jr, ir].to(dev), pred_T[jd, idv], previous)

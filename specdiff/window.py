@@ -17,9 +17,12 @@ window L commits ``C = min(L, first rejection + 1)`` steps per sample, so
 A fully accepted round leaves the next root exact, so the fraction of rounds that start
 exact is the stationary ``pi = p_n / (1 - p_f + p_n)`` of that two-state chain
 (``p_f``, ``p_n``: probability of accepting the whole window from an exact / a drafted
-root). A round verifies ``L + 1 - pi`` rows per live sample, so for ``B`` live samples
+root). A round verifies at most ``L + 1 - pi`` rows per live sample, fewer when the driver
+skips states whose prediction it already has (a time-free masked-diffusion chain verifies
+only the drafted states that changed); ``f``, the observed share of those rows actually
+verified, is fitted to the run's rounds (1 before any). So for ``B`` live samples
 
-    rate(L) = B * E[C | L] / (t(B * (L + 1 - pi)) + c + h * L),
+    rate(L) = B * E[C | L] / (t(f * B * (L + 1 - pi)) + c + h * L),
 
 where ``t(b)`` is the measured latency of one target call on ``b`` rows and ``c + h L`` the
 time of a round outside the target call (drafting, coupling, bookkeeping), fitted to the
@@ -239,7 +242,9 @@ class AutoWindow:
         self._seen = (0, [0] * max_window, [0] * max_window)
         self._acc = [0.0] * max_window
         self._prop = [0.0] * max_window
-        self._round: tuple[float, int, float] | None = None  # (start, window, target seconds so far)
+        self._round: tuple | None = None  # (start, window, target seconds, rows so far, nominal rows)
+        self._rows = [0.0, 0.0]  # decayed sums of the rounds' verified rows and nominal rows B (L + 1 - pi)
+        self._nominal: list[float] = []  # L + 1 - pi for L = 1..max_window, from the last rates()
         self._last_rows, self._live = 0, 0
 
     # -- binding and measurement ---------------------------------------------------------
@@ -293,8 +298,8 @@ class AutoWindow:
     # -- the policy ----------------------------------------------------------------------
     def observe(self, rows: int, seconds: float) -> None:
         if self._round is not None:
-            start, window, spent = self._round
-            self._round = (start, window, spent + seconds)
+            start, window, spent, verified, nominal = self._round
+            self._round = (start, window, spent + seconds, verified + rows, nominal)
         self._last_rows = rows
         if not torch.cuda.is_available() or not self.measured:
             self.latency.update(rows, seconds)  # CPU timings are real; asynchronous GPU ones are not
@@ -309,15 +314,21 @@ class AutoWindow:
             half, double = max(window // 2, 1), min(2 * window, self.max_window)
             window = double if (stats.rounds // 8) % 2 or half == window else half
         self.chosen[window] += 1
-        self._round = (now, window, 0.0)
+        self._round = (now, window, 0.0, 0, live * self._nominal[window - 1])
         return window
+
+    def row_fraction(self) -> float:
+        """``f``: the share of the nominal ``L + 1 - pi`` rows per sample that rounds verified (1 before any)."""
+        verified, nominal = self._rows
+        return 1.0 if nominal <= 0 else min(max(verified / nominal, 1.0 / (self.max_window + 1)), 1.0)
 
     def _update_overhead(self, now: float) -> None:
         """Fit ``outside(L) = c + h L`` to the rounds so far (decayed least squares, a tiny
         ridge so that rounds of a single window split the time between the two)."""
         if self._round is None:
             return
-        start, window, spent = self._round
+        start, window, spent, verified, nominal = self._round
+        self._rows = [self.memory * self._rows[0] + verified, self.memory * self._rows[1] + nominal]
         outside = max(now - start - spent, 0.0)
         sums = [self.memory * v for v in self._overhead]
         for i, v in enumerate((1.0, window, window * window, outside, window * outside)):
@@ -352,7 +363,7 @@ class AutoWindow:
     def rates(self, live: int, accept: list[float] | None = None) -> list[float]:
         """``rate(L)`` of the module docstring for L = 1..max_window: expected committed steps per second."""
         a = self.acceptance() if accept is None else accept
-        out = []
+        out, self._nominal, share = [], [], self.row_fraction()
         drafted, exact, p_n, p_f = 0.0, 0.0, 1.0, 1.0  # E[C] and P(whole window) from a drafted / exact root
         for window in range(1, self.max_window + 1):
             j = window - 1
@@ -360,7 +371,8 @@ class AutoWindow:
             p_n, p_f = p_n * a[j], p_f * (1.0 if j == 0 else a[j])
             pi = p_n / (1 - p_f + p_n) if (1 - p_f + p_n) > 0 else 1.0
             committed = pi * exact + (1 - pi) * drafted
-            seconds = self.latency(live * (window + 1 - pi)) + self.per_round + self.per_step * window
+            self._nominal.append(window + 1 - pi)
+            seconds = self.latency(share * live * (window + 1 - pi)) + self.per_round + self.per_step * window
             out.append(live * committed / max(seconds, 1e-12))
         return out
 
@@ -383,6 +395,7 @@ class AutoWindow:
         return (f"auto window (max {self.max_window}): rounds {used}; chosen to maximise expected committed steps "
                 f"per second, E[C|L]/(t(rows)+c+h*L), with acceptance ~{pooled:.3f} (position 0: {a[0]:.3f}), "
                 f"latency t(B)={t1 * 1e3:.1f} ms for B={b} live rows and t(kB)/t(B): {curve} ({self.source}), "
+                f"verified rows {self.row_fraction():.0%} of L + 1 per sample, "
                 f"outside the network {self.per_round * 1e3:.2f} ms per round + {self.per_step * 1e3:.2f} ms per "
                 f"drafted step")
 

@@ -223,3 +223,22 @@ def test_generate_with_an_auto_window_says_which_window_it_chose_and_why(tmp_pat
                  "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "auto window (max 32): rounds L=" in out and "expected committed steps per second" in out
+
+
+def test_rounds_that_verify_fewer_rows_than_drafted_lengthen_the_window():
+    """A time-free masked-diffusion chain verifies only the drafted states that changed: the policy
+    learns that share from the target calls and prices a window by the rows it really costs."""
+    curve = {1: 1.0, 2: 1.6, 4: 3.0, 8: 6.0, 17: 12.5, 33: 24.0}  # nearly proportional to rows (a CPU)
+    stats = stats_with([0.97] * 32)
+    naive = AutoWindow(max_window=32, latency=curve)
+    learned = AutoWindow(max_window=32, latency=curve)
+    first = learned.choose(stats, live=1)
+    assert first == naive.choose(stats, live=1) and naive.row_fraction() == 1.0  # nothing observed yet
+    for _ in range(20):
+        window = learned._round[1]
+        rows = max(1, round(0.2 * window))  # a fifth of the drafted states needed a row
+        learned.observe(rows, LatencyCurve(curve)(rows))
+        learned.choose(stats, live=1)
+    assert 0.1 < learned.row_fraction() < 0.4
+    assert learned.best_window(1) > naive.best_window(1)
+    assert "verified rows" in learned.describe()

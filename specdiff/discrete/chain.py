@@ -72,6 +72,13 @@ class MaskedDiffusionChain:
     def transition(self, x: Tensor, step: Tensor, prediction: Tensor) -> Tensor:
         return self.scheduler.transition_probs(x, step, prediction)
 
+    def draft_frozen(self, x: Tensor, steps: Tensor, prediction: Tensor, u: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The frozen drafter's ``L`` steps in one go (:meth:`MaskedDiffusionScheduler.draft_frozen`);
+        ``None`` when a subclass changed :meth:`transition` (then the steps are drafted one by one)."""
+        if type(self).transition is not MaskedDiffusionChain.transition:
+            return None
+        return self.scheduler.draft_frozen(x, steps, prediction, u)
+
 
 # -- small networks ------------------------------------------------------------------------
 

@@ -37,6 +37,9 @@ from ..kernels.categorical import sample_categorical
 from ..noise import GeneratorArg, split_generators
 
 ALPHA_SCHEDULES = ("linear", "cosine")
+#: ``draft_frozen`` draws at most this many probabilities at once (the CDF's scratch stays small
+#: for large vocabularies); whole steps at a time, so the draws are the same for any value.
+DRAFT_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass
@@ -127,6 +130,8 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
         self.times = times  # t_0 .. t_N (float64, CPU)
         self.alphas = alpha(times, self.config.alpha_schedule)  # α at t_0 .. t_N
         self.timesteps = times[:-1].to(device or "cpu")
+        # (1 - α_s) / (1 - α_t) of every step, computed once: a sampler looks it up at every step.
+        self._stay = {torch.device("cpu"): (1 - self.alphas[1:]) / (1 - self.alphas[:-1])}
 
     def scale_model_input(self, sample: Tensor, timestep=None) -> Tensor:
         return sample
@@ -135,11 +140,18 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
 
     def stay_masked_probability(self, step_index: Tensor) -> Tensor:
         """``(1 - α_s) / (1 - α_t)`` of step ``step_index`` (per row, float64)."""
-        k = torch.as_tensor(step_index, dtype=torch.long).cpu()
-        if (k < 0).any() or (k >= self.num_inference_steps).any():
+        return self._stay_table(torch.device("cpu"))[self._checked_steps(step_index).cpu()]
+
+    def _checked_steps(self, step_index) -> Tensor:
+        k = torch.as_tensor(step_index, dtype=torch.long)
+        if k.numel() and (int(k.min()) < 0 or int(k.max()) >= self.num_inference_steps):
             raise IndexError(f"step index out of range [0, {self.num_inference_steps}): {k.tolist()}")
-        a_t, a_s = self.alphas[k], self.alphas[k + 1]
-        return (1 - a_s) / (1 - a_t)
+        return k
+
+    def _stay_table(self, device: torch.device) -> Tensor:
+        if device not in self._stay:
+            self._stay[device] = self._stay[torch.device("cpu")].to(device)
+        return self._stay[device]
 
     def clean_probabilities(self, model_output: Tensor) -> Tensor:
         """``μ``: the model's law of the clean token per position (float64), MASK excluded."""
@@ -152,7 +164,18 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
         temperature = self.config.temperature
         if temperature == 0:
             return torch.nn.functional.one_hot(logits.argmax(-1), v).to(torch.float64)
-        return torch.softmax(logits / temperature, dim=-1)
+        rows = logits.shape[0] if logits.ndim > 1 else 0
+        if rows > 1:  # a round's verified laws repeat a row's prediction while its state is unchanged
+            repeat = (logits[1:] == logits[:-1]).flatten(1).all(1)
+            if repeat.any():  # softmax each distinct row once (row-wise: the same bits), then copy
+                fresh = torch.cat([repeat.new_ones(1), ~repeat])
+                source = torch.cumsum(fresh, 0) - 1
+                return self._softmax(logits[fresh], temperature)[source]
+        return self._softmax(logits, temperature)
+
+    @staticmethod
+    def _softmax(logits: Tensor, temperature: float) -> Tensor:
+        return torch.softmax(logits if temperature == 1 else logits / temperature, dim=-1)  # x / 1 == x
 
     def transition_probs(self, sample: Tensor, step_index: Tensor, model_output: Tensor) -> Tensor:
         """Next-state law of every position, shape ``(*sample.shape, vocab_size + 1)``, float64.
@@ -160,8 +183,8 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
         ``step_index`` holds one step per row (``LongTensor[B]``) or a single int.
         """
         batch = sample.shape[0]
-        k = torch.as_tensor(step_index, dtype=torch.long).reshape(-1).expand(batch)
-        stay = self.stay_masked_probability(k).to(sample.device)
+        k = self._checked_steps(step_index).reshape(-1).expand(batch)
+        stay = self._stay_table(sample.device)[k.to(sample.device)]
         stay = stay.view(-1, *[1] * sample.ndim)  # [B, 1, ..., 1]
         mu = self.clean_probabilities(model_output)
         if mu.shape[:-1] != sample.shape:
@@ -172,6 +195,43 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
         masked_law = torch.cat([(1 - stay) * mu, stay.expand(*sample.shape, 1)], dim=-1)
         copy_law = torch.nn.functional.one_hot(sample.long(), self.num_states).to(torch.float64)
         return torch.where((sample == self.mask_token_id)[..., None], masked_law, copy_law)
+
+    def draft_frozen(self, sample: Tensor, step_indices: Tensor, model_output: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+        """``L`` consecutive steps under ONE model output (the frozen-target drafter), at once.
+
+        ``step_indices [L, B]``, ``u [L, *sample.shape]`` (step j's per-position uniforms).
+        Returns ``states [L + 1, *sample.shape]`` (``states[0] = sample``, ``states[j + 1]``
+        drawn from ``states[j]`` at ``step_indices[j]`` with ``u[j]``) and ``probs [L, ...,
+        num_states]`` (``probs[j] = transition_probs(states[j], step_indices[j], model_output)``),
+        bit for bit what ``L`` sequential ``transition_probs`` + ``sample_categorical`` calls give.
+
+        Why it can be vectorised: given ``μ``, the law of a masked position at step j depends on
+        the step only, and an unmasked one is copied. So every step's draw is made as if the
+        position were still masked, and a position takes the token of its first draw that is not
+        MASK (later draws would have copied it).
+        """
+        mask, v = self.mask_token_id, self.config.vocab_size
+        k = self._checked_steps(step_indices).to(sample.device)
+        stay = self._stay_table(sample.device)[k].view(*k.shape, *[1] * sample.ndim)  # [L, B, 1, ..., 1]
+        mu = self.clean_probabilities(model_output)
+        if mu.shape[:-1] != sample.shape:
+            raise ValueError(f"model output {tuple(model_output.shape)} does not match sample {tuple(sample.shape)}")
+        probs = torch.empty((k.shape[0], *sample.shape, v + 1), dtype=torch.float64, device=sample.device)
+        torch.mul(1 - stay, mu, out=probs[..., :v])  # the masked law of transition_probs, every step
+        probs[..., v:] = stay
+        chunk = max(1, DRAFT_CHUNK_ELEMENTS // max(probs[0].numel(), 1))
+        draws = torch.cat([sample_categorical(probs[a : a + chunk], u[a : a + chunk]) for a in range(0, len(probs), chunk)])
+        hit = draws != mask
+        hit8 = hit.to(torch.uint8)
+        first = hit8.argmax(0, keepdim=True)  # the first draw that unmasks (argmax: first max)
+        token = draws.gather(0, first)
+        states = torch.where(hit8.cummax(0).values.bool() & (sample == mask), token, sample)
+        states = torch.cat([sample[None], states.to(sample.dtype)])
+        copied = states[:-1] != mask  # those positions follow the copy law: a one-hot on their token
+        probs.masked_fill_(copied.unsqueeze(-1), 0.0)
+        at = copied.nonzero(as_tuple=True)
+        probs[(*at, states[:-1][at].long())] = 1.0
+        return states, probs
 
     def index_for_timestep(self, timestep, batch: int) -> Tensor:
         """Step indices (``LongTensor[B]``) of ``timestep``: a value of ``self.timesteps``

@@ -158,6 +158,14 @@ class CategoricalKernel:
         return sample_categorical(law[0], u).to(like.dtype)
 
     @staticmethod
+    def draft_frozen(chain, x: Tensor, steps: Tensor, prediction: Tensor, u: Tensor):
+        """``L`` drafted steps under one prediction at once, where the chain can (``chain.draft_frozen``):
+        ``(y [L + 1, ...], law [L, ...])``, bit for bit the step-by-step ``law`` / ``draw``; else ``None``."""
+        run = getattr(chain, "draft_frozen", None)
+        drafted = None if run is None else run(x, steps, prediction, u)
+        return None if drafted is None else (drafted[0], (drafted[1],))
+
+    @staticmethod
     def accept(law_draft, law_target, y: Tensor, noise: Tensor, u: Tensor) -> Tensor:
         """``u < min(1, K(y) / J(y))`` per row (``u`` independent of the draw of ``y``)."""
         p = step_acceptance_probability(law_target[0], law_draft[0], y)

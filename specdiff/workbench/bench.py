@@ -346,52 +346,118 @@ def bench_churn(out: Path, quick: bool = False) -> dict:
 
 def bench_discrete_latency(out: Path, quick: bool = False, repeats: int = 3) -> dict:
     """Masked diffusion, bundled digits model: wall-clock of the speculative sampler (auto and
-    fixed windows) against the cached sampler at batch 1 and 64, interleaved, 256 steps."""
+    fixed windows) against the cached sampler at batch 1 and 64, interleaved, 256 steps.
+
+    Besides wall-clock it records the cost model that bounds the speedup: the latency curve
+    ``t(rows)`` of one network call, and per run the time inside the network, the time outside
+    it (Python and the kernels), the rounds and the rows verified. ``ceiling_vs_cached`` is the
+    speedup if nothing but the network cost anything (cached wall-clock / speculative network time).
+    """
+    import statistics
+
     from ..discrete.chain import MaskedDiffusionChain
     from ..sampler import sample_baseline_discrete, speculative_sample_discrete
-    from ..window import AutoWindow
+    from ..window import AutoWindow, measure_latency
     from .bench_discrete import _load
 
     transformer, scheduler = _load(ASSETS / "models" / "digits-mdm")
     length = transformer.config.sample_size**2
     steps = 256
     scheduler.set_timesteps(steps)
-    chain = MaskedDiffusionChain(lambda x: transformer(x).logits, scheduler)
+    inside = [0.0]
+
+    def network(x):  # the target, timed: what is left of a run is the sampler's own work
+        started = time.perf_counter()
+        logits = transformer(x).logits
+        inside[0] += time.perf_counter() - started
+        return logits
+
+    chain = MaskedDiffusionChain(network, scheduler)
     runs = {"cached": lambda x, g: sample_baseline_discrete(chain, x, g, cached=True, return_stats=True),
             "speculative auto": lambda x, g: speculative_sample_discrete(chain, x, window=AutoWindow(), generator=g),
-            "speculative 32": lambda x, g: speculative_sample_discrete(chain, x, window=32, generator=g)}
+            "speculative 32": lambda x, g: speculative_sample_discrete(chain, x, window=32, generator=g),
+            # a CPU's cost per row grows past ~16 rows (cache): verify in micro-batches of 16
+            "speculative auto, max_rows 16": lambda x, g: speculative_sample_discrete(
+                chain, x, window=AutoWindow(), generator=g, max_rows=16)}
+    sizes = [1, 2, 4, 8, 16, 32, 64]
+    curve = measure_latency(chain, chain.prior(1, (length,)), sizes, repeats=3 if quick else 9)
     rows = []
     for batch in (1, 64):
         AutoWindow().bind(chain, chain.prior(batch, (length,)))  # measured once, cached, as in a second run
-        for seed in range(1 if quick else repeats):
+        for seed in range(1 if quick else (3 * repeats if batch == 1 else repeats)):
             for name, run in runs.items():
                 x = chain.prior(batch, (length,))
                 gens = [torch.Generator().manual_seed(1000 * seed + i) for i in range(batch)]
+                inside[0] = 0.0
                 started, cpu = time.perf_counter(), time.process_time()
                 res = run(x, gens)
-                rows.append({"batch": batch, "sampler": name, "seed": seed, "wall_clock_s": time.perf_counter() - started,
-                             "cpu_s": time.process_time() - cpu,
-                             "target_calls": res.stats.target_calls,
-                             "calls_per_sample": sum(res.stats.per_sample_target_calls) / batch})
-    import statistics
+                wall = time.perf_counter() - started
+                s = res.stats
+                rows.append({"batch": batch, "sampler": name, "seed": seed, "wall_clock_s": wall,
+                             "cpu_s": time.process_time() - cpu, "network_s": inside[0], "outside_s": wall - inside[0],
+                             "target_calls": s.target_calls, "target_rows": s.target_rows or sum(s.per_sample_target_calls),
+                             "rounds": s.rounds or s.target_calls,
+                             "calls_per_sample": sum(s.per_sample_target_calls) / batch,
+                             "chosen_windows": s.chosen_windows})
 
     summary = []
     for batch in (1, 64):
-        cached = statistics.median(r["wall_clock_s"] for r in rows if r["batch"] == batch and r["sampler"] == "cached")
-        cached_cpu = statistics.median(r["cpu_s"] for r in rows if r["batch"] == batch and r["sampler"] == "cached")
+        def med(name, key):
+            return statistics.median(r[key] for r in rows if r["batch"] == batch and r["sampler"] == name)
+
         for name in runs:
             mine = [r for r in rows if r["batch"] == batch and r["sampler"] == name]
-            wall = statistics.median(r["wall_clock_s"] for r in mine)
-            summary.append({"batch": batch, "sampler": name, "wall_clock_s": wall,
+            summary.append({"batch": batch, "sampler": name, "wall_clock_s": med(name, "wall_clock_s"),
                             "wall_clock_min_s": min(r["wall_clock_s"] for r in mine),
                             "wall_clock_max_s": max(r["wall_clock_s"] for r in mine),
-                            "target_calls": statistics.median(r["target_calls"] for r in mine),
-                            "wall_clock_vs_cached": cached / wall,
-                            "cpu_vs_cached": cached_cpu / statistics.median(r["cpu_s"] for r in mine)})
+                            "target_calls": med(name, "target_calls"), "target_rows": med(name, "target_rows"),
+                            "rounds": med(name, "rounds"), "network_s": med(name, "network_s"),
+                            "outside_s": med(name, "outside_s"),
+                            "outside_per_round_ms": 1e3 * med(name, "outside_s") / med(name, "rounds"),
+                            "wall_clock_vs_cached": med("cached", "wall_clock_s") / med(name, "wall_clock_s"),
+                            "cpu_vs_cached": med("cached", "cpu_s") / med(name, "cpu_s"),
+                            "ceiling_vs_cached": med("cached", "wall_clock_s") / med(name, "network_s")})
+    breakdown = [_round_breakdown(chain, inside, batch, length, 1 if quick else repeats) for batch in (1, 64)]
     result = {"benchmark": "discrete_latency", "command": "python -m specdiff.workbench.bench discrete-latency",
-              "num_steps": steps, "environment": _environment(), "runs": rows, "summary": summary}
+              "num_steps": steps, "environment": _environment(),
+              "latency_s": {str(b): t for b, t in curve.items()}, "runs": rows, "summary": summary,
+              "round_breakdown": breakdown}
     _write(out / "discrete_latency.json", result)
     return result
+
+
+def _round_breakdown(chain, inside: list, batch: int, length: int, repeats: int) -> dict:
+    """Where a speculative round's time goes (window auto): the network, each kernel operation
+    (timed through a kernel wrapper set on the chain) and the rest (the driver: noise lookups,
+    bookkeeping, window policy), in ms per round, summed over ``repeats`` seeds."""
+    from ..sampler import speculative_sample_discrete
+    from ..window import AutoWindow
+
+    spent = dict.fromkeys(("draft_frozen", "law", "accept", "correct"), 0.0)
+
+    def timed(name, fn):
+        def run(*args):
+            started = time.perf_counter()
+            out = fn(*args)
+            spent[name] += time.perf_counter() - started
+            return out
+        return staticmethod(run)
+
+    plain = chain.kernel
+    chain.kernel = type("TimedKernel", (plain,), {name: timed(name, getattr(plain, name)) for name in spent})
+    try:
+        rounds, wall, inside[0] = 0, 0.0, 0.0
+        for seed in range(repeats):
+            gens = [torch.Generator().manual_seed(1000 * seed + i) for i in range(batch)]
+            started = time.perf_counter()
+            res = speculative_sample_discrete(chain, chain.prior(batch, (length,)), window=AutoWindow(), generator=gens)
+            wall += time.perf_counter() - started
+            rounds += res.stats.rounds
+    finally:
+        chain.kernel = plain
+    per_round = {"network": inside[0], **spent}
+    per_round["rest (driver: noise, bookkeeping, window policy)"] = wall - sum(per_round.values())
+    return {"batch": batch, "rounds_per_run": rounds / repeats, "ms_per_round": {k: 1e3 * v / rounds for k, v in per_round.items()}}
 
 
 def _report_digits(d: dict) -> list[str]:
@@ -437,15 +503,25 @@ def _report_churn(d: dict) -> list[str]:
 
 
 def _report_discrete_latency(d: dict) -> list[str]:
-    env = d["environment"]
+    env, curve = d["environment"], d.get("latency_s", {})
     lines = [f"Masked diffusion (bundled digits model), {d['num_steps']} steps, wall-clock against the cached sampler, "
-             f"{env['threads']} thread, median of interleaved repeats (`{d['command']}`):", "",
-             "| batch | sampler | sequential target calls | wall-clock s (min-max) | wall-clock vs cached "
-             "| CPU time vs cached |", "|" + " --- |" * 6]
+             f"{env['threads']} thread, median of interleaved repeats (`{d['command']}`); network = time inside the "
+             "model's forward, outside = the rest of the run (per round: per step for the cached sampler); ceiling = "
+             "the speedup if only the network cost time:", "",
+             "| batch | sampler | sequential target calls | rows | wall-clock s (min-max) | network s | outside ms / round "
+             "| wall-clock vs cached | CPU time vs cached | ceiling |", "|" + " --- |" * 10]
     for r in d["summary"]:
-        lines.append(f"| {r['batch']} | {r['sampler']} | {r['target_calls']:.0f} | {r['wall_clock_s']:.2f} "
-                     f"({r['wall_clock_min_s']:.2f}-{r['wall_clock_max_s']:.2f}) | {r['wall_clock_vs_cached']:.2f}x "
-                     f"| {r['cpu_vs_cached']:.2f}x |")
+        per = r["outside_s"] * 1e3 / d["num_steps"] if r["sampler"] == "cached" else r["outside_per_round_ms"]
+        lines.append(f"| {r['batch']} | {r['sampler']} | {r['target_calls']:.0f} | {r['target_rows']:.0f} "
+                     f"| {r['wall_clock_s']:.3f} ({r['wall_clock_min_s']:.3f}-{r['wall_clock_max_s']:.3f}) "
+                     f"| {r['network_s']:.3f} | {per:.2f} | {r['wall_clock_vs_cached']:.2f}x | {r['cpu_vs_cached']:.2f}x "
+                     f"| {r['ceiling_vs_cached']:.2f}x |")
+    if curve:
+        lines += ["", "One network call on b rows (batch-1 states, median): " + ", ".join(
+            f"t({b}) = {t * 1e3:.1f} ms" for b, t in curve.items()) + "."]
+    for b in d.get("round_breakdown", []):
+        lines += ["", f"Batch {b['batch']}, speculative auto, {b['rounds_per_run']:.1f} rounds per run, ms per round: "
+                  + ", ".join(f"{name} {ms:.2f}" for name, ms in b["ms_per_round"].items()) + "."]
     return lines + [""]
 
 

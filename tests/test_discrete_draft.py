@@ -1,0 +1,94 @@
+"""The frozen drafter's batched draft (all L steps of a round at once) is the step-by-step draft, bit for bit."""
+
+import pytest
+import torch
+
+from specdiff.discrete import LookupDenoiser, MarkovDenoiser, MaskedDiffusionChain, MaskedDiffusionScheduler
+from specdiff.discrete import speculative_sample_discrete
+import specdiff.discrete.scheduler as scheduler_module
+from specdiff.discrete.scheduler import sample_categorical
+from specdiff.drafters import FrozenTargetDrafter
+
+V, LENGTH = 4, 16
+
+
+class StepByStep(FrozenTargetDrafter):
+    """The same predictions as the frozen drafter, but not the frozen type: the round drafts step by step."""
+
+
+@pytest.mark.parametrize("schedule,temperature,chunk", [("linear", 1.0, None), ("cosine", 0.7, 1), ("linear", 0.0, None)])
+def test_draft_frozen_equals_sequential_steps(schedule, temperature, chunk, monkeypatch):
+    if chunk is not None:  # one step per chunk, as for a large vocabulary
+        monkeypatch.setattr(scheduler_module, "DRAFT_CHUNK_ELEMENTS", chunk)
+    steps, span, batch = 12, 7, 5
+    s = MaskedDiffusionScheduler(vocab_size=V, alpha_schedule=schedule, temperature=temperature,
+                                 num_inference_steps=steps)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, V + 1, (batch, 2, LENGTH // 2), generator=g)  # partly masked, 2-d positions
+    x[0] = V  # one fully masked row
+    logits = torch.randn(batch, 2, LENGTH // 2, V, generator=g, dtype=torch.float64)
+    logits[..., 1] = float("-inf")  # a token that is never drawn
+    start = torch.tensor([0, 3, 5, 6, 11])
+    k = (start + torch.arange(span)[:, None]).clamp(max=steps - 1)  # ragged, clamped at the last step
+    u = torch.rand(span, *x.shape, generator=g, dtype=torch.float64)
+    states, probs = s.draft_frozen(x, k, logits, u)
+    y = x
+    for j in range(span):
+        law = s.transition_probs(y, k[j], logits)
+        assert torch.equal(probs[j], law)
+        y = sample_categorical(law, u[j]).to(x.dtype)
+        assert torch.equal(states[j + 1], y)
+    assert torch.equal(states[0], x) and (states[-1][:, :, :] != V).any()
+    with pytest.raises(IndexError, match="out of range"):
+        s.draft_frozen(x, k + steps, logits, u)
+
+
+@pytest.mark.parametrize("window", [2, 5, 16])
+def test_speculative_sampler_is_unchanged_by_the_batched_draft(window):
+    scheduler = MaskedDiffusionScheduler(vocab_size=V, num_inference_steps=12)
+    chain = MaskedDiffusionChain(MarkovDenoiser.random(V, seed=0, scale=4.0), scheduler)
+    x = torch.full((4, LENGTH), V)
+    x[1, :5] = torch.arange(5) % V  # ragged: a row that starts partly unmasked
+
+    def run(drafter):
+        gens = [torch.Generator().manual_seed(20 + i) for i in range(4)]
+        return speculative_sample_discrete(chain, x, window=window, drafter=drafter, generator=gens)
+
+    batched, stepwise = run(None), run(StepByStep())
+    assert torch.equal(batched.sample, stepwise.sample)
+    for name in ("per_sample_target_calls", "target_rows", "proposed", "accepted", "residual_draws",
+                 "committed_per_round", "accepted_by_position"):
+        assert getattr(batched.stats, name) == getattr(stepwise.stats, name), name
+    assert batched.stats.accepted > 0 and batched.stats.residual_draws > 0  # both paths were exercised
+
+
+def test_a_chain_with_its_own_transition_drafts_step_by_step():
+    class Tempered(MaskedDiffusionChain):
+        def transition(self, x, step, prediction):
+            return super().transition(x, step, 0.5 * prediction)
+
+    scheduler = MaskedDiffusionScheduler(vocab_size=2, num_inference_steps=4)
+    chain = Tempered(LookupDenoiser(2, 3, seed=1), scheduler)
+    x = torch.full((1, 3), 2)
+    assert chain.draft_frozen(x, torch.zeros(2, 1, dtype=torch.long), torch.zeros(1, 3, 2), torch.rand(2, 1, 3)) is None
+    assert MaskedDiffusionChain.draft_frozen(chain, x, torch.zeros(2, 1, dtype=torch.long), torch.zeros(1, 3, 2),
+                                             torch.rand(2, 1, 3)) is None
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_repeated_predictions_get_the_same_law_as_alone(temperature):
+    """clean_probabilities computes a run of equal rows once (a round repeats a prediction while the
+    state is unchanged): every row must still be exactly the row's own softmax."""
+    s = MaskedDiffusionScheduler(vocab_size=V, temperature=temperature, num_inference_steps=8)
+    g = torch.Generator().manual_seed(3)
+    distinct = torch.randn(4, LENGTH, V, generator=g)
+    distinct[2, 0] = float("-inf")
+    distinct[2, 0, 1] = 0.0
+    logits = distinct[torch.tensor([0, 0, 0, 1, 2, 2, 1, 3])]
+    mu = s.clean_probabilities(logits)
+    for row in range(len(logits)):
+        assert torch.equal(mu[row], s.clean_probabilities(logits[row : row + 1])[0])
+    x = torch.full((len(logits), LENGTH), V)
+    step = torch.arange(len(logits)) % 8
+    alone = torch.cat([s.transition_probs(x[r : r + 1], step[r : r + 1], logits[r : r + 1]) for r in range(len(x))])
+    assert torch.equal(s.transition_probs(x, step, logits), alone)
