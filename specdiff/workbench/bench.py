@@ -216,9 +216,7 @@ def bench_digits(out: Path, quick: bool = False, samples: int = 64, repeats: int
 
     # Quality over a batch (same seeds for every sampler: image i uses generator seed 10_000 + i).
     n = 16 if quick else samples
-    name, command = _digits_file(), "python -m specdiff.workbench.bench digits"
-    if torch.get_num_threads() != 1:
-        command += f" --threads {torch.get_num_threads()}"
+    name, command = _threaded("digits"), _threaded("python -m specdiff.workbench.bench digits", " --threads ")
     saved = [p for p in (out / f"{name}.json", out / "digits.json") if p.exists()]
     if quality or not saved:
         quality = _digits_quality(samplers, n)
@@ -233,10 +231,10 @@ def bench_digits(out: Path, quick: bool = False, samples: int = 64, repeats: int
     return result
 
 
-def _digits_file() -> str:
-    """``digits`` for the 1-thread run, ``digits_threads<N>`` for N threads."""
+def _threaded(name: str, sep: str = "_threads") -> str:
+    """``name`` for a 1-thread run, ``name<sep><N>`` for N threads (file names and commands)."""
     threads = torch.get_num_threads()
-    return "digits" if threads == 1 else f"digits_threads{threads}"
+    return name if threads == 1 else f"{name}{sep}{threads}"
 
 
 QUALITY_SAMPLERS = [("plain DDPMPipeline", "1"), ("speculative (picard)", "auto"), ("speculative (frozen)", "auto"),
@@ -418,11 +416,12 @@ def bench_discrete_latency(out: Path, quick: bool = False, repeats: int = 3) -> 
                             "cpu_vs_cached": med("cached", "cpu_s") / med(name, "cpu_s"),
                             "ceiling_vs_cached": med("cached", "wall_clock_s") / med(name, "network_s")})
     breakdown = [_round_breakdown(chain, inside, batch, length, 1 if quick else repeats) for batch in (1, 64)]
-    result = {"benchmark": "discrete_latency", "command": "python -m specdiff.workbench.bench discrete-latency",
+    result = {"benchmark": "discrete_latency",
+              "command": _threaded("python -m specdiff.workbench.bench discrete-latency", " --threads "),
               "num_steps": steps, "environment": _environment(),
               "latency_s": {str(b): t for b, t in curve.items()}, "runs": rows, "summary": summary,
               "round_breakdown": breakdown}
-    _write(out / "discrete_latency.json", result)
+    _write(out / f"{_threaded('discrete_latency')}.json", result)
     return result
 
 
@@ -505,7 +504,8 @@ def _report_churn(d: dict) -> list[str]:
 def _report_discrete_latency(d: dict) -> list[str]:
     env, curve = d["environment"], d.get("latency_s", {})
     lines = [f"Masked diffusion (bundled digits model), {d['num_steps']} steps, wall-clock against the cached sampler, "
-             f"{env['threads']} thread, median of interleaved repeats (`{d['command']}`); network = time inside the "
+             f"{env['threads']} thread{'s' if env['threads'] > 1 else ''}, median of interleaved repeats "
+             f"(`{d['command']}`); network = time inside the "
              "model's forward, outside = the rest of the run (per round: per step for the cached sampler); ceiling = "
              "the speedup if only the network cost time:", "",
              "| batch | sampler | sequential target calls | rows | wall-clock s (min-max) | network s | outside ms / round "
@@ -537,16 +537,23 @@ def _report_overhead(d: dict) -> list[str]:
     return lines + [""]
 
 
+def _runs(out: Path, name: str) -> list[Path]:
+    """``name.json`` (1 thread), then ``name_threads<N>.json`` by N."""
+    runs = [out / f"{name}.json"] + sorted(out.glob(f"{name}_threads*.json"), key=lambda p: (len(p.name), p.name))
+    return [p for p in runs if p.exists()]
+
+
 def report(out: Path) -> str:
     """Markdown tables of the results under ``out`` (what the README shows)."""
     lines = []
-    for path in sorted(out.glob("digits*.json"), key=lambda p: (len(p.name), p.name)):
-        if json.loads(path.read_text()).get("benchmark") == "digits":
-            lines += _report_digits(json.loads(path.read_text()))
-    for name, section in [("churn.json", _report_churn), ("discrete_latency.json", _report_discrete_latency),
-                          ("overhead.json", _report_overhead)]:
-        if (out / name).exists():
-            lines += section(json.loads((out / name).read_text()))
+    for path in _runs(out, "digits"):
+        lines += _report_digits(json.loads(path.read_text()))
+    if (out / "churn.json").exists():
+        lines += _report_churn(json.loads((out / "churn.json").read_text()))
+    for path in _runs(out, "discrete_latency"):
+        lines += _report_discrete_latency(json.loads(path.read_text()))
+    if (out / "overhead.json").exists():
+        lines += _report_overhead(json.loads((out / "overhead.json").read_text()))
     if (out / "analytic.json").exists():
         a = json.loads((out / "analytic.json").read_text())
         dims = sorted({r["dim"] for r in a["rows"]})
@@ -593,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=64, help="digits: images per sampler for the quality check")
     parser.add_argument("--repeats", type=int, default=3, help="digits: seeds timed per sampler (interleaved)")
     parser.add_argument("--no-quality", action="store_true", help="digits: time only; keep the saved quality block")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads; 1 writes digits.json, N writes digits_threadsN.json")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads; 1 writes digits.json (discrete_latency.json), N writes digits_threadsN.json (...)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
