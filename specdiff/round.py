@@ -59,6 +59,8 @@ class Carry:
         self.x[dev], self.n[ids], self.pred[dev], self.prev[dev], self.fresh[ids] = (
             new.x, new.n, new.pred, new.prev, new.fresh
         )
+        if len(new.ahead) > len(self.ahead):  # a round of every sample may have left a shorter one
+            self.ahead = torch.cat([self.ahead, self.ahead.new_zeros((len(new.ahead) - len(self.ahead), *self.ahead.shape[1:]))])
         self.ahead[: len(new.ahead), dev], self.ahead_len[ids] = new.ahead, new.ahead_len
 
 
@@ -73,25 +75,24 @@ def speculative_round(chain, kernel, drafter, noise, target, c: Carry, ids: Tens
     z = noise.noise(ids.repeat(span), k[:span].flatten()).view(span, m, *c.x.shape[1:])
 
     # 1. Draft y_{j+1} ~ J(. | y_j) with the drafter's prediction (the exact one where J = K).
-    y, law_D, guess = [c.x], [], c.pred
-    for jj in range(span):
-        before, guess = guess, _draft(drafter, y[jj], k[jj], jj, c, ids, tally, skip=exact[jj] if jj == 0 else None)
-        law_D.append(kernel.law(chain, y[jj], k[jj].to(dev), guess, c.prev if jj == 0 else before))
-        y.append(kernel.draw(law_D[-1], z[jj], c.x))
-    y, law_D = torch.stack(y), tuple(torch.stack(part) for part in zip(*law_D))
+    y, law_D = _drafts(chain, kernel, drafter, c, ids, k, z, span, tally)
 
     # 2. Verify: one target call on y_0 (unless fresh) and y_1..y_L (except at the final step, and,
     #    for a time-free network, except states equal to their predecessor: same prediction).
-    same = torch.zeros(span + 1, m, dtype=torch.bool)
+    need = (j <= L) & (c.n + j < N) & ((j > 0) | ~c.fresh)
+    same = None
     if not getattr(chain, "time_conditioned", True):
+        same = torch.zeros(span + 1, m, dtype=torch.bool)
         same[1:] = (y[1:] == y[:-1]).flatten(2).all(2).cpu()
-    need = (j <= L) & (c.n + j < N) & ((j > 0) | ~c.fresh) & ~same
+        need &= ~same
+        same = same if bool(same.any()) else None
     pred_T = torch.zeros((span + 1, *c.pred.shape), dtype=c.pred.dtype, device=dev)
-    pred_T[0, c.fresh.to(dev)] = c.pred[c.fresh.to(dev)]
+    fresh_dev = c.fresh.to(dev)
+    pred_T[0, fresh_dev] = c.pred[fresh_dev]
     if need.any():
         pred_T[need.to(dev)] = target(y[need.to(dev)], k[need], ids.expand(span + 1, m)[need]).to(c.pred.dtype)
         tally.called(ids[need.any(0)])
-    for jj in range(1, span + 1):
+    for jj in range(1, span + 1) if same is not None else ():
         pred_T[jj, same[jj].to(dev)] = pred_T[jj - 1, same[jj].to(dev)]
 
     # 3. Accept: the coupling test of every drafted step (only the prefix up to the first rejection is used).
@@ -133,18 +134,40 @@ def speculative_round(chain, kernel, drafter, noise, target, c: Carry, ids: Tens
     return Carry(x_new, c.n + committed, pred_new, prev_new, fresh, ahead, ahead_len)
 
 
-def _draft(drafter, x: Tensor, step: Tensor, j: int, c: Carry, ids: Tensor, tally, skip: Tensor | None) -> Tensor:
-    """The drafter's prediction for rows ``x`` at ``step``; rows in ``skip`` keep the exact ``c.pred``."""
-    ask = torch.arange(len(ids)) if skip is None else (~skip).nonzero().squeeze(1)
-    if not ask.numel():
-        return c.pred
-    full, a = len(ask) == len(ids), ask.to(x.device)
-    rows = (lambda t: t) if full else (lambda t: t[a])  # every row asks from the second position on: no copies
-    has = j < c.ahead_len[ask]
-    same_step = rows(c.ahead[min(j, len(c.ahead) - 1)]) if has.any() else None
-    memory = DraftMemory(rows(c.pred), (c.n[ask] - (~c.fresh[ask]).long()).to(x.device), rows(c.prev),
-                         ids[ask].to(x.device), same_step, has.to(x.device))
-    guess = drafter.predict(rows(x), step[ask].to(x.device), memory)
+def _drafts(chain, kernel, drafter, c: Carry, ids: Tensor, k: Tensor, z: Tensor, span: int, tally):
+    """``y_0..y_span`` stacked, and the draft laws of positions ``0..span-1`` stacked part by part.
+
+    The loop is sequential (``y_{j+1}`` needs ``y_j``); what the positions share is built once,
+    here: the steps on the device, the drafter's memory, which positions have a same-step
+    prediction. At position 0 a fresh sample keeps its exact ``c.pred`` (J = K)."""
+    dev, m = c.x.device, len(ids)
+    steps, sample = k.to(dev), ids.to(dev)
+    made_at = (c.n - (~c.fresh).long()).to(dev)
+    reach = int(c.ahead_len.max())  # position j < reach: some row has a same-step prediction
+    has = (torch.arange(span)[:, None] < c.ahead_len).to(dev)
+    asks = (~c.fresh).nonzero().squeeze(1)  # the rows that draft position 0
+    y, laws, previous = [c.x], [], c.prev
+    for jj in range(span):
+        if jj == 0 and len(asks) < m:
+            guess = c.pred
+            if len(asks):
+                a = asks.to(dev)
+                memory = DraftMemory(c.pred[a], made_at[a], c.prev[a], sample[a],
+                                     c.ahead[0][a] if bool((c.ahead_len[asks] > 0).any()) else None, has[0][a])
+                guess = c.pred.index_put((a,), _draft(drafter, y[0][a], steps[0][a], memory, tally))
+        else:
+            same_step = c.ahead[min(jj, len(c.ahead) - 1)] if jj < reach else None
+            memory = DraftMemory(c.pred, made_at, c.prev, sample, same_step, has[jj])
+            guess = _draft(drafter, y[jj], steps[jj], memory, tally)
+        laws.append(kernel.law(chain, y[jj], steps[jj], guess, previous))
+        y.append(kernel.draw(laws[-1], z[jj], c.x))
+        previous = guess
+    return torch.stack(y), tuple(torch.stack(part) for part in zip(*laws))
+
+
+def _draft(drafter, x: Tensor, step: Tensor, memory: DraftMemory, tally) -> Tensor:
+    """The drafter's prediction for rows ``x`` at ``step``, checked, in the carried dtype."""
+    guess = drafter.predict(x, step, memory)
     tally.stats.draft_calls += int(drafter.network_calls)
     if guess.shape != memory.prediction.shape:
         raise ValueError(
@@ -152,8 +175,9 @@ def _draft(drafter, x: Tensor, step: Tensor, j: int, c: Carry, ids: Tensor, tall
             f"{tuple(memory.prediction.shape)} (one prediction per drafted row, like the chain's predict)"
         )
     if not getattr(drafter, "reuses_target", False):  # target predictions were checked when the target made them
-        _check_finite(guess, step[ask], "draft", x)
-    return guess.to(c.pred.dtype) if full else c.pred.index_put((a,), guess.to(c.pred.dtype))
+        _check_finite(guess, step, "draft", x)
+    dtype = memory.prediction.dtype
+    return guess if guess.dtype == dtype else guess.to(dtype)
 
 
 def _check_finite(prediction: Tensor, steps: Tensor, who: str, x: Tensor) -> Tensor:

@@ -129,12 +129,16 @@ def speculative_sample(
             L = (num_steps - c.n[live]).clamp(max=min(max(int(policy.choose(stats, len(live))), 1), policy.max_window))
             stats.rounds += 1
             stats.chosen_windows.append(int(L.max()))
-            before = int(c.n.sum())
-            c.put(live, speculative_round(chain, kernel, drafter, noise, target, c.take(live), live, L, tally))
+            before = int(c.n.sum()) if bar is not None else 0
+            if len(live) == batch:  # every sample runs: the round's carry is the new one, no row copies
+                c = speculative_round(chain, kernel, drafter, noise, target, c, live, L, tally)
+            else:
+                c.put(live, speculative_round(chain, kernel, drafter, noise, target, c.take(live), live, L, tally))
             noise.forget_before(c.n)
             if bar is not None:
                 bar.update(int(c.n.sum()) - before)
             if callback is not None:
+                tally.write()
                 callback({"round": stats.rounds, "x": c.x.clone(), "step": c.n.clone(), "stats": stats})
     tally.write()
     stats.window_choice = policy.describe() if hasattr(policy, "describe") else None
@@ -239,11 +243,10 @@ class _Tally:
         self.position_counts[: counted.shape[0]] += torch.stack([counted.sum(1), kept.sum(1)], 1)
         self.sample_counts[ids] += torch.stack([counted.sum(0), kept.sum(0)], 1)
         self.round_counts += torch.bincount(committed, minlength=len(self.round_counts))
-        self.stats.proposed += int(counted.sum())
-        self.stats.accepted += int(kept.sum())
 
     def write(self) -> None:
         s = self.stats
+        s.proposed, s.accepted = self.position_counts.sum(0).tolist()
         s.per_sample_target_calls = self.sample_calls.tolist()
         s.per_sample_proposed, s.per_sample_accepted = self.sample_counts.T.tolist()
         s.proposed_by_position, s.accepted_by_position = self.position_counts.T.tolist()

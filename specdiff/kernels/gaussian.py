@@ -126,18 +126,24 @@ class GaussianKernel:
         else:
             mean, std = chain.transition(x, step, prediction)
         std = torch.as_tensor(std, device=x.device)
-        if std.numel() not in (1, x.shape[0]):
+        batch, ones = x.shape[0], [1] * (x.ndim - 1)
+        if std.numel() == batch:  # the usual case: one value per row, no expand needed
+            std = std if std.dim() == x.ndim and std.shape[0] == batch else std.reshape(batch, *ones)
+        elif std.numel() == 1:
+            std = std.reshape(1, *ones).expand(batch, *ones)
+        else:
             raise ValueError(
                 f"transition returned std of shape {tuple(std.shape)}; it must hold one value per row "
                 "(an isotropic std fixed by the schedule)"
             )
-        std = std.reshape(-1, *[1] * (x.ndim - 1)).expand(x.shape[0], *[1] * (x.ndim - 1))
-        return mean, std.to(torch.promote_types(std.dtype, torch.float32))  # σ z never in half precision
+        wide = torch.promote_types(std.dtype, torch.float32)  # σ z never in half precision
+        return mean, std if std.dtype == wide else std.to(wide)
 
     @staticmethod
     def draw(law: tuple[Tensor, Tensor], z: Tensor, like: Tensor) -> Tensor:
         mean, std = law
-        return (mean + std * z).to(like.dtype)
+        y = mean + std * z
+        return y if y.dtype == like.dtype else y.to(like.dtype)
 
     @staticmethod
     def accept(law_draft, law_target, y: Tensor, z: Tensor, u: Tensor) -> Tensor:

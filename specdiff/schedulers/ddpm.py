@@ -102,7 +102,7 @@ class DDPMAdapter(SchedulerAdapter):
         elif self.clip_sample:
             x0 = x0.clamp(-self.clip_sample_range, self.clip_sample_range)
         mean = self.rows(self.coef_x0, step, x) * x0 + self.rows(self.coef_x, step, x) * x
-        return mean, self.std[step.cpu()].to(x.device)
+        return mean, self.at(self.std, step, x)
 
     def transition(self, x: Tensor, step: Tensor, prediction: Tensor, previous: Tensor | None = None):
         return self.transition_from_x0(x, step, self.x0_from_output(prediction, x, step))
