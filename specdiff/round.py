@@ -16,6 +16,8 @@ clamped step and ignored, which keeps every tensor rectangular.
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -68,10 +70,9 @@ def speculative_round(chain, kernel, drafter, noise, target, c: Carry, ids: Tens
     """Advance the samples ``ids`` (carry ``c``, windows ``L``) by one round; returns their new carry."""
     N, m, dev = chain.num_steps, len(ids), c.x.device
     span = int(L.max())
-    j = torch.arange(span + 1)[:, None]
+    j = _positions(span + 1)
     k = (c.n + j).clamp(max=N - 1)  # the step of y_j
     drafted = j[:span] < L
-    exact = (j[:span] == 0) & c.fresh  # first step of a fresh sample: J = K, accepted without a test
     z = noise.noise(ids.repeat(span), k[:span].flatten()).view(span, m, *c.x.shape[1:])
 
     # 1. Draft y_{j+1} ~ J(. | y_j) with the drafter's prediction (the exact one where J = K).
@@ -79,6 +80,8 @@ def speculative_round(chain, kernel, drafter, noise, target, c: Carry, ids: Tens
 
     # 2. Verify: one target call on y_0 (unless fresh) and y_1..y_L (except at the final step, and,
     #    for a time-free network, except states equal to their predecessor: same prediction).
+    #    pred_T[j] is the target's prediction at y_j; below it sits c.prev, so that before[j] is
+    #    the prediction one step earlier (the ``previous=`` of position j).
     need = (j <= L) & (c.n + j < N) & ((j > 0) | ~c.fresh)
     same = None
     if not getattr(chain, "time_conditioned", True):
@@ -86,51 +89,58 @@ def speculative_round(chain, kernel, drafter, noise, target, c: Carry, ids: Tens
         same[1:] = (y[1:] == y[:-1]).flatten(2).all(2).cpu()
         need &= ~same
         same = same if bool(same.any()) else None
-    pred_T = torch.zeros((span + 1, *c.pred.shape), dtype=c.pred.dtype, device=dev)
+    before = c.pred.new_zeros((span + 2, *c.pred.shape))
+    before[0] = c.prev
+    pred_T = before[1:]
     fresh_dev = c.fresh.to(dev)
     pred_T[0, fresh_dev] = c.pred[fresh_dev]
+    # What step 3 needs besides the target's predictions, gathered before the call (warm caches):
+    # the drafted (position, sample) pairs as rows.
+    jr, ir = drafted.nonzero(as_tuple=True)
+    rows = _grid_rows(jr, ir, span, m, dev)
+    kr = k[jr, ir]
+    step_r, y_r, y_next, z_r = kr.to(dev), rows(y), rows(y, 1), rows(z)
+    law_Dr = tuple(rows(part) for part in law_D)
+    u = noise.uniform(ids[ir], kr)
     if need.any():
-        pred_T[need.to(dev)] = target(y[need.to(dev)], k[need], ids.expand(span + 1, m)[need]).to(c.pred.dtype)
+        pred_T[need.to(dev)] = target(y[need.to(dev)], k[need], ids.expand(span + 1, m)[need], copy=False).to(c.pred.dtype)
         tally.called(ids[need.any(0)])
     for jj in range(1, span + 1) if same is not None else ():
         pred_T[jj, same[jj].to(dev)] = pred_T[jj - 1, same[jj].to(dev)]
 
     # 3. Accept: the coupling test of every drafted step (only the prefix up to the first rejection is used).
-    jr, ir = drafted.nonzero(as_tuple=True)
-    jd, idv = jr.to(dev), ir.to(dev)
-    previous = torch.where(_rows(jd > 0, c.pred), pred_T[(jd - 1).clamp(min=0), idv], c.prev[idv])
-    law_T = kernel.law(chain, y[jd, idv], k[jr, ir].to(dev), pred_T[jd, idv], previous)
-    law_Dr = tuple(part[jd, idv] for part in law_D)
-    u = noise.uniform(ids[ir], k[jr, ir])
+    law_T = kernel.law(chain, y_r, step_r, rows(pred_T), rows(before))
     accept = ~drafted  # positions past L never stop a sample
-    accept[jr, ir] = kernel.accept(law_Dr, law_T, y[jd + 1, idv], z[jd, idv], u).cpu() | exact[jr, ir]
+    accept[jr, ir] = kernel.accept(law_Dr, law_T, y_next, z_r, u).cpu()
+    accept[0] |= c.fresh  # the first step of a fresh sample has J = K: accepted without a test
     n_acc = torch.where(accept.all(0), L, (~accept).int().argmax(0))  # length of the accepted prefix
     whole = n_acc == L
     committed = torch.where(whole, L, n_acc + 1)
 
     # 4. Commit: y_L if all accepted, else the first rejected step corrected to a target draw.
-    i = torch.arange(m).to(dev)
+    i = _positions(m, dev)[:, 0]
     rejected = (~whole).nonzero().squeeze(1)
     x_new = y[L.to(dev), i]
     if rejected.numel():
-        row = torch.full((span, m), -1, dtype=torch.long)
-        row[jr, ir] = torch.arange(len(jr))  # (position, sample) -> its row in the accept step
-        at, j_rej = row[n_acc[rejected], rejected].to(dev), n_acc[rejected]
+        j_rej = n_acc[rejected]
+        at = rows.index(j_rej, rejected)
         x_fix, draws = kernel.correct(
-            tuple(part[at] for part in law_Dr), tuple(part[at] for part in law_T), y[j_rej.to(dev) + 1, rejected.to(dev)],
-            z[j_rej.to(dev), rejected.to(dev)], lambda: noise.residual_generators(ids[rejected], c.n[rejected] + j_rej),
+            tuple(part[at] for part in law_Dr), tuple(part[at] for part in law_T), y_next[at], z_r[at],
+            lambda: noise.residual_generators(ids[rejected], c.n[rejected] + j_rej),
         )
         x_new = x_new.index_put((rejected.to(dev),), x_fix)
         tally.residual_draws += int(draws.sum())
     fresh = whole & (c.n + committed < N)
     if rejected.numel() and not getattr(chain, "time_conditioned", True):  # an unchanged state keeps its prediction
         fresh |= ~whole & (c.n + committed < N) & (x_new == y[n_acc.to(dev), i]).flatten(1).all(1).cpu()
-    pred_new = pred_T[torch.where(whole, L, n_acc).to(dev), i]
-    prev_new = torch.where(_rows(fresh.to(dev), c.pred), pred_T[(L - 1).clamp(min=0).to(dev), i], pred_new)
+    pred_new = pred_T[n_acc.to(dev), i]  # at y_L if all accepted, else where the rejected step left from
+    prev_new = torch.where(_rows(fresh.to(dev), c.pred), before[L.to(dev), i], pred_new)
     after = n_acc + 1 + j[:span]  # the positions after the rejection, as the next round's 0, 1, ...
     ahead = pred_T[after.clamp(max=span).to(dev), i]
     ahead_len = torch.where(whole, 0, ((after <= L) & (c.n + after < N)).sum(0))
-    tally.round(ids, drafted & (j[:span] <= n_acc) & ~exact, accept, committed)
+    counted = drafted & (j[:span] <= n_acc)
+    counted[0] &= ~c.fresh  # an exact step is no test
+    tally.round(ids, counted, accept, committed)
     return Carry(x_new, c.n + committed, pred_new, prev_new, fresh, ahead, ahead_len)
 
 
@@ -183,6 +193,13 @@ def _draft(drafter, x: Tensor, step: Tensor, memory: DraftMemory, tally) -> Tens
 def _check_finite(prediction: Tensor, steps: Tensor, who: str, x: Tensor) -> Tensor:
     """Refuse NaN predictions (and infinite ones for continuous states; logits may be -inf)."""
     if prediction.is_floating_point():
+        if x.is_floating_point():
+            # One reduction settles the usual case: a sum is finite only if every term is (float64
+            # never overflows on finite float32/16 terms; where it does, or on MPS's float32, the
+            # exact check below runs).
+            wide = torch.float32 if prediction.device.type == "mps" else torch.float64
+            if math.isfinite(prediction.sum(dtype=wide)):
+                return prediction
         flat = prediction.flatten(1)
         bad = (~torch.isfinite(flat) if x.is_floating_point() else torch.isnan(flat)).any(1)
         if bad.any():
@@ -192,6 +209,36 @@ def _check_finite(prediction: Tensor, steps: Tensor, who: str, x: Tensor) -> Ten
                 "(fp16 overflow?) before sampling"
             )
     return prediction
+
+
+def _grid_rows(jr: Tensor, ir: Tensor, span: int, m: int, dev):
+    """``rows(t, shift)``: ``t[jr + shift, ir]`` for a ``[position, sample, ...]`` grid ``t``, and
+    ``rows.index(j, i)``: the row of pair ``(j, i)``. When every pair is drafted (every sample
+    has the window ``span``) the rows are the flattened grid: views, no copies."""
+    if len(jr) == span * m:
+        def rows(t: Tensor, shift: int = 0) -> Tensor:
+            return t[shift : shift + span].flatten(0, 1)
+
+        rows.index = lambda j, i: (j * m + i).to(dev)
+    else:
+        jd, idv = jr.to(dev), ir.to(dev)
+
+        def rows(t: Tensor, shift: int = 0) -> Tensor:
+            return t[jd + shift if shift else jd, idv]
+
+        def index(j: Tensor, i: Tensor) -> Tensor:
+            row = torch.full((span, m), -1, dtype=torch.long)
+            row[jr, ir] = torch.arange(len(jr))
+            return row[j, i].to(dev)
+
+        rows.index = index
+    return rows
+
+
+@functools.lru_cache(maxsize=64)
+def _positions(n: int, device=None) -> Tensor:
+    """``arange(n)`` as a column (shared, never written to)."""
+    return torch.arange(n, device=device)[:, None]
 
 
 def _rows(mask: Tensor, like: Tensor) -> Tensor:

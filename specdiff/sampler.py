@@ -168,11 +168,16 @@ class _Target:
         self.chain, self.stats, self.observe, self.max_rows = chain, stats, observe, None
         self.device = torch.device(device)
 
-    def __call__(self, x: Tensor, step: Tensor, sample: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, step: Tensor, sample: Tensor, copy: bool = True) -> Tensor:
+        """``copy=False``: the caller copies the output at once (a network may reuse its buffer)."""
         started, rows = time.perf_counter(), x.shape[0]
         cap = self.max_rows or rows
-        parts = [self._predict(x[s : s + cap], step[s : s + cap], sample[s : s + cap]) for s in range(0, rows, cap)]
-        out = parts[0].clone() if len(parts) == 1 else torch.cat(parts)  # ours: a network may reuse its buffer
+        if cap >= rows:
+            out = self._predict(x, step, sample)
+            out = out.clone() if copy else out
+        else:
+            out = torch.cat([self._predict(x[s : s + cap], step[s : s + cap], sample[s : s + cap])
+                             for s in range(0, rows, cap)])
         _check_finite(out, step, "target", x)
         self.stats.target_calls += 1
         self.stats.target_rows += rows
