@@ -73,7 +73,7 @@ def speculative_round(chain, kernel, drafter, noise, target, c: Carry, ids: Tens
     j = _positions(span + 1)
     k = (c.n + j).clamp(max=N - 1)  # the step of y_j
     drafted = j[:span] < L
-    z = noise.noise(ids.repeat(span), k[:span].flatten()).view(span, m, *c.x.shape[1:])
+    z = noise.noise(ids, k[:span])  # [span, m, ...]
 
     # 1. Draft y_{j+1} ~ J(. | y_j) with the drafter's prediction (the exact one where J = K).
     y, law_D = _drafts(chain, kernel, drafter, c, ids, k, z, span, tally)
@@ -149,34 +149,47 @@ def _drafts(chain, kernel, drafter, c: Carry, ids: Tensor, k: Tensor, z: Tensor,
 
     The loop is sequential (``y_{j+1}`` needs ``y_j``); what the positions share is built once,
     here: the steps on the device, the drafter's memory, which positions have a same-step
-    prediction. At position 0 a fresh sample keeps its exact ``c.pred`` (J = K)."""
+    prediction. At position 0 a fresh sample keeps its exact ``c.pred`` (J = K). A drafter that
+    never looks at the drafted state (``uses_state = False``) is asked for every position first,
+    so that a kernel with a ``rollout`` can batch the state-free part of the whole window."""
     dev, m = c.x.device, len(ids)
     steps, sample = k.to(dev), ids.to(dev)
     made_at = (c.n - (~c.fresh).long()).to(dev)
     reach = int(c.ahead_len.max())  # position j < reach: some row has a same-step prediction
-    has = (torch.arange(span)[:, None] < c.ahead_len).to(dev)
+    has = (torch.arange(span)[:, None] < c.ahead_len).to(dev).unbind(0)
     asks = (~c.fresh).nonzero().squeeze(1)  # the rows that draft position 0
+    steps_j, z_j = steps.unbind(0), z.unbind(0)
+
+    def guess_at(jj: int, x: Tensor | None) -> Tensor:
+        if jj == 0 and len(asks) < m:
+            if not len(asks):
+                return c.pred
+            a = asks.to(dev)
+            memory = DraftMemory(c.pred[a], made_at[a], c.prev[a], sample[a],
+                                 c.ahead[0][a] if bool((c.ahead_len[asks] > 0).any()) else None, has[0][a])
+            return c.pred.index_put((a,), _draft(drafter, None if x is None else x[a], steps_j[0][a], memory, tally, c.x))
+        same_step = c.ahead[min(jj, len(c.ahead) - 1)] if jj < reach else None
+        return _draft(drafter, x, steps_j[jj], DraftMemory(c.pred, made_at, c.prev, sample, same_step, has[jj]), tally, c.x)
+
+    guesses = None
+    if not getattr(drafter, "uses_state", True):
+        guesses = [guess_at(jj, None) for jj in range(span)]
+        rollout = getattr(kernel, "rollout", None)
+        done = rollout(chain, c.x, steps[:span], torch.stack(guesses), z) if rollout is not None else None
+        if done is not None:
+            return done
     y, laws, previous = [c.x], [], c.prev
     for jj in range(span):
-        if jj == 0 and len(asks) < m:
-            guess = c.pred
-            if len(asks):
-                a = asks.to(dev)
-                memory = DraftMemory(c.pred[a], made_at[a], c.prev[a], sample[a],
-                                     c.ahead[0][a] if bool((c.ahead_len[asks] > 0).any()) else None, has[0][a])
-                guess = c.pred.index_put((a,), _draft(drafter, y[0][a], steps[0][a], memory, tally))
-        else:
-            same_step = c.ahead[min(jj, len(c.ahead) - 1)] if jj < reach else None
-            memory = DraftMemory(c.pred, made_at, c.prev, sample, same_step, has[jj])
-            guess = _draft(drafter, y[jj], steps[jj], memory, tally)
-        laws.append(kernel.law(chain, y[jj], steps[jj], guess, previous))
-        y.append(kernel.draw(laws[-1], z[jj], c.x))
+        guess = guesses[jj] if guesses is not None else guess_at(jj, y[jj])
+        laws.append(kernel.law(chain, y[jj], steps_j[jj], guess, previous))
+        y.append(kernel.draw(laws[-1], z_j[jj], c.x))
         previous = guess
     return torch.stack(y), tuple(torch.stack(part) for part in zip(*laws))
 
 
-def _draft(drafter, x: Tensor, step: Tensor, memory: DraftMemory, tally) -> Tensor:
-    """The drafter's prediction for rows ``x`` at ``step``, checked, in the carried dtype."""
+def _draft(drafter, x: Tensor | None, step: Tensor, memory: DraftMemory, tally, like: Tensor) -> Tensor:
+    """The drafter's prediction for rows ``x`` at ``step`` (``x`` is None for a drafter that does
+    not look at it), checked, in the carried dtype."""
     guess = drafter.predict(x, step, memory)
     tally.stats.draft_calls += int(drafter.network_calls)
     if guess.shape != memory.prediction.shape:
@@ -185,7 +198,7 @@ def _draft(drafter, x: Tensor, step: Tensor, memory: DraftMemory, tally) -> Tens
             f"{tuple(memory.prediction.shape)} (one prediction per drafted row, like the chain's predict)"
         )
     if not getattr(drafter, "reuses_target", False):  # target predictions were checked when the target made them
-        _check_finite(guess, step, "draft", x)
+        _check_finite(guess, step, "draft", like)
     dtype = memory.prediction.dtype
     return guess if guess.dtype == dtype else guess.to(dtype)
 

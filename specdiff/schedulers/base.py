@@ -390,6 +390,8 @@ class SchedulerChain:
         self.num_steps = adapter.num_steps
         self.uses_previous_prediction = adapter.uses_previous_prediction
         self.uses_sample_index = takes_sample(model_fn)
+        # The mean is shift + scale * x with an x-free shift (DDPM stepping from x0): see transition_affine.
+        self.affine = self._mode == "x0" and hasattr(adapter, "affine_from_x0")
 
     def predict_with(self, model_fn: ModelFn, x: Tensor, step: Tensor, sample: Tensor | None = None) -> Tensor:
         """The chain's prediction at ``(x, step)`` computed by ``model_fn`` (the target's or a drafter's);
@@ -415,6 +417,12 @@ class SchedulerChain:
             return self.predict_with(draft_model_fn, x, step, sample)
 
         return predict
+
+    def transition_affine(self, step: Tensor, prediction: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(shift, scale, std)`` with ``transition(x, step, prediction) == (shift + scale * x, std)``
+        bit for bit, for a chain whose ``affine`` is True: the state-free part of many steps at once
+        (the Gaussian kernel's ``rollout``)."""
+        return self.adapter.affine_from_x0(step, prediction)
 
     def transition(self, x: Tensor, step: Tensor, prediction: Tensor, previous: Tensor | None = None):
         if self._mode == "x0":
