@@ -102,9 +102,12 @@ def speculative_round(chain, kernel, drafter, noise, target, c: Carry, ids: Tens
     step_r, y_r, y_next, z_r = kr.to(dev), rows(y), rows(y, 1), rows(z)
     law_Dr = tuple(rows(part) for part in law_D)
     u = noise.uniform(ids[ir], kr)
-    if need.any():
-        pred_T[need.to(dev)] = target(y[need.to(dev)], k[need], ids.expand(span + 1, m)[need], copy=False).to(c.pred.dtype)
-        tally.called(ids[need.any(0)])
+    asked = need.flatten().nonzero().squeeze(1)  # the (position, sample) pairs the call evaluates, row-major
+    if len(asked):
+        tally.called(ids, need.any(0))
+        at = asked.to(dev)
+        out = target(y.flatten(0, 1)[at], k.flatten()[asked], ids.repeat(span + 1)[asked], copy=False)
+        pred_T.flatten(0, 1).index_copy_(0, at, out if out.dtype == pred_T.dtype else out.to(pred_T.dtype))
     for jj in range(1, span + 1) if same is not None else ():
         pred_T[jj, same[jj].to(dev)] = pred_T[jj - 1, same[jj].to(dev)]
 
@@ -118,9 +121,9 @@ def speculative_round(chain, kernel, drafter, noise, target, c: Carry, ids: Tens
     committed = torch.where(whole, L, n_acc + 1)
 
     # 4. Commit: y_L if all accepted, else the first rejected step corrected to a target draw.
-    i = _positions(m, dev)[:, 0]
+    i, L_dev = _samples(m, dev), L.to(dev)
     rejected = (~whole).nonzero().squeeze(1)
-    x_new = y[L.to(dev), i]
+    x_new = y[L_dev, i]
     if rejected.numel():
         j_rej = n_acc[rejected]
         at = rows.index(j_rej, rejected)
@@ -134,7 +137,7 @@ def speculative_round(chain, kernel, drafter, noise, target, c: Carry, ids: Tens
     if rejected.numel() and not getattr(chain, "time_conditioned", True):  # an unchanged state keeps its prediction
         fresh |= ~whole & (c.n + committed < N) & (x_new == y[n_acc.to(dev), i]).flatten(1).all(1).cpu()
     pred_new = pred_T[n_acc.to(dev), i]  # at y_L if all accepted, else where the rejected step left from
-    prev_new = torch.where(_rows(fresh.to(dev), c.pred), before[L.to(dev), i], pred_new)
+    prev_new = torch.where(_rows(fresh.to(dev), c.pred), before[L_dev, i], pred_new)
     after = n_acc + 1 + j[:span]  # the positions after the rejection, as the next round's 0, 1, ...
     ahead = pred_T[after.clamp(max=span).to(dev), i]
     ahead_len = torch.where(whole, 0, ((after <= L) & (c.n + after < N)).sum(0))
@@ -156,7 +159,7 @@ def _drafts(chain, kernel, drafter, c: Carry, ids: Tensor, k: Tensor, z: Tensor,
     steps, sample = k.to(dev), ids.to(dev)
     made_at = (c.n - (~c.fresh).long()).to(dev)
     reach = int(c.ahead_len.max())  # position j < reach: some row has a same-step prediction
-    has = (torch.arange(span)[:, None] < c.ahead_len).to(dev).unbind(0)
+    has = (_positions(span) < c.ahead_len).to(dev).unbind(0)
     asks = (~c.fresh).nonzero().squeeze(1)  # the rows that draft position 0
     steps_j, z_j = steps.unbind(0), z.unbind(0)
 
@@ -249,9 +252,15 @@ def _grid_rows(jr: Tensor, ir: Tensor, span: int, m: int, dev):
 
 
 @functools.lru_cache(maxsize=64)
-def _positions(n: int, device=None) -> Tensor:
+def _positions(n: int) -> Tensor:
     """``arange(n)`` as a column (shared, never written to)."""
-    return torch.arange(n, device=device)[:, None]
+    return torch.arange(n)[:, None]
+
+
+@functools.lru_cache(maxsize=64)
+def _samples(m: int, device) -> Tensor:
+    """``arange(m)`` on ``device`` (shared, never written to)."""
+    return torch.arange(m, device=device)
 
 
 def _rows(mask: Tensor, like: Tensor) -> Tensor:

@@ -239,15 +239,16 @@ class _Tally:
         self.round_counts = torch.zeros(stats.window + 1, dtype=torch.long)
         self.residual_draws = 0
 
-    def called(self, ids: Tensor) -> None:
-        self.sample_calls[ids] += 1
+    def called(self, ids: Tensor, served: Tensor) -> None:
+        """``served[i]``: sample ``ids[i]`` had a row in the call."""
+        self.sample_calls.index_add_(0, ids, served.long())
 
     def round(self, ids: Tensor, counted: Tensor, accept: Tensor, committed: Tensor) -> None:
         """``counted[j, i]``: position j of sample i was put to the test (up to its first rejection)."""
-        kept = counted & accept
-        self.position_counts[: counted.shape[0]] += torch.stack([counted.sum(1), kept.sum(1)], 1)
-        self.sample_counts[ids] += torch.stack([counted.sum(0), kept.sum(0)], 1)
-        self.round_counts += torch.bincount(committed, minlength=len(self.round_counts))
+        both = torch.stack([counted, counted & accept], -1)  # [position, sample, (proposed, accepted)]
+        self.position_counts[: counted.shape[0]].add_(both.sum(1))
+        self.sample_counts.index_add_(0, ids, both.sum(0))
+        self.round_counts.add_(torch.bincount(committed, minlength=len(self.round_counts)))
 
     def write(self) -> None:
         s = self.stats

@@ -33,6 +33,7 @@ counts with exponential forgetting and shrinkage towards a prior.
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import time
@@ -106,9 +107,10 @@ class LatencyCurve:
         bs, ts = self._table()
         if rows <= bs[0]:
             return ts[0]
-        for (b0, t0), (b1, t1) in zip(zip(bs, ts), zip(bs[1:], ts[1:])):
-            if rows <= b1:
-                return t0 + (t1 - t0) * (rows - b0) / (b1 - b0)
+        i = bisect.bisect_left(bs, rows)  # the first measured size >= rows (called ~32 times a round)
+        if i < len(bs):
+            b0, b1, t0, t1 = bs[i - 1], bs[i], ts[i - 1], ts[i]
+            return t0 + (t1 - t0) * (rows - b0) / (b1 - b0)
         if len(bs) == 1:
             return ts[0] * rows / bs[0]
         slope = max((ts[-1] - ts[-2]) / (bs[-1] - bs[-2]), 0.0)
