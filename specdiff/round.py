@@ -92,20 +92,20 @@ def speculative_round(chain, kernel, drafter, noise, target, c: Carry, ids: Tens
     before = c.pred.new_zeros((span + 2, *c.pred.shape))
     before[0] = c.prev
     pred_T = before[1:]
-    fresh_dev = c.fresh.to(dev)
+    fresh_dev = _to(c.fresh, dev)
     pred_T[0, fresh_dev] = c.pred[fresh_dev]
     # What step 3 needs besides the target's predictions, gathered before the call (warm caches):
     # the drafted (position, sample) pairs as rows.
     jr, ir = drafted.nonzero(as_tuple=True)
     rows = _grid_rows(jr, ir, span, m, dev)
     kr = k[jr, ir]
-    step_r, y_r, y_next, z_r = kr.to(dev), rows(y), rows(y, 1), rows(z)
+    step_r, y_r, y_next, z_r = _to(kr, dev), rows(y), rows(y, 1), rows(z)
     law_Dr = tuple(rows(part) for part in law_D)
     u = noise.uniform(ids[ir], kr)
     asked = need.flatten().nonzero().squeeze(1)  # the (position, sample) pairs the call evaluates, row-major
     if len(asked):
         tally.called(ids, need.any(0))
-        at = asked.to(dev)
+        at = _to(asked, dev)
         out = target(y.flatten(0, 1)[at], k.flatten()[asked], ids.repeat(span + 1)[asked], copy=False)
         pred_T.flatten(0, 1).index_copy_(0, at, out if out.dtype == pred_T.dtype else out.to(pred_T.dtype))
     for jj in range(1, span + 1) if same is not None else ():
@@ -121,7 +121,7 @@ def speculative_round(chain, kernel, drafter, noise, target, c: Carry, ids: Tens
     committed = torch.where(whole, L, n_acc + 1)
 
     # 4. Commit: y_L if all accepted, else the first rejected step corrected to a target draw.
-    i, L_dev = _samples(m, dev), L.to(dev)
+    i, L_dev = _samples(m, dev), _to(L, dev)
     rejected = (~whole).nonzero().squeeze(1)
     x_new = y[L_dev, i]
     if rejected.numel():
@@ -131,15 +131,15 @@ def speculative_round(chain, kernel, drafter, noise, target, c: Carry, ids: Tens
             tuple(part[at] for part in law_Dr), tuple(part[at] for part in law_T), y_next[at], z_r[at],
             lambda: noise.residual_generators(ids[rejected], c.n[rejected] + j_rej),
         )
-        x_new = x_new.index_put((rejected.to(dev),), x_fix)
+        x_new = x_new.index_put((_to(rejected, dev),), x_fix)
         tally.residual_draws += int(draws.sum())
     fresh = whole & (c.n + committed < N)
     if rejected.numel() and not getattr(chain, "time_conditioned", True):  # an unchanged state keeps its prediction
-        fresh |= ~whole & (c.n + committed < N) & (x_new == y[n_acc.to(dev), i]).flatten(1).all(1).cpu()
-    pred_new = pred_T[n_acc.to(dev), i]  # at y_L if all accepted, else where the rejected step left from
-    prev_new = torch.where(_rows(fresh.to(dev), c.pred), before[L_dev, i], pred_new)
+        fresh |= ~whole & (c.n + committed < N) & (x_new == y[_to(n_acc, dev), i]).flatten(1).all(1).cpu()
+    pred_new = pred_T[_to(n_acc, dev), i]  # at y_L if all accepted, else where the rejected step left from
+    prev_new = torch.where(_rows(_to(fresh, dev), c.pred), before[L_dev, i], pred_new)
     after = n_acc + 1 + j[:span]  # the positions after the rejection, as the next round's 0, 1, ...
-    ahead = pred_T[after.clamp(max=span).to(dev), i]
+    ahead = pred_T[_to(after.clamp(max=span), dev), i]
     ahead_len = torch.where(whole, 0, ((after <= L) & (c.n + after < N)).sum(0))
     counted = drafted & (j[:span] <= n_acc)
     counted[0] &= ~c.fresh  # an exact step is no test
@@ -156,10 +156,10 @@ def _drafts(chain, kernel, drafter, c: Carry, ids: Tensor, k: Tensor, z: Tensor,
     never looks at the drafted state (``uses_state = False``) is asked for every position first,
     so that a kernel with a ``rollout`` can batch the state-free part of the whole window."""
     dev, m = c.x.device, len(ids)
-    steps, sample = k.to(dev), ids.to(dev)
-    made_at = (c.n - (~c.fresh).long()).to(dev)
+    steps, sample = _to(k, dev), _to(ids, dev)
+    made_at = _to(c.n - (~c.fresh).long(), dev)
     reach = int(c.ahead_len.max())  # position j < reach: some row has a same-step prediction
-    has = (_positions(span) < c.ahead_len).to(dev).unbind(0)
+    has = _to(_positions(span) < c.ahead_len, dev).unbind(0)
     asks = (~c.fresh).nonzero().squeeze(1)  # the rows that draft position 0
     steps_j, z_j = steps.unbind(0), z.unbind(0)
 
@@ -235,7 +235,7 @@ def _grid_rows(jr: Tensor, ir: Tensor, span: int, m: int, dev):
         def rows(t: Tensor, shift: int = 0) -> Tensor:
             return t[shift : shift + span].flatten(0, 1)
 
-        rows.index = lambda j, i: (j * m + i).to(dev)
+        rows.index = lambda j, i: _to(j * m + i, dev)
     else:
         jd, idv = jr.to(dev), ir.to(dev)
 
@@ -261,6 +261,11 @@ def _positions(n: int) -> Tensor:
 def _samples(m: int, device) -> Tensor:
     """``arange(m)`` on ``device`` (shared, never written to)."""
     return torch.arange(m, device=device)
+
+
+def _to(t: Tensor, device) -> Tensor:
+    """``t`` on ``device``; no call when it is there (most of a round's index tensors, on a CPU run)."""
+    return t if t.device == device else t.to(device)
 
 
 def _rows(mask: Tensor, like: Tensor) -> Tensor:
