@@ -73,6 +73,7 @@ def speculative_round(chain, kernel, drafter, noise, target, c: Carry, ids: Tens
     j = _positions(span + 1)
     k = (c.n + j).clamp(max=N - 1)  # the step of y_j
     drafted = j[:span] < L
+    tested = drafted & ~((j[:span] == 0) & c.fresh)  # the first step of a fresh sample has J = K: no test
     z = noise.noise(ids, k[:span])  # [span, m, ...]
 
     # 1. Draft y_{j+1} ~ J(. | y_j) with the drafter's prediction (the exact one where J = K).
@@ -132,7 +133,7 @@ def speculative_round(chain, kernel, drafter, noise, target, c: Carry, ids: Tens
             lambda: noise.residual_generators(ids[rejected], c.n[rejected] + j_rej),
         )
         x_new = x_new.index_put((_to(rejected, dev),), x_fix)
-        tally.residual_draws += int(draws.sum())
+        tally.draws.append(draws)
     fresh = whole & (c.n + committed < N)
     if rejected.numel() and not getattr(chain, "time_conditioned", True):  # an unchanged state keeps its prediction
         fresh |= ~whole & (c.n + committed < N) & (x_new == y[_to(n_acc, dev), i]).flatten(1).all(1).cpu()
@@ -141,9 +142,7 @@ def speculative_round(chain, kernel, drafter, noise, target, c: Carry, ids: Tens
     after = n_acc + 1 + j[:span]  # the positions after the rejection, as the next round's 0, 1, ...
     ahead = pred_T[_to(after.clamp(max=span), dev), i]
     ahead_len = torch.where(whole, 0, ((after <= L) & (c.n + after < N)).sum(0))
-    counted = drafted & (j[:span] <= n_acc)
-    counted[0] &= ~c.fresh  # an exact step is no test
-    tally.round(ids, counted, accept, committed)
+    tally.round(ids, tested & (j[:span] <= n_acc), accept, committed)
     return Carry(x_new, c.n + committed, pred_new, prev_new, fresh, ahead, ahead_len)
 
 
@@ -161,7 +160,7 @@ def _drafts(chain, kernel, drafter, c: Carry, ids: Tensor, k: Tensor, z: Tensor,
     reach = int(c.ahead_len.max())  # position j < reach: some row has a same-step prediction
     has = _to(_positions(span) < c.ahead_len, dev).unbind(0)
     asks = (~c.fresh).nonzero().squeeze(1)  # the rows that draft position 0
-    steps_j, z_j = steps.unbind(0), z.unbind(0)
+    steps_j = steps.unbind(0)
 
     def guess_at(jj: int, x: Tensor | None) -> Tensor:
         if jj == 0 and len(asks) < m:
@@ -181,7 +180,7 @@ def _drafts(chain, kernel, drafter, c: Carry, ids: Tensor, k: Tensor, z: Tensor,
         done = rollout(chain, c.x, steps[:span], torch.stack(guesses), z) if rollout is not None else None
         if done is not None:
             return done
-    y, laws, previous = [c.x], [], c.prev
+    y, laws, previous, z_j = [c.x], [], c.prev, z.unbind(0)
     for jj in range(span):
         guess = guesses[jj] if guesses is not None else guess_at(jj, y[jj])
         laws.append(kernel.law(chain, y[jj], steps_j[jj], guess, previous))

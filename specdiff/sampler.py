@@ -238,6 +238,8 @@ class _Tally:
         self.position_counts = torch.zeros(stats.window, 2, dtype=torch.long)
         self.round_counts = torch.zeros(stats.window + 1, dtype=torch.long)
         self.residual_draws = 0
+        self.pending: list[tuple] = []  # rounds not counted yet: counted when written, in one go
+        self.draws: list[Tensor] = []  # residual draws per corrected row, of rounds not counted yet
 
     def called(self, ids: Tensor, served: Tensor) -> None:
         """``served[i]``: sample ``ids[i]`` had a row in the call."""
@@ -245,12 +247,20 @@ class _Tally:
 
     def round(self, ids: Tensor, counted: Tensor, accept: Tensor, committed: Tensor) -> None:
         """``counted[j, i]``: position j of sample i was put to the test (up to its first rejection)."""
-        both = torch.stack([counted, counted & accept], -1)  # [position, sample, (proposed, accepted)]
-        self.position_counts[: counted.shape[0]].add_(both.sum(1))
-        self.sample_counts.index_add_(0, ids, both.sum(0))
-        self.round_counts.add_(torch.bincount(committed, minlength=len(self.round_counts)))
+        self.pending.append((ids, counted, accept, committed))
+
+    def _count(self) -> None:
+        for ids, counted, accept, committed in self.pending:
+            both = torch.stack([counted, counted & accept], -1)  # [position, sample, (proposed, accepted)]
+            self.position_counts[: counted.shape[0]].add_(both.sum(1))
+            self.sample_counts.index_add_(0, ids, both.sum(0))
+            self.round_counts.add_(torch.bincount(committed, minlength=len(self.round_counts)))
+        self.pending.clear()
+        self.residual_draws += sum(int(d.sum()) for d in self.draws)
+        self.draws.clear()
 
     def write(self) -> None:
+        self._count()
         s = self.stats
         s.proposed, s.accepted = self.position_counts.sum(0).tolist()
         s.per_sample_target_calls = self.sample_calls.tolist()
