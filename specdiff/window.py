@@ -104,7 +104,7 @@ class LatencyCurve:
     def __call__(self, rows: float) -> float:
         if not self.points:
             return max(rows, 1.0)  # unknown: proportional to rows (the CPU worst case)
-        bs, ts = self._table()
+        bs, ts = self._sorted or self._table()
         if rows <= bs[0]:
             return ts[0]
         i = bisect.bisect_left(bs, rows)  # the first measured size >= rows (called ~32 times a round)
@@ -355,6 +355,7 @@ class AutoWindow:
         """``rate(L)`` of the module docstring for L = 1..max_window: expected committed steps per second."""
         a = self.acceptance() if accept is None else accept
         out = []
+        latency, per_round, per_step = self.latency, self.per_round, self.per_step  # runs every round
         drafted, exact, p_n, p_f = 0.0, 0.0, 1.0, 1.0  # E[C] and P(whole window) from a drafted / exact root
         for window in range(1, self.max_window + 1):
             j = window - 1
@@ -362,7 +363,7 @@ class AutoWindow:
             p_n, p_f = p_n * a[j], p_f * (1.0 if j == 0 else a[j])
             pi = p_n / (1 - p_f + p_n) if (1 - p_f + p_n) > 0 else 1.0
             committed = pi * exact + (1 - pi) * drafted
-            seconds = self.latency(live * (window + 1 - pi)) + self.per_round + self.per_step * window
+            seconds = latency(live * (window + 1 - pi)) + per_round + per_step * window
             out.append(live * committed / max(seconds, 1e-12))
         return out
 
