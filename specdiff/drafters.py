@@ -46,10 +46,12 @@ class DraftMemory:
 class Drafter:
     """Base class. ``network_calls`` says whether ``predict`` runs a network (counted in
     ``stats.draft_calls``); ``reuses_target`` that it only returns the target's own (already
-    checked) predictions."""
+    checked) predictions; ``uses_state = False`` that ``predict`` never reads ``x`` (it is then
+    passed ``None``, and the sampler may ask for a whole window's predictions before drafting it)."""
 
     network_calls: bool = False
     reuses_target: bool = False
+    uses_state: bool = True
 
     def predict(self, x: Tensor, step: Tensor, memory: DraftMemory) -> Tensor:
         """Prediction for drafted states ``x`` (one row each) at ``step``."""
@@ -61,6 +63,7 @@ class FrozenTargetDrafter(Drafter):
     at every drafted state and step. No network call."""
 
     reuses_target = True
+    uses_state = False
 
     def predict(self, x: Tensor, step: Tensor, memory: DraftMemory) -> Tensor:
         return memory.prediction
@@ -77,6 +80,7 @@ class PicardDrafter(Drafter):
     drafter (they depend on the noise of earlier steps only)."""
 
     reuses_target = True
+    uses_state = False
 
     def predict(self, x: Tensor, step: Tensor, memory: DraftMemory) -> Tensor:
         if memory.same_step is None:

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import torch
 
 GeneratorArg = torch.Generator | Sequence[torch.Generator] | None
+_BLOCK = 32  # steps of a companion stream drawn at once
 
 
 def split_generators(generator: GeneratorArg, batch_size: int) -> list[torch.Generator] | None:
@@ -78,27 +79,48 @@ class NoiseStreams:
         self.residuals = [_companion(g, b"specdiff-residuals") for g, _ in self.groups]
         self.kind, self.shape, self.device = kind, tuple(like.shape[1:]), like.device
         self.dtype = torch.promote_types(like.dtype, torch.float32) if like.is_floating_point() else torch.float64
-        self._tables: list[dict[int, tuple]] = [{} for _ in self.groups]
-        self._drawn = [0] * len(self.groups)
+        self._plain = per_sample is None  # one generator: a sample's slot is its index
+        # Per group, what = 0 (main noise), 1 (uniforms), 2 (residual seeds): the kept steps
+        # stacked, [step - first[what], slot, ...], and how many steps each stream has drawn.
+        self._tables = [[None, None, None] for _ in self.groups]
+        self._first = [[0, 0, 0] for _ in self.groups]
+        self._drawn = [[0, 0, 0] for _ in self.groups]
 
-    def _draw(self, gi: int, step: int) -> tuple:
-        generator, rows = self.groups[gi]
-        while self._drawn[gi] <= step:
-            shape = (len(rows), *self.shape)
-            if self.kind == "normal":
-                main = torch.randn(shape, generator=generator, device=generator.device, dtype=self.dtype)
-            else:
-                main = torch.rand(shape, generator=generator, device=generator.device, dtype=torch.float64)
-            u = torch.rand(len(rows), generator=self.uniforms[gi], dtype=torch.float64)
-            seeds = torch.randint(0, 2**62, (len(rows),), generator=self.residuals[gi])
-            self._tables[gi][self._drawn[gi]] = (main.to(self.device), u, seeds)
-            self._drawn[gi] += 1
-        return self._tables[gi][step]
+    def _draw(self, gi: int, what: int, step: int) -> torch.Tensor:
+        """The stack of stream ``what`` of group ``gi``, drawn up to ``step`` at least."""
+        drawn = self._drawn[gi][what]
+        if drawn <= step:
+            generator, rows = self.groups[gi]
+            if what == 0:  # the caller's generator: one step at a time, in order, never ahead
+                shape = (len(rows), *self.shape)
+                if self.kind == "normal":
+                    new = [torch.randn(shape, generator=generator, device=generator.device, dtype=self.dtype)
+                           for _ in range(drawn, step + 1)]
+                else:
+                    new = [torch.rand(shape, generator=generator, device=generator.device, dtype=torch.float64)
+                           for _ in range(drawn, step + 1)]
+                block = torch.stack(new)
+                block = block if block.device == self.device else block.to(self.device)
+            else:  # a companion stream: whole blocks of steps (the same numbers as step by step)
+                count = -(-(step + 1 - drawn) // _BLOCK) * _BLOCK
+                if what == 1:
+                    block = torch.rand((count, len(rows)), generator=self.uniforms[gi], dtype=torch.float64)
+                else:
+                    block = torch.randint(0, 2**62, (count, len(rows)), generator=self.residuals[gi])
+            old = self._tables[gi][what]
+            self._tables[gi][what] = block if old is None or not len(old) else torch.cat([old, block])
+            self._drawn[gi][what] = drawn + len(block)
+        return self._tables[gi][what]
 
     def _lookup(self, what: int, rows: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-        rows, steps = rows.cpu(), steps.cpu()
-        if len(self.groups) == 1:  # one generator: one gather from the stacked steps
-            return self._gather(0, what, steps, self.slot_of[rows])
+        """Stream ``what`` at (``rows``, ``steps``), broadcast together (``[m]`` rows with a
+        ``[span, m]`` grid of steps gives ``[span, m, ...]``)."""
+        rows = rows if rows.device.type == "cpu" else rows.cpu()
+        steps = steps if steps.device.type == "cpu" else steps.cpu()
+        if len(self.groups) == 1:
+            return self._gather(0, what, steps, rows if self._plain else self.slot_of[rows])
+        shape = torch.broadcast_shapes(rows.shape, steps.shape)
+        rows, steps = rows.expand(shape).flatten(), steps.expand(shape).flatten()
         groups, out = self.group_of[rows], None
         for gi in groups.unique().tolist():
             at = (groups == gi).nonzero().squeeze(1)
@@ -106,15 +128,22 @@ class NoiseStreams:
             if out is None:
                 out = picked.new_empty((len(rows), *picked.shape[1:]))
             out[at.to(out.device)] = picked
-        return out
+        return out.view(*shape, *out.shape[1:])
 
     def _gather(self, gi: int, what: int, steps: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        lo, hi = int(steps.min()), int(steps.max())
-        table = torch.stack([self._draw(gi, k)[what] for k in range(lo, hi + 1)])  # [step, slot, ...]
-        return table[(steps - lo).to(table.device), slots.to(table.device)]
+        lo, hi = (int(v) for v in torch.aminmax(steps))
+        first = self._first[gi][what]
+        if lo < first:
+            raise RuntimeError(f"step {lo} was forgotten (NoiseStreams.forget_before); its noise is gone")
+        table = self._draw(gi, what, hi)
+        at = steps - first if first else steps
+        if table.device != at.device:
+            at, slots = at.to(table.device), slots.to(table.device)
+        return table[at, slots]
 
     def noise(self, rows: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-        """The step noise of ``steps[i]`` for sample ``rows[i]``: ``[len(rows), *shape]``."""
+        """The step noise of ``steps[i]`` for sample ``rows[i]``: ``[len(rows), *shape]`` (or any
+        shape ``rows`` and ``steps`` broadcast to, followed by ``shape``)."""
         return self._lookup(0, rows, steps)
 
     def uniform(self, rows: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
@@ -127,8 +156,11 @@ class NoiseStreams:
 
     def forget_before(self, n: torch.Tensor) -> None:
         """Drop the draws of steps that every sample of a generator has moved past."""
-        n = n.cpu()
+        n = n if n.device.type == "cpu" else n.cpu()
         for gi, (_, rows) in enumerate(self.groups):
-            oldest = int(n[rows].min())
-            for k in [k for k in self._tables[gi] if k < oldest]:
-                del self._tables[gi][k]
+            oldest = int(n.min() if self._plain else n[rows].min())
+            for what, table in enumerate(self._tables[gi]):
+                first = self._first[gi][what]
+                if table is not None and oldest > first:
+                    self._tables[gi][what] = table[min(oldest, self._drawn[gi][what]) - first :]
+                    self._first[gi][what] = min(oldest, self._drawn[gi][what])

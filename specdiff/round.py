@@ -16,6 +16,8 @@ clamped step and ignored, which keeps every tensor rectangular.
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +61,8 @@ class Carry:
         self.x[dev], self.n[ids], self.pred[dev], self.prev[dev], self.fresh[ids] = (
             new.x, new.n, new.pred, new.prev, new.fresh
         )
+        if len(new.ahead) > len(self.ahead):  # a round of every sample may have left a shorter one
+            self.ahead = torch.cat([self.ahead, self.ahead.new_zeros((len(new.ahead) - len(self.ahead), *self.ahead.shape[1:]))])
         self.ahead[: len(new.ahead), dev], self.ahead_len[ids] = new.ahead, new.ahead_len
 
 
@@ -66,91 +70,139 @@ def speculative_round(chain, kernel, drafter, noise, target, c: Carry, ids: Tens
     """Advance the samples ``ids`` (carry ``c``, windows ``L``) by one round; returns their new carry."""
     N, m, dev = chain.num_steps, len(ids), c.x.device
     span = int(L.max())
-    j = torch.arange(span + 1)[:, None]
+    j = _positions(span + 1)
     k = (c.n + j).clamp(max=N - 1)  # the step of y_j
     drafted = j[:span] < L
-    exact = (j[:span] == 0) & c.fresh  # first step of a fresh sample: J = K, accepted without a test
-    z = noise.noise(ids.repeat(span), k[:span].flatten()).view(span, m, *c.x.shape[1:])
+    tested = drafted & ~((j[:span] == 0) & c.fresh)  # the first step of a fresh sample has J = K: no test
+    z = noise.noise(ids, k[:span])  # [span, m, ...]
 
-    # 1. Draft y_{j+1} ~ J(. | y_j) with the drafter's prediction (the exact one where J = K). The frozen
-    #    drafter's prediction is c.pred at every step: a kernel may draft all L steps at once.
-    frozen = type(drafter) is FrozenTargetDrafter and hasattr(kernel, "draft_frozen")
-    batched = kernel.draft_frozen(chain, c.x, k[:span].to(dev), c.pred, z) if frozen else None
-    if batched is not None:
-        y, law_D = batched
-    else:
-        y, law_D, guess = [c.x], [], c.pred
-        for jj in range(span):
-            before, guess = guess, _draft(drafter, y[jj], k[jj], jj, c, ids, tally, skip=exact[jj] if jj == 0 else None)
-            law_D.append(kernel.law(chain, y[jj], k[jj].to(dev), guess, c.prev if jj == 0 else before))
-            y.append(kernel.draw(law_D[-1], z[jj], c.x))
-        y, law_D = torch.stack(y), tuple(torch.stack(part) for part in zip(*law_D))
+    # 1. Draft y_{j+1} ~ J(. | y_j) with the drafter's prediction (the exact one where J = K).
+    y, law_D = _drafts(chain, kernel, drafter, c, ids, k, z, span, tally)
 
     # 2. Verify: one target call on y_0 (unless fresh) and y_1..y_L (except at the final step, and,
     #    for a time-free network, except states equal to their predecessor: same prediction).
-    same = torch.zeros(span + 1, m, dtype=torch.bool)
+    #    pred_T[j] is the target's prediction at y_j; below it sits c.prev, so that before[j] is
+    #    the prediction one step earlier (the ``previous=`` of position j).
+    need = (j <= L) & (c.n + j < N) & ((j > 0) | ~c.fresh)
+    same = None
     if not getattr(chain, "time_conditioned", True):
+        same = torch.zeros(span + 1, m, dtype=torch.bool)
         same[1:] = (y[1:] == y[:-1]).flatten(2).all(2).cpu()
-    need = (j <= L) & (c.n + j < N) & ((j > 0) | ~c.fresh) & ~same
-    pred_T = torch.zeros((span + 1, *c.pred.shape), dtype=c.pred.dtype, device=dev)
-    pred_T[0, c.fresh.to(dev)] = c.pred[c.fresh.to(dev)]
-    if need.any():
-        pred_T[need.to(dev)] = target(y[need.to(dev)], k[need], ids.expand(span + 1, m)[need]).to(c.pred.dtype)
-        tally.called(ids[need.any(0)])
-    if same.any():  # an unchanged state takes the prediction of the last verified one (same[0] is False)
-        pred_T = pred_T[torch.where(same, 0, j).cummax(0).values.to(dev), torch.arange(m, device=dev)]
+        need &= ~same
+        same = same if bool(same.any()) else None
+    before = c.pred.new_zeros((span + 2, *c.pred.shape))
+    before[0] = c.prev
+    pred_T = before[1:]
+    fresh_dev = _to(c.fresh, dev)
+    pred_T[0, fresh_dev] = c.pred[fresh_dev]
+    # What step 3 needs besides the target's predictions, gathered before the call (warm caches):
+    # the drafted (position, sample) pairs as rows; sample-major for a time-free chain, so that a
+    # sample's repeated predictions are adjacent rows (a kernel may then evaluate each run once).
+    sample_major = same is not None and m > 1
+    if sample_major:
+        ir, jr = drafted.T.nonzero(as_tuple=True)
+    else:
+        jr, ir = drafted.nonzero(as_tuple=True)
+    rows = _grid_rows(jr, ir, span, m, dev, views=not sample_major)
+    kr = k[jr, ir]
+    step_r, y_r, y_next, z_r = _to(kr, dev), rows(y), rows(y, 1), rows(z)
+    law_Dr = tuple(rows(part) for part in law_D)
+    u = noise.uniform(ids[ir], kr)
+    asked = need.flatten().nonzero().squeeze(1)  # the (position, sample) pairs the call evaluates, row-major
+    if len(asked):
+        tally.called(ids, need.any(0))
+        at = _to(asked, dev)
+        out = target(y.flatten(0, 1)[at], k.flatten()[asked], ids.repeat(span + 1)[asked], copy=False)
+        pred_T.flatten(0, 1).index_copy_(0, at, out if out.dtype == pred_T.dtype else out.to(pred_T.dtype))
+    if same is not None:  # an unchanged state takes the prediction of the last verified one (same[0] is False)
+        pred_T.copy_(pred_T[_to(torch.where(same, 0, j).cummax(0).values, dev), _samples(m, dev)])
 
     # 3. Accept: the coupling test of every drafted step (only the prefix up to the first rejection is used).
-    ir, jr = drafted.T.nonzero(as_tuple=True)  # sample-major: a sample's repeated predictions are adjacent rows
-    jd, idv = jr.to(dev), ir.to(dev)
-    previous = torch.where(_rows(jd > 0, c.pred), pred_T[(jd - 1).clamp(min=0), idv], c.prev[idv])
-    law_T = kernel.law(chain, y[jd, idv], k[jr, ir].to(dev), pred_T[jd, idv], previous)
-    law_Dr = tuple(part[jd, idv] for part in law_D)
-    u = noise.uniform(ids[ir], k[jr, ir])
+    law_T = kernel.law(chain, y_r, step_r, rows(pred_T), rows(before))
     accept = ~drafted  # positions past L never stop a sample
-    accept[jr, ir] = kernel.accept(law_Dr, law_T, y[jd + 1, idv], z[jd, idv], u).cpu() | exact[jr, ir]
+    accept[jr, ir] = kernel.accept(law_Dr, law_T, y_next, z_r, u).cpu()
+    accept[0] |= c.fresh  # the first step of a fresh sample has J = K: accepted without a test
     n_acc = torch.where(accept.all(0), L, (~accept).int().argmax(0))  # length of the accepted prefix
     whole = n_acc == L
     committed = torch.where(whole, L, n_acc + 1)
 
     # 4. Commit: y_L if all accepted, else the first rejected step corrected to a target draw.
-    i = torch.arange(m).to(dev)
+    i, L_dev = _samples(m, dev), _to(L, dev)
     rejected = (~whole).nonzero().squeeze(1)
-    x_new = y[L.to(dev), i]
+    x_new = y[L_dev, i]
     if rejected.numel():
-        row = torch.full((span, m), -1, dtype=torch.long)
-        row[jr, ir] = torch.arange(len(jr))  # (position, sample) -> its row in the accept step
-        at, j_rej = row[n_acc[rejected], rejected].to(dev), n_acc[rejected]
+        j_rej = n_acc[rejected]
+        at = rows.index(j_rej, rejected)
         x_fix, draws = kernel.correct(
-            tuple(part[at] for part in law_Dr), tuple(part[at] for part in law_T), y[j_rej.to(dev) + 1, rejected.to(dev)],
-            z[j_rej.to(dev), rejected.to(dev)], lambda: noise.residual_generators(ids[rejected], c.n[rejected] + j_rej),
+            tuple(part[at] for part in law_Dr), tuple(part[at] for part in law_T), y_next[at], z_r[at],
+            lambda: noise.residual_generators(ids[rejected], c.n[rejected] + j_rej),
         )
-        x_new = x_new.index_put((rejected.to(dev),), x_fix)
-        tally.residual_draws += int(draws.sum())
+        x_new = x_new.index_put((_to(rejected, dev),), x_fix)
+        tally.draws.append(draws)
     fresh = whole & (c.n + committed < N)
     if rejected.numel() and not getattr(chain, "time_conditioned", True):  # an unchanged state keeps its prediction
-        fresh |= ~whole & (c.n + committed < N) & (x_new == y[n_acc.to(dev), i]).flatten(1).all(1).cpu()
-    pred_new = pred_T[torch.where(whole, L, n_acc).to(dev), i]
-    prev_new = torch.where(_rows(fresh.to(dev), c.pred), pred_T[(L - 1).clamp(min=0).to(dev), i], pred_new)
+        fresh |= ~whole & (c.n + committed < N) & (x_new == y[_to(n_acc, dev), i]).flatten(1).all(1).cpu()
+    pred_new = pred_T[_to(n_acc, dev), i]  # at y_L if all accepted, else where the rejected step left from
+    prev_new = torch.where(_rows(_to(fresh, dev), c.pred), before[L_dev, i], pred_new)
     after = n_acc + 1 + j[:span]  # the positions after the rejection, as the next round's 0, 1, ...
-    ahead = pred_T[after.clamp(max=span).to(dev), i]
+    ahead = pred_T[_to(after.clamp(max=span), dev), i]
     ahead_len = torch.where(whole, 0, ((after <= L) & (c.n + after < N)).sum(0))
-    tally.round(ids, drafted & (j[:span] <= n_acc) & ~exact, accept, committed)
+    tally.round(ids, tested & (j[:span] <= n_acc), accept, committed)
     return Carry(x_new, c.n + committed, pred_new, prev_new, fresh, ahead, ahead_len)
 
 
-def _draft(drafter, x: Tensor, step: Tensor, j: int, c: Carry, ids: Tensor, tally, skip: Tensor | None) -> Tensor:
-    """The drafter's prediction for rows ``x`` at ``step``; rows in ``skip`` keep the exact ``c.pred``."""
-    ask = torch.arange(len(ids)) if skip is None else (~skip).nonzero().squeeze(1)
-    if not ask.numel():
-        return c.pred
-    full, a = len(ask) == len(ids), ask.to(x.device)
-    rows = (lambda t: t) if full else (lambda t: t[a])  # every row asks from the second position on: no copies
-    has = j < c.ahead_len[ask]
-    same_step = rows(c.ahead[min(j, len(c.ahead) - 1)]) if has.any() else None
-    memory = DraftMemory(rows(c.pred), (c.n[ask] - (~c.fresh[ask]).long()).to(x.device), rows(c.prev),
-                         ids[ask].to(x.device), same_step, has.to(x.device))
-    guess = drafter.predict(rows(x), step[ask].to(x.device), memory)
+def _drafts(chain, kernel, drafter, c: Carry, ids: Tensor, k: Tensor, z: Tensor, span: int, tally):
+    """``y_0..y_span`` stacked, and the draft laws of positions ``0..span-1`` stacked part by part.
+
+    The loop is sequential (``y_{j+1}`` needs ``y_j``); what the positions share is built once,
+    here: the steps on the device, the drafter's memory, which positions have a same-step
+    prediction. At position 0 a fresh sample keeps its exact ``c.pred`` (J = K). A drafter that
+    never looks at the drafted state (``uses_state = False``) is asked for every position first,
+    so that a kernel with a ``rollout`` can batch the state-free part of the whole window; the
+    frozen drafter's window is drawn at once by a kernel with ``draft_frozen``."""
+    dev, m = c.x.device, len(ids)
+    steps, sample = _to(k, dev), _to(ids, dev)
+    if type(drafter) is FrozenTargetDrafter and hasattr(kernel, "draft_frozen"):  # c.pred at every position
+        done = kernel.draft_frozen(chain, c.x, steps[:span], c.pred, z)
+        if done is not None:
+            return done
+    made_at = _to(c.n - (~c.fresh).long(), dev)
+    reach = int(c.ahead_len.max())  # position j < reach: some row has a same-step prediction
+    has = _to(_positions(span) < c.ahead_len, dev).unbind(0)
+    asks = (~c.fresh).nonzero().squeeze(1)  # the rows that draft position 0
+    steps_j = steps.unbind(0)
+
+    def guess_at(jj: int, x: Tensor | None) -> Tensor:
+        if jj == 0 and len(asks) < m:
+            if not len(asks):
+                return c.pred
+            a = asks.to(dev)
+            memory = DraftMemory(c.pred[a], made_at[a], c.prev[a], sample[a],
+                                 c.ahead[0][a] if bool((c.ahead_len[asks] > 0).any()) else None, has[0][a])
+            return c.pred.index_put((a,), _draft(drafter, None if x is None else x[a], steps_j[0][a], memory, tally, c.x))
+        same_step = c.ahead[min(jj, len(c.ahead) - 1)] if jj < reach else None
+        return _draft(drafter, x, steps_j[jj], DraftMemory(c.pred, made_at, c.prev, sample, same_step, has[jj]), tally, c.x)
+
+    guesses = None
+    if not getattr(drafter, "uses_state", True):
+        guesses = [guess_at(jj, None) for jj in range(span)]
+        rollout = getattr(kernel, "rollout", None)
+        done = rollout(chain, c.x, steps[:span], torch.stack(guesses), z) if rollout is not None else None
+        if done is not None:
+            return done
+    y, laws, previous, z_j = [c.x], [], c.prev, z.unbind(0)
+    for jj in range(span):
+        guess = guesses[jj] if guesses is not None else guess_at(jj, y[jj])
+        laws.append(kernel.law(chain, y[jj], steps_j[jj], guess, previous))
+        y.append(kernel.draw(laws[-1], z_j[jj], c.x))
+        previous = guess
+    return torch.stack(y), tuple(torch.stack(part) for part in zip(*laws))
+
+
+def _draft(drafter, x: Tensor | None, step: Tensor, memory: DraftMemory, tally, like: Tensor) -> Tensor:
+    """The drafter's prediction for rows ``x`` at ``step`` (``x`` is None for a drafter that does
+    not look at it), checked, in the carried dtype."""
+    guess = drafter.predict(x, step, memory)
     tally.stats.draft_calls += int(drafter.network_calls)
     if guess.shape != memory.prediction.shape:
         raise ValueError(
@@ -158,13 +210,21 @@ def _draft(drafter, x: Tensor, step: Tensor, j: int, c: Carry, ids: Tensor, tall
             f"{tuple(memory.prediction.shape)} (one prediction per drafted row, like the chain's predict)"
         )
     if not getattr(drafter, "reuses_target", False):  # target predictions were checked when the target made them
-        _check_finite(guess, step[ask], "draft", x)
-    return guess.to(c.pred.dtype) if full else c.pred.index_put((a,), guess.to(c.pred.dtype))
+        _check_finite(guess, step, "draft", like)
+    dtype = memory.prediction.dtype
+    return guess if guess.dtype == dtype else guess.to(dtype)
 
 
 def _check_finite(prediction: Tensor, steps: Tensor, who: str, x: Tensor) -> Tensor:
     """Refuse NaN predictions (and infinite ones for continuous states; logits may be -inf)."""
     if prediction.is_floating_point():
+        if x.is_floating_point():
+            # One reduction settles the usual case: a sum is finite only if every term is (float64
+            # never overflows on finite float32/16 terms; where it does, or on MPS's float32, the
+            # exact check below runs).
+            wide = torch.float32 if prediction.device.type == "mps" else torch.float64
+            if math.isfinite(prediction.sum(dtype=wide)):
+                return prediction
         flat = prediction.flatten(1)
         bad = (~torch.isfinite(flat) if x.is_floating_point() else torch.isnan(flat)).any(1)
         if bad.any():
@@ -174,6 +234,48 @@ def _check_finite(prediction: Tensor, steps: Tensor, who: str, x: Tensor) -> Ten
                 "(fp16 overflow?) before sampling"
             )
     return prediction
+
+
+def _grid_rows(jr: Tensor, ir: Tensor, span: int, m: int, dev, views: bool = True):
+    """``rows(t, shift)``: ``t[jr + shift, ir]`` for a ``[position, sample, ...]`` grid ``t``, and
+    ``rows.index(j, i)``: the row of pair ``(j, i)``. When every pair is drafted (every sample
+    has the window ``span``, and the pairs are position-major) the rows are the flattened grid:
+    views, no copies."""
+    if views and len(jr) == span * m:
+        def rows(t: Tensor, shift: int = 0) -> Tensor:
+            return t[shift : shift + span].flatten(0, 1)
+
+        rows.index = lambda j, i: _to(j * m + i, dev)
+    else:
+        jd, idv = jr.to(dev), ir.to(dev)
+
+        def rows(t: Tensor, shift: int = 0) -> Tensor:
+            return t[jd + shift if shift else jd, idv]
+
+        def index(j: Tensor, i: Tensor) -> Tensor:
+            row = torch.full((span, m), -1, dtype=torch.long)
+            row[jr, ir] = torch.arange(len(jr))
+            return row[j, i].to(dev)
+
+        rows.index = index
+    return rows
+
+
+@functools.lru_cache(maxsize=64)
+def _positions(n: int) -> Tensor:
+    """``arange(n)`` as a column (shared, never written to)."""
+    return torch.arange(n)[:, None]
+
+
+@functools.lru_cache(maxsize=64)
+def _samples(m: int, device) -> Tensor:
+    """``arange(m)`` on ``device`` (shared, never written to)."""
+    return torch.arange(m, device=device)
+
+
+def _to(t: Tensor, device) -> Tensor:
+    """``t`` on ``device``; no call when it is there (most of a round's index tensors, on a CPU run)."""
+    return t if t.device == device else t.to(device)
 
 
 def _rows(mask: Tensor, like: Tensor) -> Tensor:

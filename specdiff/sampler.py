@@ -129,12 +129,16 @@ def speculative_sample(
             L = (num_steps - c.n[live]).clamp(max=min(max(int(policy.choose(stats, len(live))), 1), policy.max_window))
             stats.rounds += 1
             stats.chosen_windows.append(int(L.max()))
-            before = int(c.n.sum())
-            c.put(live, speculative_round(chain, kernel, drafter, noise, target, c.take(live), live, L, tally))
+            before = int(c.n.sum()) if bar is not None else 0
+            if len(live) == batch:  # every sample runs: the round's carry is the new one, no row copies
+                c = speculative_round(chain, kernel, drafter, noise, target, c, live, L, tally)
+            else:
+                c.put(live, speculative_round(chain, kernel, drafter, noise, target, c.take(live), live, L, tally))
             noise.forget_before(c.n)
             if bar is not None:
                 bar.update(int(c.n.sum()) - before)
             if callback is not None:
+                tally.write()
                 callback({"round": stats.rounds, "x": c.x.clone(), "step": c.n.clone(), "stats": stats})
     tally.write()
     stats.window_choice = policy.describe() if hasattr(policy, "describe") else None
@@ -164,11 +168,16 @@ class _Target:
         self.chain, self.stats, self.observe, self.max_rows = chain, stats, observe, None
         self.device = torch.device(device)
 
-    def __call__(self, x: Tensor, step: Tensor, sample: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, step: Tensor, sample: Tensor, copy: bool = True) -> Tensor:
+        """``copy=False``: the caller copies the output at once (a network may reuse its buffer)."""
         started, rows = time.perf_counter(), x.shape[0]
         cap = self.max_rows or rows
-        parts = [self._predict(x[s : s + cap], step[s : s + cap], sample[s : s + cap]) for s in range(0, rows, cap)]
-        out = parts[0].clone() if len(parts) == 1 else torch.cat(parts)  # ours: a network may reuse its buffer
+        if cap >= rows:
+            out = self._predict(x, step, sample)
+            out = out.clone() if copy else out
+        else:
+            out = torch.cat([self._predict(x[s : s + cap], step[s : s + cap], sample[s : s + cap])
+                             for s in range(0, rows, cap)])
         _check_finite(out, step, "target", x)
         self.stats.target_calls += 1
         self.stats.target_rows += rows
@@ -229,21 +238,31 @@ class _Tally:
         self.position_counts = torch.zeros(stats.window, 2, dtype=torch.long)
         self.round_counts = torch.zeros(stats.window + 1, dtype=torch.long)
         self.residual_draws = 0
+        self.pending: list[tuple] = []  # rounds not counted yet: counted when written, in one go
+        self.draws: list[Tensor] = []  # residual draws per corrected row, of rounds not counted yet
 
-    def called(self, ids: Tensor) -> None:
-        self.sample_calls[ids] += 1
+    def called(self, ids: Tensor, served: Tensor) -> None:
+        """``served[i]``: sample ``ids[i]`` had a row in the call."""
+        self.sample_calls.index_add_(0, ids, served.long())
 
     def round(self, ids: Tensor, counted: Tensor, accept: Tensor, committed: Tensor) -> None:
         """``counted[j, i]``: position j of sample i was put to the test (up to its first rejection)."""
-        kept = counted & accept
-        self.position_counts[: counted.shape[0]] += torch.stack([counted.sum(1), kept.sum(1)], 1)
-        self.sample_counts[ids] += torch.stack([counted.sum(0), kept.sum(0)], 1)
-        self.round_counts += torch.bincount(committed, minlength=len(self.round_counts))
-        self.stats.proposed += int(counted.sum())
-        self.stats.accepted += int(kept.sum())
+        self.pending.append((ids, counted, accept, committed))
+
+    def _count(self) -> None:
+        for ids, counted, accept, committed in self.pending:
+            both = torch.stack([counted, counted & accept], -1)  # [position, sample, (proposed, accepted)]
+            self.position_counts[: counted.shape[0]].add_(both.sum(1))
+            self.sample_counts.index_add_(0, ids, both.sum(0))
+            self.round_counts.add_(torch.bincount(committed, minlength=len(self.round_counts)))
+        self.pending.clear()
+        self.residual_draws += sum(int(d.sum()) for d in self.draws)
+        self.draws.clear()
 
     def write(self) -> None:
+        self._count()
         s = self.stats
+        s.proposed, s.accepted = self.position_counts.sum(0).tolist()
         s.per_sample_target_calls = self.sample_calls.tolist()
         s.per_sample_proposed, s.per_sample_accepted = self.sample_counts.T.tolist()
         s.proposed_by_position, s.accepted_by_position = self.position_counts.T.tolist()

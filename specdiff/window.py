@@ -36,6 +36,7 @@ counts with exponential forgetting and shrinkage towards a prior.
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import time
@@ -106,12 +107,13 @@ class LatencyCurve:
     def __call__(self, rows: float) -> float:
         if not self.points:
             return max(rows, 1.0)  # unknown: proportional to rows (the CPU worst case)
-        bs, ts = self._table()
+        bs, ts = self._sorted or self._table()
         if rows <= bs[0]:
             return ts[0]
-        for (b0, t0), (b1, t1) in zip(zip(bs, ts), zip(bs[1:], ts[1:])):
-            if rows <= b1:
-                return t0 + (t1 - t0) * (rows - b0) / (b1 - b0)
+        i = bisect.bisect_left(bs, rows)  # the first measured size >= rows (called ~32 times a round)
+        if i < len(bs):
+            b0, b1, t0, t1 = bs[i - 1], bs[i], ts[i - 1], ts[i]
+            return t0 + (t1 - t0) * (rows - b0) / (b1 - b0)
         if len(bs) == 1:
             return ts[0] * rows / bs[0]
         slope = max((ts[-1] - ts[-2]) / (bs[-1] - bs[-2]), 0.0)
@@ -364,6 +366,7 @@ class AutoWindow:
         """``rate(L)`` of the module docstring for L = 1..max_window: expected committed steps per second."""
         a = self.acceptance() if accept is None else accept
         out, self._nominal, share = [], [], self.row_fraction()
+        latency, per_round, per_step = self.latency, self.per_round, self.per_step  # runs every round
         drafted, exact, p_n, p_f = 0.0, 0.0, 1.0, 1.0  # E[C] and P(whole window) from a drafted / exact root
         for window in range(1, self.max_window + 1):
             j = window - 1
@@ -372,7 +375,7 @@ class AutoWindow:
             pi = p_n / (1 - p_f + p_n) if (1 - p_f + p_n) > 0 else 1.0
             committed = pi * exact + (1 - pi) * drafted
             self._nominal.append(window + 1 - pi)
-            seconds = self.latency(share * live * (window + 1 - pi)) + self.per_round + self.per_step * window
+            seconds = latency(share * live * (window + 1 - pi)) + per_round + per_step * window
             out.append(live * committed / max(seconds, 1e-12))
         return out
 

@@ -36,8 +36,13 @@ def _delta(mean_draft: Tensor, mean_target: Tensor, std: Tensor) -> Tensor:
     """``Δ = (m_D - m_T) / σ`` as ``[B, d]`` in float32 or wider (rows with σ = 0 get Δ = 0)."""
     work = torch.promote_types(torch.promote_types(mean_draft.dtype, mean_target.dtype), torch.float32)
     work = torch.promote_types(work, std.dtype) if std.is_floating_point() else work
-    sigma = torch.where(std > 0, std, torch.ones_like(std)).to(work)[:, None]
-    return (mean_draft.to(work).flatten(1) - mean_target.to(work).flatten(1)) / sigma
+    sigma = _as(torch.where(std > 0, std, 1.0), work)[:, None]
+    return (_as(mean_draft, work).flatten(1) - _as(mean_target, work).flatten(1)) / sigma
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, without the call when it is already (the round's hot path counts calls)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def log_ratio(delta: Tensor, z: Tensor) -> Tensor:
@@ -46,7 +51,7 @@ def log_ratio(delta: Tensor, z: Tensor) -> Tensor:
     Exactly 0 when Δ = 0, so equal means always accept (``log u <= 0``); any Δ != 0, however
     small, is put to the test: there is no "close enough" shortcut, which would keep the draft
     law for small Δ."""
-    delta, z = delta.double(), z.flatten(1).double()
+    delta, z = _as(delta, torch.float64), _as(z.flatten(1), torch.float64)
     return -(z * delta).sum(1) - 0.5 * delta.square().sum(1)
 
 
@@ -54,7 +59,7 @@ def reflect(z: Tensor, delta: Tensor) -> Tensor:
     """``z - 2 <e, z> e`` with ``e = Δ / ‖Δ‖``: the noise of the target draw coupled to a rejected
     draft (no new randomness). ``Δ`` is rescaled by its largest entry first, so ``e`` is a unit
     vector even when ‖Δ‖² underflows."""
-    flat = z.flatten(1).to(delta.dtype)
+    flat = _as(z.flatten(1), delta.dtype)
     scaled = delta / delta.abs().amax(1, keepdim=True).clamp_min(torch.finfo(delta.dtype).tiny)
     e = scaled / scaled.norm(dim=1, keepdim=True).clamp_min(torch.finfo(delta.dtype).tiny)
     return (flat - 2 * (e * flat).sum(1, keepdim=True) * e).view(z.shape)
@@ -91,16 +96,16 @@ def reflection_coupling(
 
 def _accept(delta: Tensor, z: Tensor, std: Tensor, u: Tensor) -> Tensor:
     """``log u <= min(0, log r)``; a deterministic row (σ = 0) accepts only equal means."""
-    test = torch.log(u.double()) <= log_ratio(delta, z).clamp(max=0.0)
+    test = torch.log(_as(u, torch.float64)) <= log_ratio(delta, z).clamp(max=0.0)
     return torch.where(std > 0, test, (delta == 0).all(1))
 
 
 def _correct(mean_target: Tensor, std: Tensor, z: Tensor, delta: Tensor, like: Tensor) -> Tensor:
     """``m_T + σ reflect(z)``, rounded to the states' dtype (``m_T`` where σ = 0)."""
     shape = (-1, *[1] * (like.ndim - 1))
-    sigma = std.to(delta.dtype).view(shape)
-    x = mean_target.to(delta.dtype) + sigma * reflect(z.reshape(like.shape), delta)
-    return x.to(like.dtype)
+    sigma = _as(std, delta.dtype).view(shape)
+    x = _as(mean_target, delta.dtype) + sigma * reflect(z.reshape(like.shape), delta)
+    return _as(x, like.dtype)
 
 
 def acceptance_probability(mean_draft: Tensor, mean_target: Tensor, std: Tensor | float) -> Tensor:
@@ -126,18 +131,48 @@ class GaussianKernel:
         else:
             mean, std = chain.transition(x, step, prediction)
         std = torch.as_tensor(std, device=x.device)
-        if std.numel() not in (1, x.shape[0]):
+        batch, ones = x.shape[0], [1] * (x.ndim - 1)
+        if std.numel() == batch:  # the usual case: one value per row, no expand needed
+            std = std if std.dim() == x.ndim and std.shape[0] == batch else std.reshape(batch, *ones)
+        elif std.numel() == 1:
+            std = std.reshape(1, *ones).expand(batch, *ones)
+        else:
             raise ValueError(
                 f"transition returned std of shape {tuple(std.shape)}; it must hold one value per row "
                 "(an isotropic std fixed by the schedule)"
             )
-        std = std.reshape(-1, *[1] * (x.ndim - 1)).expand(x.shape[0], *[1] * (x.ndim - 1))
-        return mean, std.to(torch.promote_types(std.dtype, torch.float32))  # σ z never in half precision
+        wide = torch.promote_types(std.dtype, torch.float32)  # σ z never in half precision
+        return mean, std if std.dtype == wide else std.to(wide)
+
+    @staticmethod
+    def rollout(chain, x: Tensor, steps: Tensor, predictions: Tensor, z: Tensor):
+        """Draft a whole window at once when the predictions are known up front: ``y_0 = x``,
+        ``y_{j+1} = law_j.draw(z_j)`` for ``steps``/``predictions``/``z`` of shape ``[L, B, ...]``.
+        Returns ``(y [L + 1, B, ...], (mean, std) [L, B, ...])``, the very tensors ``law`` and
+        ``draw`` would make position by position, or ``None`` unless the chain's mean is affine in
+        the state (``chain.affine``: ``transition_affine``), when only ``mean_j = shift_j + scale_j
+        * y_j`` is sequential and the rest is one batch for the window."""
+        if not getattr(chain, "affine", False) or getattr(chain, "uses_previous_prediction", False):
+            return None
+        L, batch, ones = z.shape[0], z.shape[1], [1] * (x.ndim - 1)
+        shift, scale, std = chain.transition_affine(steps.flatten(), predictions.flatten(0, 1))
+        std = torch.as_tensor(std, device=x.device)
+        if std.numel() != L * batch:
+            raise ValueError(f"transition_affine returned std of shape {tuple(std.shape)}; it must hold one value per row")
+        std = _as(std.reshape(L, batch, *ones), torch.promote_types(std.dtype, torch.float32))
+        noise = (std * z).unbind(0)
+        shift, scale = shift.view(L, batch, *shift.shape[1:]).unbind(0), scale.view(L, batch, *scale.shape[1:]).unbind(0)
+        y, means = [x], []
+        for j in range(L):
+            means.append(shift[j] + scale[j] * y[j])
+            y.append(_as(means[-1] + noise[j], x.dtype))
+        return torch.stack(y), (torch.stack(means), std)
 
     @staticmethod
     def draw(law: tuple[Tensor, Tensor], z: Tensor, like: Tensor) -> Tensor:
         mean, std = law
-        return (mean + std * z).to(like.dtype)
+        y = mean + std * z
+        return y if y.dtype == like.dtype else y.to(like.dtype)
 
     @staticmethod
     def accept(law_draft, law_target, y: Tensor, z: Tensor, u: Tensor) -> Tensor:
@@ -149,7 +184,7 @@ class GaussianKernel:
                 "draft and target kernels have different std (learned variance?); the reflection "
                 "coupling needs a std fixed by the schedule: use a fixed variance_type"
             )
-        return _accept(_delta(m_d, m_t, std_t), z.flatten(1), std_t, u.to(std_t.device))
+        return _accept(_delta(m_d, m_t, std_t), z.flatten(1), std_t, u if u.device == std_t.device else u.to(std_t.device))
 
     @staticmethod
     def correct(law_draft, law_target, y: Tensor, z: Tensor, generators) -> tuple[Tensor, Tensor]:

@@ -243,11 +243,13 @@ class SchedulerAdapter:
 
     # -- per-row helpers ------------------------------------------------------------------
 
-    @staticmethod
-    def rows(table: Tensor, step: Tensor, like: Tensor) -> Tensor:
+    def rows(self, table: Tensor, step: Tensor, like: Tensor) -> Tensor:
         """``table[step]`` shaped ``[B, 1, ..., 1]`` to broadcast over the rows of ``like``."""
-        values = table[step.cpu()].to(like.device)
-        return values.view(-1, *[1] * (like.ndim - 1))
+        return _gather(_on(self, table, like.device, like.ndim), step)
+
+    def at(self, table: Tensor, step: Tensor, like: Tensor) -> Tensor:
+        """``table[step]`` as ``[B]`` on ``like``'s device (e.g. the std of each row)."""
+        return _gather(_on(self, table, like.device, 1), step)
 
     def model_timesteps(self, step: Tensor, device) -> Tensor:
         """The scheduler timestep of each row's step (what the network is conditioned on)."""
@@ -275,6 +277,21 @@ class SchedulerAdapter:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.scheduler_name}, {self.num_steps} steps)"
+
+
+def _on(adapter: SchedulerAdapter, table: Tensor, device: torch.device, ndim: int) -> Tensor:
+    """``table`` on ``device``, shaped ``[steps, 1, ..., 1]`` (``ndim`` dims), made once per adapter:
+    a drafted step then gathers its coefficients with one index, the speculative loop's hot path."""
+    cache = adapter.__dict__.setdefault("_tables_on", {})
+    key = (id(table), device, ndim)
+    hit = cache.get(key)
+    if hit is None or hit[0] is not table:  # the id of a replaced table may be reused
+        hit = cache[key] = (table, table.to(device).view(-1, *[1] * (ndim - 1)))
+    return hit[1]
+
+
+def _gather(table: Tensor, step: Tensor) -> Tensor:
+    return table[step if step.device == table.device else step.to(table.device)]
 
 
 # -- re-parameterising the prediction a frozen drafter freezes ------------------------------
@@ -373,6 +390,8 @@ class SchedulerChain:
         self.num_steps = adapter.num_steps
         self.uses_previous_prediction = adapter.uses_previous_prediction
         self.uses_sample_index = takes_sample(model_fn)
+        # The mean is shift + scale * x with an x-free shift (DDPM stepping from x0): see transition_affine.
+        self.affine = self._mode == "x0" and hasattr(adapter, "affine_from_x0")
 
     def predict_with(self, model_fn: ModelFn, x: Tensor, step: Tensor, sample: Tensor | None = None) -> Tensor:
         """The chain's prediction at ``(x, step)`` computed by ``model_fn`` (the target's or a drafter's);
@@ -398,6 +417,12 @@ class SchedulerChain:
             return self.predict_with(draft_model_fn, x, step, sample)
 
         return predict
+
+    def transition_affine(self, step: Tensor, prediction: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(shift, scale, std)`` with ``transition(x, step, prediction) == (shift + scale * x, std)``
+        bit for bit, for a chain whose ``affine`` is True: the state-free part of many steps at once
+        (the Gaussian kernel's ``rollout``)."""
+        return self.adapter.affine_from_x0(step, prediction)
 
     def transition(self, x: Tensor, step: Tensor, prediction: Tensor, previous: Tensor | None = None):
         if self._mode == "x0":

@@ -109,4 +109,4 @@ class DDIMAdapter(SchedulerAdapter):
             sqrt_a, sqrt_b = self.signal_and_noise(step, x)
             eps = (x - sqrt_a * x0) / sqrt_b
         mean = self.rows(self.sqrt_a_prev, step, x) * x0 + self.rows(self.coef_eps, step, x) * eps
-        return mean, self.std[step.cpu()].to(x.device)
+        return mean, self.at(self.std, step, x)

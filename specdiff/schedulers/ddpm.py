@@ -96,13 +96,19 @@ class DDPMAdapter(SchedulerAdapter):
             x0 = sqrt_a * x - sqrt_b * model_output
         return x0
 
-    def transition_from_x0(self, x: Tensor, step: Tensor, x0: Tensor) -> tuple[Tensor, Tensor]:
+    def affine_from_x0(self, step: Tensor, x0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(shift, scale, std)``: the step's mean from x0 is ``shift + scale * x`` (this is how
+        :meth:`transition_from_x0` computes it, so a caller batching ``shift`` over many steps
+        gets the same bits)."""
         if self.thresholding:
             x0 = threshold_sample(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
         elif self.clip_sample:
             x0 = x0.clamp(-self.clip_sample_range, self.clip_sample_range)
-        mean = self.rows(self.coef_x0, step, x) * x0 + self.rows(self.coef_x, step, x) * x
-        return mean, self.std[step.cpu()].to(x.device)
+        return self.rows(self.coef_x0, step, x0) * x0, self.rows(self.coef_x, step, x0), self.at(self.std, step, x0)
+
+    def transition_from_x0(self, x: Tensor, step: Tensor, x0: Tensor) -> tuple[Tensor, Tensor]:
+        shift, scale, std = self.affine_from_x0(step, x0)
+        return shift + scale * x, std
 
     def transition(self, x: Tensor, step: Tensor, prediction: Tensor, previous: Tensor | None = None):
         return self.transition_from_x0(x, step, self.x0_from_output(prediction, x, step))

@@ -134,11 +134,11 @@ class DPMSolverSDEAdapter(SchedulerAdapter):
     def transition(self, x: Tensor, step: Tensor, prediction: Tensor, previous: Tensor | None = None):
         sample = x.to(torch.float32)  # diffusers upcasts the sample for this step
         mean = self.rows(self.coef_x, step, x) * sample + self.rows(self.coef_x0, step, x) * prediction
-        second = self.second[step.cpu()].to(x.device)
+        second = self.at(self.second, step, x)
         if previous is not None and bool(second.any()):
             # D1 = (D0 - D_prev) / r0; rows at a first-order step keep the first-order mean exactly.
             d1 = self.rows(self.inv_r0, step, x) * (prediction - previous)
             mean = torch.where(second.view(-1, *[1] * (x.ndim - 1)), mean + self.rows(self.coef_d1, step, x) * d1, mean)
         elif bool(second.any()):
             raise ValueError("a second-order DPM-Solver step needs the previous data prediction (previous=)")
-        return mean, self.std[step.cpu()].to(x.device)
+        return mean, self.at(self.std, step, x)

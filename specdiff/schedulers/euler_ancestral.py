@@ -70,7 +70,7 @@ class EulerAncestralAdapter(SchedulerAdapter):
         sample = x.to(torch.float32)
         derivative = (sample - x0) / self.rows(self.sigmas, step, x)
         mean = sample + derivative * self.rows(self.dt, step, x)
-        return mean, self.sigma_up[step.cpu()].to(x.device)
+        return mean, self.at(self.sigma_up, step, x)
 
     def transition(self, x: Tensor, step: Tensor, prediction: Tensor, previous: Tensor | None = None):
         return self.transition_from_x0(x, step, self.x0_from_output(prediction, x, step))

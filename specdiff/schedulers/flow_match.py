@@ -207,7 +207,7 @@ class FlowMatchEulerAdapter(_FlowAdapter):
         self.std = sigma_next.clone()
 
     def transition_from_x0(self, x: Tensor, step: Tensor, x0: Tensor) -> tuple[Tensor, Tensor]:
-        return self.rows(self.coef_x0, step, x) * x0, self.std[step.cpu()].to(x.device)
+        return self.rows(self.coef_x0, step, x) * x0, self.at(self.std, step, x)
 
 
 @register_adapter("LTXEulerAncestralRFScheduler")
@@ -251,7 +251,7 @@ class LTXEulerAncestralAdapter(_FlowAdapter):
         ratio = self.rows(self.ratio, step, x)
         mean = ratio * x.to(torch.float32) + (1.0 - ratio) * x0
         # The last step is x0 itself (ratio 0, coef 1); multiplying by 1 keeps it exact.
-        return self.rows(self.coef, step, x) * mean, self.std[step.cpu()].to(x.device)
+        return self.rows(self.coef, step, x) * mean, self.at(self.std, step, x)
 
 
 @register_adapter("FlowMatchSDEScheduler")
@@ -283,7 +283,7 @@ class FlowMatchSDEAdapter(_FlowAdapter):
         eps_hat = sample + (1 - sigma) * v
         # Rows at the last step have c_eps = 0: subtracting 0 * eps_hat leaves the Euler step exact.
         mean = mean - self.rows(self.c_eps, step, x) * eps_hat
-        return mean, self.std[step.cpu()].to(x.device)
+        return mean, self.at(self.std, step, x)
 
     def transition_from_x0(self, x: Tensor, step: Tensor, x0: Tensor) -> tuple[Tensor, Tensor]:
         v = (x.to(torch.float32) - x0) / self.rows(self.sigmas, step, x)
