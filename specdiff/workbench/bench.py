@@ -475,6 +475,7 @@ def _report_digits(d: dict) -> list[str]:
                      f"| {r['max_rows_per_call']} | {acc} | {r['wall_clock_s']:.2f} ({r['wall_clock_min_s']:.2f}-"
                      f"{r['wall_clock_max_s']:.2f}) | {r['call_speedup']:.2f}x | {r['wall_clock_speedup']:.2f}x |"
                      + (f" {r['cpu_speedup']:.2f}x |" if one else ""))
+    lines += [""] + _report_positions(d["latency_batch1"])
     q = d["quality"]
     lines += ["", f"Quality over {q['samples']} images per sampler (image i: seed 10000 + i for every sampler; "
               "two-sample test in classifier features against the plain sampler, family-wise alpha = 0.001):", "",
@@ -485,6 +486,24 @@ def _report_digits(d: dict) -> list[str]:
         lines.append(f"| {r['sampler']} | {r['window']} | {r['fd_vs_test']:.2f} | {r['confident_fraction_0.9']:.1%} "
                      f"| {p} | {r.get('same_law', '')} |")
     return lines + [""]
+
+
+def _report_positions(latency: list[dict], positions: int = 8) -> list[str]:
+    """Acceptance by window position (0 = the round's first drafted step) per drafter, over the repeats."""
+    totals = {}
+    for r in latency:
+        if "proposed_by_position" in r:
+            acc, prop = totals.setdefault((r["sampler"], r["window"]), ([0] * positions, [0] * positions))
+            for j, (a, p) in enumerate(zip(r["accepted_by_position"][:positions], r["proposed_by_position"][:positions])):
+                acc[j], prop[j] = acc[j] + a, prop[j] + p
+    lines = ["Acceptance by window position (position 0 follows a rejection unless the previous round was fully "
+             "accepted), over the timed runs:", "",
+             "| sampler | window | " + " | ".join(f"j={j}" for j in range(positions)) + " |",
+             "|" + " --- |" * (positions + 2)]
+    for (sampler, window), (acc, prop) in totals.items():
+        cells = [f"{a / p:.3f}" if p else "" for a, p in zip(acc, prop)]
+        lines.append(f"| {sampler} | {window} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _report_churn(d: dict) -> list[str]:
@@ -526,7 +545,8 @@ def _report_discrete_latency(d: dict) -> list[str]:
 
 
 def _report_overhead(d: dict) -> list[str]:
-    lines = [f"Loop overhead, bundled digits DDPM, {d['num_steps']} steps, batch {d['batch_size']}, under cProfile "
+    lines = [f"Loop overhead, bundled digits DDPM, {d['num_steps']} steps, batch {d['batch_size']}, 1 thread: median "
+             f"of {d.get('repeats', 1)} interleaved unprofiled runs; hot spots from one more run under cProfile "
              f"(`{d['command']}`):", "",
              "| drafter | window | wall-clock s | in UNet forwards s | outside the network | top own-time hot spots |",
              "|" + " --- |" * 6]
