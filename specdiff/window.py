@@ -24,6 +24,9 @@ verified, is fitted to the run's rounds (1 before any). So for ``B`` live sample
 
     rate(L) = B * E[C | L] / (t(f * B * (L + 1 - pi)) + c + h * L),
 
+and the policy takes the largest ``L`` whose rate is within ``tolerance`` (3%) of the best (the
+rate is flat near its maximum, and a larger window makes fewer sequential calls) and at least
+the rate of ``L = 1``,
 where ``t(b)`` is the measured latency of one target call on ``b`` rows and ``c + h L`` the
 time of a round outside the target call (drafting, coupling, bookkeeping), fitted to the
 run's rounds (every eighth round tries half or twice the best window so that the fit sees
@@ -224,15 +227,21 @@ class AutoWindow:
         latency: a known curve (``{rows: seconds}``); skips the measurement.
         cache: keep measured curves in a JSON file under ``$SPECDIFF_CACHE_DIR`` (default
             ``~/.cache/specdiff``); memory-only when False or when the folder is not writable.
+        tolerance: take the largest window whose expected rate is within this fraction of the
+            best. The rate is flat near its maximum, flatter than the noise of a measured
+            latency curve, and a larger window makes fewer sequential calls; 0 = the argmax.
     """
 
     def __init__(self, max_window: int = 32, *, prior_acceptance: float = 0.9, prior_weight: float = 4.0,
-                 memory: float = 0.95, latency: dict[int, float] | None = None, cache: bool = True):
+                 memory: float = 0.95, latency: dict[int, float] | None = None, cache: bool = True,
+                 tolerance: float = 0.03):
         if not isinstance(max_window, int) or isinstance(max_window, bool) or max_window < 1:
             raise ValueError(f"max_window must be a positive integer; got {max_window!r}")
         if not 0 < prior_acceptance < 1:
             raise ValueError(f"prior_acceptance must be in (0, 1); got {prior_acceptance!r}")
-        self.max_window = max_window
+        if not 0 <= tolerance < 1:
+            raise ValueError(f"tolerance must be in [0, 1); got {tolerance!r}")
+        self.max_window, self.tolerance = max_window, tolerance
         self.prior_acceptance, self.prior_weight, self.memory = prior_acceptance, prior_weight, memory
         self.latency = LatencyCurve(latency)
         self.measured = latency is not None
@@ -384,7 +393,8 @@ class AutoWindow:
 
     def best_window(self, live: int) -> int:
         rates = self.rates(live)
-        return 1 + max(range(len(rates)), key=rates.__getitem__)
+        good = max((1 - self.tolerance) * max(rates), rates[0])  # and never slower than the plain sampler
+        return 1 + max(w for w, rate in enumerate(rates) if rate >= good)
 
     def describe(self) -> str:
         """Which windows were chosen and why (for the CLI)."""

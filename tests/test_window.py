@@ -65,12 +65,27 @@ def test_window_is_the_argmax_of_the_expected_rate_and_falls_with_acceptance():
     curve = {1: 1.0, 2: 1.6, 4: 2.0, 8: 2.9, 17: 5.3, 33: 8.8}  # the bundled UNet on a CPU (issue 10)
     chosen = []
     for alpha in (0.6, 0.9, 0.96, 0.995):
-        policy = AutoWindow(max_window=32, latency=curve, prior_weight=1e-9)
+        policy = AutoWindow(max_window=32, latency=curve, prior_weight=1e-9, tolerance=0)
         window = policy.choose(stats_with([alpha] * 32, proposed=10**6), live=1)
         rates = [policy.expected_rate(w, 1) for w in range(1, 33)]
         assert rates[window - 1] == max(rates)
         chosen.append(window)
     assert chosen == sorted(chosen) and chosen[0] < chosen[-1]
+
+
+def test_the_largest_window_within_the_tolerance_of_the_best_rate_is_taken():
+    curve = {1: 1.0, 2: 1.3, 3: 1.4, 5: 1.6, 9: 2.0, 17: 3.3, 33: 6.5}  # the bundled UNet, 2 CPU threads
+    for alpha in (0.9, 0.95, 0.97):
+        stats = stats_with([alpha] * 32, proposed=10**6)
+        exact = AutoWindow(max_window=32, latency=curve, prior_weight=1e-9, tolerance=0)
+        tolerant = AutoWindow(max_window=32, latency=curve, prior_weight=1e-9, tolerance=0.03)
+        best, window = exact.choose(stats, live=1), tolerant.choose(stats, live=1)
+        rates = [tolerant.expected_rate(w, 1) for w in range(1, 33)]
+        assert window >= best and rates[window - 1] >= 0.97 * max(rates)
+        assert all(rate < 0.97 * max(rates) for rate in rates[window:])
+    assert window > best  # at 0.97 the rate is flat: a longer window, fewer sequential calls
+    with pytest.raises(ValueError, match="tolerance"):
+        AutoWindow(tolerance=1.5)
 
 
 def test_overhead_per_drafted_step_shortens_the_window():
