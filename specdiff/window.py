@@ -92,19 +92,22 @@ def resolve_window(window, chain=None, x_init: Tensor | None = None) -> int | Wi
 
 class LatencyCurve:
     """Seconds of one target call as a function of its rows: piecewise linear through the
-    measured points (made non-decreasing), linear beyond the largest."""
+    measured points (made non-decreasing by pooling adjacent violators), linear beyond the largest."""
 
     def __init__(self, points: dict[int, float] | None = None):
         self.points = {int(b): float(t) for b, t in (points or {}).items()}
         self._sorted = None
 
     def _table(self):
-        if self._sorted is None:
-            bs, ts, peak = sorted(self.points), [], 0.0
+        if self._sorted is None:  # the closest non-decreasing curve (pool adjacent violators): a noisy
+            bs, blocks = sorted(self.points), []  # point is averaged with its neighbours, not carried on
             for b in bs:
-                peak = max(peak, self.points[b])
-                ts.append(peak)
-            self._sorted = (bs, ts)
+                blocks.append([self.points[b], 1])
+                while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+                    total, count = blocks.pop()
+                    blocks[-1][0] += total
+                    blocks[-1][1] += count
+            self._sorted = (bs, [total / count for total, count in blocks for _ in range(count)])
         return self._sorted
 
     def __call__(self, rows: float) -> float:

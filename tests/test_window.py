@@ -109,10 +109,13 @@ def test_acceptance_is_estimated_from_the_runs_counts_with_forgetting():
 
 
 def test_latency_curve_interpolates_and_stays_non_decreasing():
-    curve = LatencyCurve({1: 1.0, 3: 3.0, 5: 2.0})
-    assert curve(2) == pytest.approx(2.0)
-    assert curve(4) == pytest.approx(3.0)  # the dip at 5 is noise: cost never falls with rows
-    assert curve(0.5) == 1.0 and curve(7) >= 3.0
+    curve = LatencyCurve({1: 1.0, 3: 3.0, 5: 2.0})  # the dip at 5 is noise: cost never falls with rows
+    assert curve(3) == pytest.approx(2.5) and curve(5) == pytest.approx(2.5)  # pooled: their mean
+    assert curve(2) == pytest.approx(1.75) and curve(0.5) == 1.0 and curve(7) >= 2.5
+    spike = LatencyCurve({1: 1.0, 9: 5.0, 17: 3.0, 33: 6.0})  # one slow call at 9 rows
+    assert spike(17) == pytest.approx(4.0)  # averaged with its neighbour, not carried up to 17 rows
+    grid = [spike(b / 4) for b in range(1, 200)]
+    assert all(a <= b for a, b in zip(grid, grid[1:]))
 
 
 def test_resolve_window_accepts_ints_auto_and_policies_and_names_the_fix():
