@@ -20,7 +20,8 @@ exact is the stationary ``pi = p_n / (1 - p_f + p_n)`` of that two-state chain
 root). A round verifies at most ``L + 1 - pi`` rows per live sample, fewer when the driver
 skips states whose prediction it already has (a time-free masked-diffusion chain verifies
 only the drafted states that changed); ``f``, the observed share of those rows actually
-verified, is fitted to the run's rounds (1 before any). So for ``B`` live samples
+verified, is fitted to the run's rounds (1 before any, and 1 on a time-conditioned chain, where
+only the windows clamped at the last steps verify fewer rows). So for ``B`` live samples
 
     rate(L) = B * E[C | L] / (t(f * B * (L + 1 - pi)) + c + h * L),
 
@@ -258,12 +259,15 @@ class AutoWindow:
         self._prop = [0.0] * max_window
         self._round: tuple | None = None  # (start, window, target seconds, rows so far, nominal rows)
         self._rows = [0.0, 0.0]  # decayed sums of the rounds' verified rows and nominal rows B (L + 1 - pi)
-        self._nominal: list[float] = []  # L + 1 - pi for L = 1..max_window, from the last rates()
+        self.skips_repeats = True  # rows may be skipped (a time-free chain); bind() says False for a timed one
         self._last_rows, self._live = 0, 0
 
     # -- binding and measurement ---------------------------------------------------------
     def bind(self, chain, x_init: Tensor) -> None:
         """Measure ``t(b)`` for this model/device/dtype/shape unless known or cached."""
+        # Only a time-free chain verifies fewer rows than drafted (unchanged states); on a timed one,
+        # fewer rows happen at the last steps only (windows clamped there), which must not shrink f.
+        self.skips_repeats = not getattr(chain, "time_conditioned", True)
         if self.measured:
             return
         key, stable = latency_key(chain, x_init)
@@ -323,18 +327,22 @@ class AutoWindow:
         self._update_overhead(now)
         self._update_acceptance(stats)
         self._live = live
-        window = self.best_window(live)
+        rates, nominal = self._rates(live, self.acceptance())
+        window = self._best(rates)
         if stats.rounds % 8 == 7:  # now and then try a neighbour, so the overhead fit sees more than one window
             half, double = max(window // 2, 1), min(2 * window, self.max_window)
             window = double if (stats.rounds // 8) % 2 or half == window else half
         self.chosen[window] += 1
-        self._round = (now, window, 0.0, 0, live * self._nominal[window - 1])
+        self._round = (now, window, 0.0, 0, live * nominal[window - 1])
         return window
 
     def row_fraction(self) -> float:
-        """``f``: the share of the nominal ``L + 1 - pi`` rows per sample that rounds verified (1 before any)."""
+        """``f``: the share of the nominal ``L + 1 - pi`` rows per sample that rounds verified (1 before
+        any, and always 1 on a time-conditioned chain)."""
         verified, nominal = self._rows
-        return 1.0 if nominal <= 0 else min(max(verified / nominal, 1.0 / (self.max_window + 1)), 1.0)
+        if nominal <= 0 or not self.skips_repeats:
+            return 1.0
+        return min(max(verified / nominal, 1.0 / (self.max_window + 1)), 1.0)
 
     def _update_overhead(self, now: float) -> None:
         """Fit ``outside(L) = c + h L`` to the rounds so far (decayed least squares, a tiny
@@ -376,8 +384,11 @@ class AutoWindow:
 
     def rates(self, live: int, accept: list[float] | None = None) -> list[float]:
         """``rate(L)`` of the module docstring for L = 1..max_window: expected committed steps per second."""
-        a = self.acceptance() if accept is None else accept
-        out, self._nominal, share = [], [], self.row_fraction()
+        return self._rates(live, self.acceptance() if accept is None else accept)[0]
+
+    def _rates(self, live: int, a: list[float]) -> tuple[list[float], list[float]]:
+        """``rate(L)`` and the nominal rows per sample ``L + 1 - pi``, for L = 1..max_window."""
+        out, nominal, share = [], [], self.row_fraction()
         latency, per_round, per_step = self.latency, self.per_round, self.per_step  # runs every round
         drafted, exact, p_n, p_f = 0.0, 0.0, 1.0, 1.0  # E[C] and P(whole window) from a drafted / exact root
         for window in range(1, self.max_window + 1):
@@ -386,16 +397,18 @@ class AutoWindow:
             p_n, p_f = p_n * a[j], p_f * (1.0 if j == 0 else a[j])
             pi = p_n / (1 - p_f + p_n) if (1 - p_f + p_n) > 0 else 1.0
             committed = pi * exact + (1 - pi) * drafted
-            self._nominal.append(window + 1 - pi)
+            nominal.append(window + 1 - pi)
             seconds = latency(share * live * (window + 1 - pi)) + per_round + per_step * window
             out.append(live * committed / max(seconds, 1e-12))
-        return out
+        return out, nominal
 
     def expected_rate(self, window: int, live: int, accept: list[float] | None = None) -> float:
         return self.rates(live, accept)[window - 1]
 
     def best_window(self, live: int) -> int:
-        rates = self.rates(live)
+        return self._best(self.rates(live))
+
+    def _best(self, rates: list[float]) -> int:
         good = max((1 - self.tolerance) * max(rates), rates[0])  # and never slower than the plain sampler
         return 1 + max(w for w, rate in enumerate(rates) if rate >= good)
 

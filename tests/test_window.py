@@ -260,3 +260,18 @@ def test_rounds_that_verify_fewer_rows_than_drafted_lengthen_the_window():
     assert 0.1 < learned.row_fraction() < 0.4
     assert learned.best_window(1) > naive.best_window(1)
     assert "verified rows" in learned.describe()
+
+
+def test_a_time_conditioned_chain_keeps_the_full_row_count():
+    """On a timed chain fewer rows than drafted come only from windows clamped at the last steps:
+    the policy must not learn a smaller row share from them (that would price long windows too low)."""
+    curve = {1: 1.0, 2: 1.6, 4: 3.0, 8: 6.0, 17: 12.5, 33: 24.0}
+    stats = stats_with([0.97] * 32)
+    timed = AutoWindow(max_window=32, latency=curve)
+    timed.bind(GaussianMixtureDDPM(torch.tensor([[-1.0, 0.0], [1.0, 0.0]]), num_steps=20), torch.zeros(1, 2))
+    first = timed.choose(stats, live=1)
+    for _ in range(20):
+        timed.observe(1, LatencyCurve(curve)(1))  # as if every window had been clamped to one step
+        timed.choose(stats, live=1)
+    assert not timed.skips_repeats and timed.row_fraction() == 1.0
+    assert timed.best_window(1) == first
