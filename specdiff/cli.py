@@ -532,8 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "DDPM")
     gen.add_argument("--num-images", type=_positive(int), metavar="N", default=16, help="how many images")
     gen.add_argument("--batch-size", type=_positive(int), metavar="N", default=16,
-                     help="images sampled together; an image depends only on its seed and batch, never on the "
-                          "number of processes")
+                     help="images sampled together; with an integer --window an image depends only on its seed "
+                          "and batch, never on the number of processes")
     gen.add_argument("--steps", type=_positive(int), metavar="N", default=1000, help="denoising steps per image")
     gen.add_argument("--window", type=_window, metavar="L", default="auto",
                      help="steps guessed ahead per network call: an integer (1 = plain sampler), or auto (chosen "

@@ -110,7 +110,8 @@ def speculative_sample(
         callback: called after every round with ``{"round", "x", "step", "stats"}``.
     """
     kernel = _check_chain(chain, x_init)
-    policy, drafter = _window_policy(window, chain, x_init), as_drafter(drafter)
+    drafter = as_drafter(drafter)
+    policy = _window_policy(window, chain, x_init, drafter)
     started, batch, num_steps, device = time.perf_counter(), x_init.shape[0], chain.num_steps, x_init.device
     stats = SpeculativeStats(num_steps=num_steps, batch_size=batch, window=policy.max_window)
     noise = NoiseStreams(generator, x_init, kernel.noise)
@@ -220,11 +221,11 @@ class _Fixed:
     observe = None
 
 
-def _window_policy(window, chain, x_init: Tensor):
+def _window_policy(window, chain, x_init: Tensor, drafter: Drafter):
     if isinstance(window, str) or hasattr(window, "choose"):
         from .window import resolve_window
 
-        window = resolve_window(window, chain, x_init)
+        window = resolve_window(window, chain, x_init, drafter)
     return window if hasattr(window, "choose") else _Fixed(window)
 
 

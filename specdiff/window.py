@@ -29,19 +29,21 @@ and the policy takes the largest ``L`` whose rate is within ``tolerance`` (3%) o
 rate is flat near its maximum, and a larger window makes fewer sequential calls) and at least
 the rate of ``L = 1``,
 where ``t(b)`` is the measured latency of one target call on ``b`` rows and ``c + h L`` the
-time of a round outside the target call (drafting, coupling, bookkeeping), fitted to the
-run's rounds (every eighth round tries half or twice the best window so that the fit sees
-more than one window).
-``t`` is measured once per model, device, dtype and row shape (a few synchronised calls,
-cached in memory and in a small JSON file under the user's cache directory) and refined
-by the driver's timings; ``a_j`` is estimated online from the run's own accept/reject
-counts with exponential forgetting and shrinkage towards a prior.
+time of a round outside the target call (drafting, coupling, bookkeeping), measured by a short
+dry run of the sampler with a free target.
+``t``, ``c`` and ``h`` are measured once per model, device, dtype and row shape (and drafter,
+for ``c, h``), cached in memory and in a small JSON file under the user's cache directory, and
+never changed during a run; ``a_j`` and ``f`` are estimated from the run's own accept/reject
+and row counts (exponential forgetting, shrinkage towards a prior). So the windows, hence the
+samples, are a function of the seeds, the batch and that cached calibration: the same seed
+gives the same images run after run on a machine (timings never steer a run).
 """
 
 from __future__ import annotations
 
 import bisect
 import json
+import math
 import os
 import time
 from collections import Counter
@@ -68,8 +70,9 @@ class WindowPolicy(Protocol):
         """Called after every target call with its rows and wall-clock (not synchronised)."""
 
 
-def resolve_window(window, chain=None, x_init: Tensor | None = None) -> int | WindowPolicy:
-    """An int (checked), or a policy bound to ``chain``/``x_init``: ``"auto"`` -> :class:`AutoWindow`."""
+def resolve_window(window, chain=None, x_init: Tensor | None = None, drafter=None) -> int | WindowPolicy:
+    """An int (checked), or a policy bound to ``chain``/``x_init`` (and the run's ``drafter``):
+    ``"auto"`` -> :class:`AutoWindow`."""
     if isinstance(window, str):
         if window != "auto":
             raise ValueError(f"window must be a positive integer, 'auto' or a WindowPolicy; got {window!r}")
@@ -78,7 +81,7 @@ def resolve_window(window, chain=None, x_init: Tensor | None = None) -> int | Wi
         if not isinstance(window.max_window, int) or window.max_window < 1:
             raise ValueError(f"{type(window).__name__}.max_window must be a positive integer; got {window.max_window!r}")
         if hasattr(window, "bind") and chain is not None and x_init is not None:
-            window.bind(chain, x_init)
+            window.bind(chain, x_init, drafter)
         return window
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
         raise ValueError(
@@ -125,11 +128,6 @@ class LatencyCurve:
             return ts[0] * rows / bs[0]
         slope = max((ts[-1] - ts[-2]) / (bs[-1] - bs[-2]), 0.0)
         return ts[-1] + slope * (rows - bs[-1])
-
-    def update(self, rows: int, seconds: float, weight: float = 0.2) -> None:
-        old = self.points.get(rows)
-        self.points[rows] = seconds if old is None else (1 - weight) * old + weight * seconds
-        self._sorted = None
 
 
 def _cache_dir() -> Path:
@@ -215,6 +213,51 @@ def measure_latency(chain, x_init: Tensor, sizes: list[int], repeats: int = 3) -
     return {b: sorted(t)[len(t) // 2] for b, t in times.items()}
 
 
+def measure_outside(chain, x_init: Tensor, drafter=None, windows: tuple[int, int] = (2, 8), steps: int = 48,
+                    repeats: int = 2) -> tuple[float, float]:
+    """``(c, h)``: seconds a round spends outside the target call, per round and per drafted step.
+
+    A dry run of the sampler on the first ``steps`` steps of ``chain`` whose target is free (its
+    prediction at ``x_init``, repeated), at two windows, fastest of ``repeats``: what is left is
+    drafting, the coupling and the driver's bookkeeping. Its randomness is its own (seed 0); the
+    caller's generators are not touched."""
+    from .sampler import predict, speculative_sample  # late: the sampler imports this module
+
+    with torch.no_grad():
+        first = predict(chain, x_init, torch.zeros(x_init.shape[0], dtype=torch.long, device=x_init.device),
+                        torch.arange(x_init.shape[0]))
+    dry = _FreeTarget(chain, first[:1], min(steps, chain.num_steps))
+    per_round = []
+    for window in windows:
+        window = min(window, dry.num_steps)
+        best = math.inf
+        for _ in range(repeats):
+            started = time.perf_counter()
+            out = speculative_sample(dry, x_init, window=window, drafter=drafter,
+                                     generator=torch.Generator(x_init.device).manual_seed(0), max_rows=None)
+            best = min(best, (time.perf_counter() - started) / max(out.stats.rounds, 1))
+        per_round.append((window, best))
+    (l1, t1), (l2, t2) = per_round
+    h = max((t2 - t1) / (l2 - l1), 0.0) if l2 != l1 else 0.0
+    return max(t1 - h * l1, 0.0), h
+
+
+class _FreeTarget:
+    """``chain`` cut to its first ``steps`` steps, with a target that costs nothing (one stored
+    prediction, repeated): what a round costs besides the network (:func:`measure_outside`)."""
+
+    uses_sample_index = False
+
+    def __init__(self, chain, prediction: Tensor, steps: int):
+        self.chain, self.prediction, self.num_steps = chain, prediction, steps
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["chain"], name)
+
+    def predict(self, x: Tensor, step: Tensor) -> Tensor:
+        return self.prediction.expand(x.shape[0], *self.prediction.shape[1:])
+
+
 # ----------------------------------------------------------------------------------------
 # The policy
 
@@ -229,6 +272,8 @@ class AutoWindow:
         memory: per-round decay of the acceptance counts (older rounds count less, since
             acceptance drifts along a trajectory).
         latency: a known curve (``{rows: seconds}``); skips the measurement.
+        outside: known ``(c, h)``, seconds of a round outside the target call per round and per
+            drafted step; skips the dry run that measures them.
         cache: keep measured curves in a JSON file under ``$SPECDIFF_CACHE_DIR`` (default
             ``~/.cache/specdiff``); memory-only when False or when the folder is not writable.
         tolerance: take the largest window whose expected rate is within this fraction of the
@@ -237,8 +282,8 @@ class AutoWindow:
     """
 
     def __init__(self, max_window: int = 32, *, prior_acceptance: float = 0.9, prior_weight: float = 4.0,
-                 memory: float = 0.95, latency: dict[int, float] | None = None, cache: bool = True,
-                 tolerance: float = 0.03):
+                 memory: float = 0.95, latency: dict[int, float] | None = None,
+                 outside: tuple[float, float] | None = None, cache: bool = True, tolerance: float = 0.03):
         if not isinstance(max_window, int) or isinstance(max_window, bool) or max_window < 1:
             raise ValueError(f"max_window must be a positive integer; got {max_window!r}")
         if not 0 < prior_acceptance < 1:
@@ -251,26 +296,31 @@ class AutoWindow:
         self.measured = latency is not None
         self.cache = cache
         self.source = "given" if latency is not None else "none"
-        self.per_round, self.per_step = 0.0, 0.0  # c, h: seconds outside the target call per round / drafted step
-        self._overhead = [0.0] * 5  # decayed sums 1, L, L², o, L·o of the rounds' (window, outside time)
+        self.per_round, self.per_step = outside if outside is not None else (0.0, 0.0)  # c, h (seconds)
+        self.outside_known = outside is not None
         self.chosen: Counter[int] = Counter()
         self._seen = (0, [0] * max_window, [0] * max_window)
         self._acc = [0.0] * max_window
         self._prop = [0.0] * max_window
-        self._round: tuple | None = None  # (start, window, target seconds, rows so far, nominal rows)
+        self._round: tuple | None = None  # (rows verified so far, nominal rows) of the running round
         self._rows = [0.0, 0.0]  # decayed sums of the rounds' verified rows and nominal rows B (L + 1 - pi)
         self.skips_repeats = True  # rows may be skipped (a time-free chain); bind() says False for a timed one
-        self._last_rows, self._live = 0, 0
+        self._live = 0
 
     # -- binding and measurement ---------------------------------------------------------
-    def bind(self, chain, x_init: Tensor) -> None:
-        """Measure ``t(b)`` for this model/device/dtype/shape unless known or cached."""
+    def bind(self, chain, x_init: Tensor, drafter=None) -> None:
+        """Measure ``t(b)`` and ``(c, h)`` for this model/device/dtype/shape (and drafter) unless known or cached."""
         # Only a time-free chain verifies fewer rows than drafted (unchanged states); on a timed one,
         # fewer rows happen at the last steps only (windows clamped there), which must not shrink f.
         self.skips_repeats = not getattr(chain, "time_conditioned", True)
+        key, stable = latency_key(chain, x_init)
+        if not self.outside_known:
+            from .drafters import as_drafter
+
+            drafter = as_drafter(drafter)
+            self._bind_outside(chain, x_init, drafter, f"{key}|outside|{type(drafter).__name__}", stable)
         if self.measured:
             return
-        key, stable = latency_key(chain, x_init)
         batch = x_init.shape[0]
         sizes = sorted({batch * k for k in (1, 2, 3, 5, 9, 17, 33, 65) if k <= self.max_window + 1}
                        | {batch * (self.max_window + 1)})
@@ -291,6 +341,17 @@ class AutoWindow:
         _MEMORY_CACHE[key] = known
         self.latency = LatencyCurve({b: known[b] for b in sizes})
         self.measured = True
+
+    def _bind_outside(self, chain, x_init: Tensor, drafter, key: str, stable: bool) -> None:
+        known = _MEMORY_CACHE.get(key) or (self._read_disk(key) if stable and self.cache else {})
+        if set(known) != {0, 1}:
+            c, h = measure_outside(chain, x_init, drafter)
+            known = {0: c, 1: h}
+            if stable and self.cache:
+                self._write_disk(key, known)
+        _MEMORY_CACHE[key] = known
+        self.per_round, self.per_step = known[0], known[1]
+        self.outside_known = True
 
     @staticmethod
     def _read_disk(key: str) -> dict[int, float]:
@@ -315,25 +376,21 @@ class AutoWindow:
 
     # -- the policy ----------------------------------------------------------------------
     def observe(self, rows: int, seconds: float) -> None:
+        """Counts the rows of the running round; the timing is not used (it would make the windows,
+        hence the samples, depend on the machine's load during the run)."""
         if self._round is not None:
-            start, window, spent, verified, nominal = self._round
-            self._round = (start, window, spent + seconds, verified + rows, nominal)
-        self._last_rows = rows
-        if not torch.cuda.is_available() or not self.measured:
-            self.latency.update(rows, seconds)  # CPU timings are real; asynchronous GPU ones are not
+            self._round = (self._round[0] + rows, self._round[1])
 
     def choose(self, stats: SpeculativeStats, live: int) -> int:
-        now = time.perf_counter()
-        self._update_overhead(now)
+        if self._round is not None:  # fold the last round's rows into the share f
+            verified, nominal = self._round
+            self._rows = [self.memory * self._rows[0] + verified, self.memory * self._rows[1] + nominal]
         self._update_acceptance(stats)
         self._live = live
         rates, nominal = self._rates(live, self.acceptance())
         window = self._best(rates)
-        if stats.rounds % 8 == 7:  # now and then try a neighbour, so the overhead fit sees more than one window
-            half, double = max(window // 2, 1), min(2 * window, self.max_window)
-            window = double if (stats.rounds // 8) % 2 or half == window else half
         self.chosen[window] += 1
-        self._round = (now, window, 0.0, 0, live * nominal[window - 1])
+        self._round = (0, live * nominal[window - 1])
         return window
 
     def row_fraction(self) -> float:
@@ -343,29 +400,6 @@ class AutoWindow:
         if nominal <= 0 or not self.skips_repeats:
             return 1.0
         return min(max(verified / nominal, 1.0 / (self.max_window + 1)), 1.0)
-
-    def _update_overhead(self, now: float) -> None:
-        """Fit ``outside(L) = c + h L`` to the rounds so far (decayed least squares, a tiny
-        ridge so that rounds of a single window split the time between the two)."""
-        if self._round is None:
-            return
-        start, window, spent, verified, nominal = self._round
-        self._rows = [self.memory * self._rows[0] + verified, self.memory * self._rows[1] + nominal]
-        outside = max(now - start - spent, 0.0)
-        sums = [self.memory * v for v in self._overhead]
-        for i, v in enumerate((1.0, window, window * window, outside, window * outside)):
-            sums[i] += v
-        self._overhead = sums
-        n, sl, sll, so, slo = sums
-        ridge = 1e-2 * n
-        det = (n + ridge) * (sll + ridge) - sl * sl
-        c = ((sll + ridge) * so - sl * slo) / det
-        h = ((n + ridge) * slo - sl * so) / det
-        if c < 0:
-            c, h = 0.0, slo / (sll + ridge)
-        elif h < 0:
-            c, h = so / (n + ridge), 0.0
-        self.per_round, self.per_step = c, h
 
     def _update_acceptance(self, stats: SpeculativeStats) -> None:
         acc = list(stats.accepted_by_position)[: self.max_window]
@@ -426,7 +460,7 @@ class AutoWindow:
                 f"latency t(B)={t1 * 1e3:.1f} ms for B={b} live rows and t(kB)/t(B): {curve} ({self.source}), "
                 f"verified rows {self.row_fraction():.0%} of L + 1 per sample, "
                 f"outside the network {self.per_round * 1e3:.2f} ms per round + {self.per_step * 1e3:.2f} ms per "
-                f"drafted step")
+                f"drafted step (dry run)")
 
     def __repr__(self) -> str:
         return f"AutoWindow(max_window={self.max_window})"

@@ -11,6 +11,26 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_latency_cache(tmp_path_factory):
+    """The automatic window's calibration (latency curve, dry-run overhead) goes to a folder of the
+    test session, never the user's ``~/.cache/specdiff`` (test timings would steer their runs)."""
+    import os
+
+    import specdiff.window as window
+
+    saved, memory = os.environ.get("SPECDIFF_CACHE_DIR"), dict(window._MEMORY_CACHE)
+    os.environ["SPECDIFF_CACHE_DIR"] = str(tmp_path_factory.mktemp("specdiff-cache"))
+    window._MEMORY_CACHE.clear()
+    yield
+    if saved is None:
+        os.environ.pop("SPECDIFF_CACHE_DIR", None)
+    else:
+        os.environ["SPECDIFF_CACHE_DIR"] = saved
+    window._MEMORY_CACHE.clear()
+    window._MEMORY_CACHE.update(memory)
+
+
 @pytest.fixture(scope="module")
 def mixture_reference():
     """(chain, x_init, plain samples): 1500 draws of a 100-step 2-d mixture DDPM, for two-sample law tests."""

@@ -170,7 +170,7 @@ def test_windows_chosen_from_the_past_keep_the_baseline_law(mixture_reference, p
     whole windows), and the output law is still the plain sampler's."""
     chain, x, reference = mixture_reference
     if policy == "auto":
-        window = AutoWindow(max_window=16, latency=flat())
+        window = AutoWindow(max_window=16, latency=flat(), outside=(1e-3, 1e-4))
     else:
         last = {"accepted": 0, "proposed": 0}
 
@@ -195,7 +195,7 @@ def test_auto_window_measures_latency_once_and_reuses_the_disk_cache(tmp_path, m
     out = speculative_sample(chain, x, window=first, generator=torch.Generator().manual_seed(1))
     assert first.source == "measured" and out.stats.window == 8
     saved = json.loads((tmp_path / "cache" / "latency.json").read_text())
-    (key, curve), = saved.items()
+    (key, curve), = ((k, v) for k, v in saved.items() if "|outside|" not in k)  # besides the dry run's (c, h)
     assert key.startswith("analytic-mixture-test|cpu|torch.float64|2|") and {"2", "18"} <= set(curve)
 
     # A new process: the curve comes from disk after a two-point check (here made deterministic).
@@ -275,3 +275,39 @@ def test_a_time_conditioned_chain_keeps_the_full_row_count():
         timed.choose(stats, live=1)
     assert not timed.skips_repeats and timed.row_fraction() == 1.0
     assert timed.best_window(1) == first
+
+
+def test_the_automatic_window_gives_the_same_samples_run_after_run(monkeypatch):
+    """The windows come from the seeds, the batch and the cached calibration only: timings taken
+    during a run (here made random) never steer it, so a seed gives the same samples every time."""
+    import random
+
+    chain = GaussianMixtureDDPM.random(dim=2, num_steps=120)
+    chain.latency_key = "reproducible-test"
+    x = chain.sample_prior(3, torch.Generator().manual_seed(0))
+    first = speculative_sample(chain, x, window="auto", drafter="picard", generator=torch.Generator().manual_seed(5))
+    assert first.stats.accepted < first.stats.proposed and len(set(first.stats.chosen_windows)) > 1
+    jitter = random.Random(0)
+    clock = window_module.time.perf_counter
+    monkeypatch.setattr(window_module.time, "perf_counter", lambda: clock() + jitter.random())
+    for _ in range(2):
+        again = speculative_sample(chain, x, window="auto", drafter="picard", generator=torch.Generator().manual_seed(5))
+        assert torch.equal(again.sample, first.sample) and again.stats.chosen_windows == first.stats.chosen_windows
+
+
+def test_the_outside_cost_is_measured_once_by_a_dry_run_and_cached(tmp_path):
+    chain = GaussianMixtureDDPM.random(dim=2, num_steps=60)
+    chain.latency_key = "outside-test"
+    x = chain.sample_prior(1, torch.Generator().manual_seed(0))
+    policy = AutoWindow(max_window=8, latency=flat())
+    policy.bind(chain, x, "picard")
+    assert policy.per_round > 0 and policy.per_step >= 0
+    saved = json.loads((tmp_path / "cache" / "latency.json").read_text())
+    (key, value), = saved.items()
+    assert key.endswith("|outside|PicardDrafter") and value == {"0": policy.per_round, "1": policy.per_step}
+    again = AutoWindow(max_window=8, latency=flat())
+    again.bind(chain, x, "picard")
+    assert (again.per_round, again.per_step) == (policy.per_round, policy.per_step)
+    given = AutoWindow(max_window=8, latency=flat(), outside=(0.5, 0.25))
+    given.bind(chain, x, "picard")
+    assert (given.per_round, given.per_step) == (0.5, 0.25)
