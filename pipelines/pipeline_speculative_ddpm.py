@@ -159,7 +159,7 @@ class SpeculativeDDPMPipeline(DiffusionPipeline):
             draft_unet = self.draft_unet  # the pipeline's own draft model, if it has one
         if draft_unet is not None:
             return lambda x, t: draft_unet(x, t).sample
-        return drafter  # None (the scheduler's: frozen), "frozen", a model function or a specdiff.Drafter
+        return drafter  # None (the scheduler's default: picard), "frozen", "picard", a model function or a Drafter
 
     @torch.no_grad()
     def __call__(

@@ -141,7 +141,7 @@ class SpeculativeStableDiffusionPipeline(StableDiffusionPipeline):
         Args:
             eta: DDIM's eta for this call (default: the scheduler's; must be > 0).
             window: steps drafted per round (default: the scheduler's); 1 is the plain sampler.
-            drafter: ``"frozen"`` (default) or a draft model function
+            drafter: ``"picard"`` (default), ``"frozen"``, or a draft model function
                 ``drafter(latent_input, timesteps) -> noise_pred`` (guidance already applied).
             draft_unet: a cheaper ``UNet2DConditionModel`` as independent drafter (guided like
                 the target; defaults to the pipeline's ``draft_unet`` component, if any).

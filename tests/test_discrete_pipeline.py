@@ -142,3 +142,16 @@ def test_bundled_digits_model_loads_and_samples_digits():
     )
     assert out.images.shape == (2, 8, 8, 1)
     assert (out.sequences < pipe.scheduler.config.vocab_size).all()
+
+
+def test_the_bench_command_hands_the_discrete_benchmark_a_file_and_its_quick_flag(tmp_path, monkeypatch):
+    """`python -m specdiff.workbench.bench discrete [--quick]` (and `make bench`) must reach a run
+    of bench_discrete that parses its arguments and writes a file, not the results folder."""
+    from specdiff.workbench import bench, bench_discrete
+
+    seen = []
+    monkeypatch.setattr(bench_discrete, "main", lambda argv: seen.append(bench_discrete.parse_args(argv)))
+    assert bench.main(["discrete", "--quick", "--out", str(tmp_path)]) == 0
+    (args,) = seen
+    assert args.quick and args.out == tmp_path / "discrete.json"
+    assert bench_discrete.parse_args([]).model.is_dir()  # the bundled model, wherever the command runs from

@@ -62,3 +62,11 @@ def test_the_readme_lists_exactly_the_supported_schedulers():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     block = readme.split("<!-- schedulers:start -->\n")[1].split("\n<!-- schedulers:end -->")[0]
     assert block == supported_table()
+
+
+def test_the_readme_shows_the_command_that_make_demo_runs():
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    demo = re.search(r"^demo:.*\n\t\$\(BIN\)/(specdiff generate .*)$", makefile, re.M).group(1)
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    shown = re.search(r"^(specdiff generate .*?)\s+# what `make demo` runs$", readme, re.M).group(1)
+    assert shown == demo.strip()

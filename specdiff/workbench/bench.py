@@ -645,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.which in ("discrete", "all"):
         from .bench_discrete import main as discrete_main
 
-        discrete_main(["--out", str(out)] + (["--quick"] if args.quick else []))
+        discrete_main(["--out", str(out / "discrete.json")] + (["--quick"] if args.quick else []))
     print(f"results written under {out}")
     return 0
 

@@ -33,6 +33,7 @@ from ..discrete.chain import MaskedDiffusionChain
 from ..discrete.model import MaskedDiffusionTransformer
 from ..sampler import sample_baseline_discrete, speculative_sample_discrete
 from ..discrete.scheduler import MaskedDiffusionScheduler
+from ..paths import asset
 
 
 def _contingency_p(a: np.ndarray, b: np.ndarray, categories: int) -> float:
@@ -129,7 +130,7 @@ def bench_config(kind, chain, length, args, seed, window=None, drafter=None) -> 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Benchmark discrete speculative sampling on the bundled digits model")
-    p.add_argument("--model", type=Path, default=Path("assets/models/digits-mdm"))
+    p.add_argument("--model", type=Path, default=asset("models", "digits-mdm"))
     p.add_argument(
         "--drafter-model",
         default=None,
@@ -144,13 +145,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=1e-3, help="family-wise level of the two-sample check")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=Path("assets/bench/discrete.json"))
+    p.add_argument("--out", type=Path, default=asset("bench", "discrete.json"))
+    p.add_argument("--quick", action="store_true", help="a smoke run: 64 steps, windows 4 and 8, 32 samples")
     p.add_argument("--plot", type=Path, default=None, help="PNG path (default: --out with .png)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.quick:
+        args.steps, args.windows, args.num_samples, args.batch_size, args.latency_samples = [64], [4, 8], 32, 32, 1
     torch.set_num_threads(args.threads)
     transformer, scheduler = _load(args.model)
     levels, length = scheduler.config.vocab_size, transformer.config.sample_size**2
