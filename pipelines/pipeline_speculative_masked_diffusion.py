@@ -90,7 +90,7 @@ class SpeculativeMaskedDiffusionPipeline(DiffusionPipeline):
         batch_size: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         num_inference_steps: int = 64,
-        window: int | None = 8,
+        window: int | str | None = "auto",
         drafter: Drafter | nn.Module | Callable | str | None = None,
         cache: bool = False,
         output_type: str = "pil",
@@ -103,14 +103,19 @@ class SpeculativeMaskedDiffusionPipeline(DiffusionPipeline):
             generator: a ``torch.Generator`` or a list with one per sample (a sample then does
                 not depend on its batch).
             num_inference_steps: steps of the ancestral grid from t = 1 to t = 0.
-            window: drafted steps per speculative round; ``None`` = the plain loop.
+            window: drafted steps per speculative round, ``"auto"`` (the default: chosen before every
+                round, see the README's Performance section) or ``None`` = the plain loop.
             drafter: ``None``/``"frozen"`` (reuse the last verified prediction, no network),
                 a smaller token model (``nn.Module``), a :class:`~specdiff.Drafter` or a
                 callable ``predict(tokens, step)``.
-            cache: with ``window=None``, skip the network for rows whose tokens did not change.
+            cache: with ``window=None``, skip the network for rows whose tokens did not change (the
+                speculative sampler does this by itself).
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (tokens).
             callback: called with ``{"round", "x", "step", "stats"}`` after every round (or step).
         """
+        if cache and window is not None:
+            raise ValueError("cache=True is an option of the plain loop: pass window=None with it (the speculative "
+                             "sampler already skips the network for unchanged states)")
         device = self._execution_device
         length = self.transformer.config.sample_size**2
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -156,7 +161,7 @@ class SpeculativeMaskedDiffusionPipeline(DiffusionPipeline):
             changed = (x_next != x).flatten(1).any(1)
             x = x_next
             if callback is not None:
-                callback({"round": i + 1, "x": x, "step": torch.full((batch,), i + 1), "stats": stats})
+                callback({"round": i + 1, "x": x.clone(), "step": torch.full((batch,), i + 1), "stats": stats})
         return x, stats
 
 

@@ -77,7 +77,7 @@ class SpeculativeTextDiffusionPipeline(DiffusionPipeline):
         num_samples: int = 1,
         length: int = 128,
         num_inference_steps: int = 128,
-        window: int | None = 16,
+        window: int | str | None = "auto",
         drafter: Drafter | nn.Module | Callable | str | None = None,
         cache: bool = False,
         block_size: int | None = None,
@@ -89,7 +89,8 @@ class SpeculativeTextDiffusionPipeline(DiffusionPipeline):
         Args:
             prompt: text(s) the generation continues (kept fixed); ``None``: unconditional.
             num_inference_steps: ancestral steps (in total, split over the blocks).
-            window: drafted steps per speculative round; ``None`` = the plain sampler.
+            window: drafted steps per speculative round, ``"auto"`` (the default: chosen before every
+                round, see the README's Performance section) or ``None`` = the plain sampler.
             drafter: ``None``/``"frozen"`` (reuse the last verified prediction), a smaller
                 masked LM (``nn.Module``, same tokenizer), a Drafter or ``predict(x, step)``.
             cache: with ``window=None``, skip the network for rows that did not change.
@@ -97,6 +98,9 @@ class SpeculativeTextDiffusionPipeline(DiffusionPipeline):
             generator: a ``torch.Generator`` or a list with one per sample.
         """
         device = self._execution_device
+        if cache and window is not None:
+            raise ValueError("cache=True is an option of the plain sampler: pass window=None with it (the speculative "
+                             "sampler already skips the network for unchanged states)")
         prompt_ids = self._prompt_ids(prompt, num_samples)
         blocks = 1 if block_size is None else -(-length // block_size)
         if num_inference_steps % blocks:

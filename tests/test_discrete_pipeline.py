@@ -155,3 +155,21 @@ def test_the_bench_command_hands_the_discrete_benchmark_a_file_and_its_quick_fla
     (args,) = seen
     assert args.quick and args.out == tmp_path / "discrete.json"
     assert bench_discrete.parse_args([]).model.is_dir()  # the bundled model, wherever the command runs from
+
+
+def test_the_default_window_is_automatic_and_cache_with_a_window_is_refused():
+    pipe = tiny_pipeline()
+    out = pipe(batch_size=2, num_inference_steps=16, output_type="latent", generator=torch.Generator().manual_seed(3))
+    assert out.stats.window_choice.startswith("auto window")  # the fast setting is the default
+    again = pipe(batch_size=2, num_inference_steps=16, output_type="latent", generator=torch.Generator().manual_seed(3))
+    assert torch.equal(out.sequences, again.sequences)  # and reproducible from the seed
+    with pytest.raises(ValueError, match="pass window=None"):
+        pipe(batch_size=1, num_inference_steps=4, cache=True)
+
+
+def test_the_plain_loop_hands_its_callback_a_copy_of_the_state():
+    pipe = tiny_pipeline()
+    kw = {"batch_size": 2, "num_inference_steps": 10, "window": None, "output_type": "latent"}
+    plain = pipe(generator=torch.Generator().manual_seed(4), **kw)
+    meddled = pipe(generator=torch.Generator().manual_seed(4), callback=lambda d: d["x"].fill_(0), **kw)
+    assert torch.equal(plain.sequences, meddled.sequences)
