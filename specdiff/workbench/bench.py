@@ -200,8 +200,9 @@ def bench_digits(out: Path, quick: bool = False, samples: int = 64, repeats: int
     # The auto window's calibration is measured once per model/device/dtype/shape (and drafter) and
     # cached; measure it before timing, as a user's second run would find it.
     for drafter in ("frozen", "picard"):
-        AutoWindow().bind(spec.scheduler.chain(lambda x, t: plain.unet(x, t).sample), latents(torch.Generator(), 1),
-                          drafter)
+        calibration = AutoWindow()
+        calibration.bind(spec.scheduler.chain(lambda x, t: plain.unet(x, t).sample), latents(torch.Generator(), 1),
+                         drafter)
 
     latency = []
     for seed in range(1 if quick else repeats):
@@ -227,6 +228,7 @@ def bench_digits(out: Path, quick: bool = False, samples: int = 64, repeats: int
     meter.handle.remove()
     result = {"benchmark": "digits", "command": command, "num_steps": 1000,
               "environment": _environment(), "repeats": 1 if quick else repeats, "latency_batch1": latency,
+              "unet_latency_s": {str(b): t for b, t in sorted(calibration.latency.points.items())},
               "summary": summary, "quality": quality}
     _write(out / f"{name}.json", result)
     _plot_digits(summary, out / f"{name}.png", torch.get_num_threads())
@@ -469,19 +471,28 @@ def _report_digits(d: dict) -> list[str]:
              + ("; the machine is shared, so the process's CPU time (what wall-clock would be on an idle core) is "
                 "shown too:" if one else ", all the machine's cores:"), "",
              "| sampler | window | sequential target calls | rows / image | largest batch | acceptance "
-             "| wall-clock s (min-max) | fewer calls | wall-clock speedup |" + (" CPU-time speedup |" if one else ""),
-             "|" + " --- |" * (10 if one else 9)]
+             "| wall-clock s (min-max) | fewer calls | wall-clock speedup | paired by seed |"
+             + (" CPU-time speedup |" if one else ""),
+             "|" + " --- |" * (11 if one else 10)]
     for r in d["summary"]:
         acc = "" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.3f}"
         lines.append(f"| {r['sampler']} | {r['window']} | {r['target_calls']:.0f} | {r['target_rows']:.0f} "
                      f"| {r['max_rows_per_call']} | {acc} | {r['wall_clock_s']:.2f} ({r['wall_clock_min_s']:.2f}-"
-                     f"{r['wall_clock_max_s']:.2f}) | {r['call_speedup']:.2f}x | {r['wall_clock_speedup']:.2f}x |"
-                     + (f" {r['cpu_speedup']:.2f}x |" if one else ""))
+                     f"{r['wall_clock_max_s']:.2f}) | {r['call_speedup']:.2f}x | {r['wall_clock_speedup']:.2f}x "
+                     f"| {r['wall_clock_speedup_paired']:.2f}x |" + (f" {r['cpu_speedup']:.2f}x |" if one else ""))
+    lines += ["", "Wall-clock speedup: plain median / sampler median; paired by seed: the median over seeds of "
+              "plain / sampler on the same seed."]
+    if "unet_latency_s" in d:  # what caps the speedup on this device: a batch of rows against one row
+        t = {int(b): v for b, v in d["unet_latency_s"].items()}
+        lines += ["", "One UNet call on b rows (the automatic window's calibration): "
+                  + ", ".join(f"t({b})/t(1) = {v / t[1]:.1f}" for b, v in sorted(t.items()) if b > 1)
+                  + f", t(1) = {1e3 * t[1]:.1f} ms."]
     lines += [""] + _report_positions(d["latency_batch1"])
     q = d["quality"]
     lines += ["", f"Quality over {q['samples']} images per sampler (image i: seed 10000 + i for every sampler; "
               "two-sample test in classifier features against the plain sampler, family-wise alpha = 0.001):", "",
-              "| sampler | window | digit FD vs held-out | confidence >= 0.9 | two-sample min p | same law |",
+              "| sampler | window | digit FD vs held-out | confidence >= 0.9 | two-sample min p "
+              "| no difference detected at this n |",
               "|" + " --- |" * 6]
     for r in q["rows"]:
         p = f"{r['two_sample_min_p']:.3f}" if "two_sample_min_p" in r else ""
