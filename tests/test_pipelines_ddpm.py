@@ -108,6 +108,8 @@ def test_pil_output_and_tuple_return(ddpm_pipe):
 
 N_LAW = 2000
 STEPS_LAW = 10
+ALPHA = 1e-3  # family-wise level of each two-sample test (KS on 20 projections, Bonferroni)
+MIN_REJECTED = 0.05  # a law test must see at least this share of drafted steps reflected
 
 
 @pytest.fixture(scope="module")
@@ -117,21 +119,31 @@ def ddpm_samples(ddpm_pipe):
     ).images
 
 
-@pytest.mark.parametrize("drafter", ["frozen", "draft_unet"])
-def test_speculative_images_have_the_law_of_ddpm_pipeline(ddpm_pipe, ddpm_samples, drafter):
+def law_run(ddpm_pipe, drafter):
     spec = spec_from(ddpm_pipe, window=3)
-    kwargs = {"draft_unet": tiny_unet(1, channels=(4, 8))} if drafter == "draft_unet" else {"drafter": "frozen"}
-    out = spec(
+    kwargs = {"draft_unet": tiny_unet(1, channels=(4, 8))} if drafter == "draft_unet" else {"drafter": drafter}
+    return spec(
         batch_size=N_LAW,
         generator=torch.Generator().manual_seed(200),
         num_inference_steps=STEPS_LAW,
         output_type="pt",
         **kwargs,
     )
+
+
+@pytest.mark.parametrize("drafter", ["frozen", "draft_unet"])
+def test_speculative_images_have_the_law_of_ddpm_pipeline(ddpm_pipe, ddpm_samples, drafter):
+    """A smoke test of the law, not a proof: at 10 steps the frozen drafter accepts ~10% of its
+    steps, and the classic bug (a fresh target draw on rejection) is NOT detected at this n
+    (measured min p 2.4e-3 against the threshold 5e-5). The coupling's power is shown on
+    analytic models (tests/test_sampler.py, tests/test_coupling.py) and on the SD, SDXL and flow
+    pipelines, whose negative controls fail at their n."""
+    out = law_run(ddpm_pipe, drafter)
     assert out.images.shape == ddpm_samples.shape
-    assert_same_law(out.images, ddpm_samples, alpha=1e-3)
+    assert_same_law(out.images, ddpm_samples, alpha=ALPHA)
     stats = out.stats
-    assert stats.proposed > 0 and 0 < stats.acceptance_rate <= 1
+    rejected = stats.proposed - stats.accepted
+    assert rejected >= MIN_REJECTED * stats.proposed, f"too few reflections to exercise the coupling: {stats.summary()}"
     assert (stats.draft_calls > 0) == (drafter == "draft_unet")
 
 
