@@ -183,7 +183,8 @@ def test_windows_chosen_from_the_past_keep_the_baseline_law(mixture_reference, p
     out = speculative_sample(chain, x, window=window, generator=torch.Generator().manual_seed(13))
     result = two_sample_test(out.sample, reference, alpha=ALPHA)
     assert result.passed, str(result)
-    assert out.stats.accepted < out.stats.proposed  # rejections happened: the coupling was exercised
+    rejected = out.stats.proposed - out.stats.accepted
+    assert rejected >= 1000, f"only {rejected} reflected steps (1500 samples x 100 steps): {out.stats.summary()}"
 
 
 @pytest.mark.parametrize("machine", ["same", "changed"])
