@@ -13,7 +13,7 @@ from specdiff.stats import SpeculativeStats
 from specdiff.testing import GaussianMixtureDDPM, two_sample_test
 from specdiff.window import AutoWindow, LatencyCurve, WindowPolicy, resolve_window
 
-ALPHA = 1e-3  # family-wise significance of the two-sample tests
+ALPHA = 1e-3  # each two-sample test: family-wise over its projections (Bonferroni); 2 law cases: <= 2e-3
 
 
 @pytest.fixture(autouse=True)
