@@ -40,3 +40,28 @@ def mixture_reference():
     chain = GaussianMixtureDDPM.random(dim=2, components=4, num_steps=100, seed=1)
     x = chain.sample_prior(1500, torch.Generator().manual_seed(11))
     return chain, x, sample_baseline(chain, x, torch.Generator().manual_seed(12))
+
+
+@pytest.fixture
+def resample_on_reject(monkeypatch):
+    """A negative control: ``enable()`` breaks the Gaussian kernel's coupling the classic way (a
+    rejected step gets a fresh, independent target draw instead of the reflected noise), which
+    biases the sampler's law. A law test that passes for the sampler must fail under it at the
+    same sample size, or it has no power. Wraps the kernel's ``correct`` so that only the
+    returned state changes."""
+    from specdiff.kernels import GaussianKernel
+
+    original = GaussianKernel.correct
+
+    def enable(seed: int = 0):
+        noise = torch.Generator().manual_seed(seed)
+
+        def correct(law_draft, law_target, y, z, *args, **kwargs):
+            _, *rest = original(law_draft, law_target, y, z, *args, **kwargs)
+            mean, std = law_target
+            fresh = mean + std * torch.randn(y.shape, generator=noise, dtype=mean.dtype).to(mean.device)
+            return (fresh.to(y.dtype), *rest)
+
+        monkeypatch.setattr(GaussianKernel, "correct", staticmethod(correct))
+
+    return enable

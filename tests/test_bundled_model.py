@@ -1,5 +1,6 @@
-"""The bundled digits DDPM through the speculative pipeline: same law as diffusers' own
-DDPMPipeline, judged in the feature space of the bundled digit classifier."""
+"""The bundled digits DDPM through the speculative pipeline, against diffusers' own DDPMPipeline
+in the feature space of the bundled digit classifier: a smoke test (it runs, speeds up, and shows
+no gross difference), not evidence of exactness; see the test's docstring for its power."""
 
 from pathlib import Path
 
@@ -16,7 +17,13 @@ ALPHA = 1e-3  # family-wise level of the projection KS tests
 SAMPLES, STEPS, WINDOW = 128, 30, 8  # the full-length (1000-step) comparison is `specdiff bench digits`
 
 
-def test_speculative_digits_have_the_plain_pipelines_law_in_classifier_features():
+def test_smoke_speculative_digits_show_no_gross_law_difference_in_classifier_features():
+    """Smoke test only. At 128 vs 128 images and 21 projections at family-wise 1e-3 (each KS at
+    4.8e-5), only a KS distance above ~0.29 is detected. Negative control, measured: with the
+    Gaussian kernel's correction replaced by a fresh target draw (the classic biased bug), the
+    same check at the same n still passes (min p 0.064; the honest run: 0.032), so it cannot
+    see a broken coupling. Exactness is proven on analytic models, where the negative control
+    fails (tests/test_sampler.py, tests/test_coupling.py)."""
     plain = DDPMPipeline.from_pretrained(MODELS / "digits-ddpm")
     plain.set_progress_bar_config(disable=True)
     spec = SpeculativeDDPMPipeline.from_pipe(plain)

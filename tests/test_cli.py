@@ -3,6 +3,7 @@ the summary a newcomer reads, and multi-process generation (issue 11 §2, §4)."
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -177,7 +178,16 @@ def test_unwritable_output_folder_is_refused(tmp_path, capsys):
     fails_with(capsys, ["generate", "--out", str(blocker / "sub")], "cannot write to output folder")
 
 
-@pytest.mark.parametrize("command", ["generate", "analytic", "bench", "train-digits"])
+COMMANDS = ["generate", "analytic", "bench", "train-digits", "probe"]
+
+
+def test_the_help_test_covers_every_command():
+    from specdiff.cli import build_parser
+
+    assert sorted(build_parser()._subparsers._group_actions[0].choices) == sorted(COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as err:
         main([command, "--help"])
@@ -194,7 +204,16 @@ def test_generate_help_shows_defaults_and_explains_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     text = capsys.readouterr().out
-    assert "(default: 16)" in text and "(default: 1000)" in text
+
+    def option_help(flag):  # the help of one option, from its line to the next option's, on one line
+        start = re.search(rf"\n  {re.escape(flag)}\s", text).start()
+        end = text.find("\n  -", start + 1)
+        return " ".join(text[start:end if end > 0 else None].split())
+
+    expected = {"--window L": "auto", "--num-images N": "16", "--batch-size N": "16", "--steps N": "1000",
+                "--drafter {picard,frozen,model}": "picard"}
+    for flag, default in expected.items():
+        assert option_help(flag).endswith(f"(default: {default})"), option_help(flag)
     for flag in ("--eta", "--dtype", "--batch-size", "--device"):
         assert flag in text
 

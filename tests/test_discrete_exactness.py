@@ -28,7 +28,11 @@ from specdiff.discrete.scheduler import sample_categorical
 from specdiff.drafters import ModelDrafter
 
 V, LENGTH, STEPS = 2, 3, 4
-ALPHA = 1e-3  # level of every Monte-Carlo test below (fixed seeds: deterministic outcomes)
+# Every chi-square test below is at ALPHA on its own (8 must pass: family-wise <= 8e-3); the
+# rate checks use Z_SE = 4 standard errors, two-sided level 2(1 - Phi(4)) = 6.3e-5 each. Fixed
+# seeds: every outcome is deterministic.
+ALPHA = 1e-3
+Z_SE = 4.0
 
 
 def make_chain(seed=1, steps=STEPS, schedule="linear", temperature=1.0, zero_fraction=0.0):
@@ -96,6 +100,12 @@ def test_enumeration_detects_a_wrong_residual(monkeypatch):
     assert (wrong - baseline).abs().max() > 1e-2
 
 
+def plain_target_draw(k, j, generators):
+    """A wrong residual for negative controls: a rejected step redrawn from K, not (K - J)+."""
+    u = torch.stack([torch.rand(k.shape[1:-1], generator=g, dtype=torch.float64) for g in generators])
+    return sample_categorical(k, u), torch.ones(len(generators), dtype=torch.long)
+
+
 def _chi_square_p(samples, law):
     counts = torch.bincount(_state_index(samples, V + 1), minlength=law.numel()).double()
     support = law > 0
@@ -121,10 +131,6 @@ def test_chi_square_has_power_against_a_wrong_residual(monkeypatch):
     (K - J)+ is rejected overwhelmingly at the same sample size."""
     import specdiff.kernels.categorical as sampler_module
 
-    def plain_target_draw(k, j, generators):
-        u = torch.stack([torch.rand(k.shape[1:-1], generator=g, dtype=torch.float64) for g in generators])
-        return sample_categorical(k, u), torch.ones(len(generators), dtype=torch.long)
-
     monkeypatch.setattr(sampler_module, "sample_residual", plain_target_draw)
     chain = make_chain()
     x = START.expand(20_000, LENGTH).clone()
@@ -132,6 +138,53 @@ def test_chi_square_has_power_against_a_wrong_residual(monkeypatch):
         chain, x, window=2, drafter=DRAFTERS["bad-inverted"], generator=torch.Generator().manual_seed(0)
     )
     assert _chi_square_p(out.sample, exact_baseline_law(chain, START)) < 1e-20
+
+
+def time_conditioned_chain():
+    """The lookup network with its logits scaled by (1 + t): the prediction depends on the
+    step, so the sampler cannot reuse a prediction made at an unchanged state, and a time-free
+    draft (the bare lookup) is a different kernel at every step."""
+    scheduler = MaskedDiffusionScheduler(vocab_size=V, num_inference_steps=STEPS)
+    net = LookupDenoiser(V, LENGTH, seed=1)
+    chain = MaskedDiffusionChain(lambda x, t: net(x) * (1 + t[:, None, None]), scheduler, time_conditioned=True)
+    return chain, ModelDrafter(lambda x, step: net(x))
+
+
+TIME_CONDITIONED_CASES = [("frozen", 2), ("frozen", 4), ("time-free-model", 3)]
+
+
+@pytest.mark.parametrize("drafter,window", TIME_CONDITIONED_CASES)
+def test_time_conditioned_chain_matches_the_exact_law_chi_square(drafter, window):
+    """exact_speculative_law enumerates time-free chains only, so a time-conditioned chain's
+    sampler is checked against exact_baseline_law (which enumerates any chain) by chi-square at
+    n = 20 000, at ALPHA per case (3 cases: family-wise <= 3e-3), with rejections required."""
+    chain, model = time_conditioned_chain()
+    law = exact_baseline_law(chain, START)
+    x = START.expand(20_000, LENGTH).clone()
+    out = speculative_sample_discrete(chain, x, window=window, drafter=None if drafter == "frozen" else model,
+                                      generator=torch.Generator().manual_seed(0))
+    rejected = out.stats.proposed - out.stats.accepted
+    assert rejected >= 1000, f"only {rejected} rejected steps: {out.stats.summary()}"
+    assert out.stats.residual_draws >= rejected
+    assert _chi_square_p(out.sample, law) > ALPHA
+
+
+@pytest.mark.parametrize("bug", ["accept-every-draft", "redraw-from-target"])
+def test_time_conditioned_chi_square_has_power_against_broken_couplings(monkeypatch, bug):
+    """Negative controls for the test above, at its window-4 frozen setting and n: keeping every
+    drafted step (the draft's law), or redrawing a rejected step from K instead of (K - J)+,
+    must be rejected."""
+    import specdiff.kernels.categorical as categorical
+
+    if bug == "accept-every-draft":
+        keep = lambda law_draft, law_target, y, noise, u: torch.ones(len(y), dtype=torch.bool, device=y.device)
+        monkeypatch.setattr(categorical.CategoricalKernel, "accept", staticmethod(keep))
+    else:
+        monkeypatch.setattr(categorical, "sample_residual", plain_target_draw)
+    chain, _ = time_conditioned_chain()
+    x = START.expand(20_000, LENGTH).clone()
+    out = speculative_sample_discrete(chain, x, window=4, generator=torch.Generator().manual_seed(0))
+    assert _chi_square_p(out.sample, exact_baseline_law(chain, START)) < ALPHA
 
 
 def test_sampler_acceptance_rate_matches_one_minus_total_variation():
@@ -157,7 +210,7 @@ def test_sampler_acceptance_rate_matches_one_minus_total_variation():
     assert out.stats.proposed_by_position == [0, n]
     rate = out.stats.accepted_by_position[1] / n
     se = (expected * (1 - expected) / n) ** 0.5
-    assert abs(rate - expected) < 4 * se, (rate, expected)
+    assert abs(rate - expected) < Z_SE * se, (rate, expected)
 
 
 def _random_kernels(seed, rows=1):
@@ -184,7 +237,7 @@ def test_step_coupling_acceptance_rate_is_one_minus_tv_and_output_has_the_target
         k.expand(n, -1, -1), j.expand(n, -1, -1), y
     )
     se = (tv * (1 - tv) / n) ** 0.5
-    assert abs(keep.double().mean() - (1 - tv)) < 4 * se
+    assert abs(keep.double().mean() - (1 - tv)) < Z_SE * se
     rejected = int((~keep).sum())
     gens = [torch.Generator().manual_seed(100 + i) for i in range(rejected)]
     y[~keep], draws = sample_residual(k.expand(rejected, -1, -1), j.expand(rejected, -1, -1), gens)

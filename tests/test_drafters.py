@@ -12,12 +12,20 @@ from specdiff.drafters_research import ExtrapolatedDrafter
 from specdiff.testing import GaussianMixtureDDPM, two_sample_test
 from specdiff.window import AutoWindow
 
-ALPHA = 1e-3  # family-wise significance of every statistical test here (fixed seeds)
+# Each two-sample test is at family-wise ALPHA over its projections (Bonferroni), each chi-square
+# test at ALPHA; the file's 8 statistical tests together are at <= 8e-3. Fixed seeds and a
+# calibrated auto window: every outcome is deterministic.
+ALPHA = 1e-3
+MIN_REJECTED = 1000  # reflected steps a law test must see (1500 samples x 100 steps)
 
 
 @pytest.mark.parametrize("drafter", ["picard", "extrapolated"])
 @pytest.mark.parametrize("window", [8, "auto"])
 def test_drafters_keep_the_baseline_law(mixture_reference, drafter, window):
+    """A law check without demonstrated power against the classic bug (a fresh target draw on
+    rejection): measured at window 8, that bug passes it (min p 8.4e-4 picard, 3.3e-3
+    extrapolated; threshold 5e-5). The Picard drafter's coupling is pinned by the exact law of
+    the masked chain below and by the pathwise checks of tests/test_coupling.py."""
     chain, x, reference = mixture_reference
     chosen = "picard" if drafter == "picard" else ExtrapolatedDrafter(1.0)
     if window == "auto":  # the automatic window with a given calibration: the test's outcome is fixed by its seeds
@@ -25,7 +33,8 @@ def test_drafters_keep_the_baseline_law(mixture_reference, drafter, window):
     out = speculative_sample(chain, x, window=window, drafter=chosen, generator=torch.Generator().manual_seed(13))
     result = two_sample_test(out.sample, reference, alpha=ALPHA)
     assert result.passed, str(result)
-    assert out.stats.accepted < out.stats.proposed  # rejections happened: the coupling was exercised
+    rejected = out.stats.proposed - out.stats.accepted
+    assert rejected >= MIN_REJECTED, f"only {rejected} reflected steps: {out.stats.summary()}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -36,6 +45,8 @@ def test_picard_keeps_the_law_in_half_precision(dtype):
     spec = speculative_sample(chain, x, window=16, drafter="picard", generator=torch.Generator().manual_seed(2))
     result = two_sample_test(spec.sample.double(), plain.double(), alpha=ALPHA)
     assert result.passed, str(result)
+    rejected = spec.stats.proposed - spec.stats.accepted
+    assert rejected >= MIN_REJECTED, f"only {rejected} reflected steps: {spec.stats.summary()}"
 
 
 def test_picard_keeps_the_exact_law_of_a_masked_chain():

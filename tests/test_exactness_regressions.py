@@ -22,7 +22,10 @@ from specdiff import (
 )
 from specdiff.testing import GaussianMixtureDDPM, two_sample_test
 
+# Each two-sample test is at family-wise ALPHA over its projections (Bonferroni). The rejection
+# count check uses Z_SE = 5 standard errors: two-sided level 2(1 - Phi(5)) = 5.7e-7.
 ALPHA = 1e-3
+Z_SE = 5.0
 HALF = [torch.float16, torch.bfloat16]
 
 
@@ -46,7 +49,7 @@ def test_a_tiny_delta_is_rejected_when_the_uniform_says_so(dtype):
 
 def test_tiny_delta_acceptance_matches_theory_in_float32():
     # 1M rows at ‖Δ‖ = 3e-4 (float32): theory rejects 1 - 2Φ(-1.5e-4) ≈ 1.2e-4 of them (~120);
-    # the old shortcut rejected none. Accept |observed - expected| <= 5 standard errors.
+    # the old shortcut rejected none. Accept |observed - expected| <= Z_SE standard errors.
     n, delta = 1_000_000, 3e-4
     g = torch.Generator().manual_seed(0)
     z = torch.randn(n, 1, generator=g)
@@ -57,7 +60,7 @@ def test_tiny_delta_acceptance_matches_theory_in_float32():
     p_reject = 1 - float(acceptance_probability(m_d[:1].double(), m_t[:1].double(), 1.0))
     expected, se = n * p_reject, math.sqrt(n * p_reject * (1 - p_reject))
     rejected = int((~ok).sum())
-    assert abs(rejected - expected) <= 5 * se, (rejected, expected)
+    assert abs(rejected - expected) <= Z_SE * se, (rejected, expected)
 
 
 def test_equal_means_always_accept_without_dividing_by_zero():
@@ -153,19 +156,45 @@ def test_a_model_returning_its_input_does_not_corrupt_the_state(window):
         assert result.passed, str(result)
 
 
-def test_ddpm_sample_prediction_with_an_identity_model_matches_diffusers_loop():
+def identity(x, t):
+    return x
+
+
+def identity_ddpm():
     scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="sample", clip_sample=False)
     wrapped = SpeculativeScheduler.from_scheduler(scheduler)
     wrapped.set_timesteps(20)
+    return wrapped
 
-    def identity(x, t):
-        return x
 
+def diffusers_identity_loop(x, generator):
+    """diffusers' own loop, written out: a fresh DDPMScheduler, step(identity(x, t), t, x, generator=...)."""
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="sample", clip_sample=False)
+    scheduler.set_timesteps(20)
+    for t in scheduler.timesteps:
+        x = scheduler.step(identity(x, t), t, x, generator=generator).prev_sample
+    return x
+
+
+def test_ddpm_sample_prediction_with_an_identity_model_at_window_one_is_diffusers_loop_bit_for_bit():
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    want = diffusers_identity_loop(x.clone(), torch.Generator().manual_seed(1))
+    got = identity_ddpm().sample(identity, x.clone(), window=1, generator=torch.Generator().manual_seed(1)).sample
+    assert torch.equal(got, want)
+
+
+def test_ddpm_sample_prediction_with_an_identity_model_has_the_law_of_diffusers_loop():
+    """The model returns its input (aliasing); at window 4 the output has the law of diffusers'
+    loop (ALPHA, family-wise over the projections) and of the plain sampler, with rejections."""
+    wrapped = identity_ddpm()
     x = torch.randn(4000, 2, generator=torch.Generator().manual_seed(0))
+    reference = diffusers_identity_loop(x.clone(), torch.Generator().manual_seed(1))
     plain = wrapped.sample_baseline(identity, x.clone(), generator=torch.Generator().manual_seed(1))
-    spec = wrapped.sample(identity, x.clone(), window=4, generator=torch.Generator().manual_seed(2)).sample
-    result = two_sample_test(spec.double(), plain.double(), alpha=ALPHA)
-    assert result.passed, str(result)
+    out = wrapped.sample(identity, x.clone(), window=4, generator=torch.Generator().manual_seed(2))
+    for want in (reference, plain):
+        result = two_sample_test(out.sample.double(), want.double(), alpha=ALPHA)
+        assert result.passed, str(result)
+    assert out.stats.proposed - out.stats.accepted >= 1000, out.stats.summary()
 
 
 def test_model_outputs_are_never_written_in_place():

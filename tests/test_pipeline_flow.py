@@ -111,16 +111,35 @@ def test_deterministic_flow_scheduler_is_refused_with_the_fix_named():
         SpeculativeFluxPipeline.from_pipe(flux_pipe(FlowMatchEulerDiscreteScheduler()))
 
 
-@pytest.mark.parametrize("name", PIPES)
-def test_speculative_latents_have_the_law_of_the_diffusers_pipeline(name):
+ALPHA = 1e-3  # family-wise level of each two-sample test (KS on 20 projections, Bonferroni)
+MIN_REJECTED = 0.05  # a law test must see at least this share of drafted steps reflected...
+MIN_ACCEPTED = 0.05  # ...and of them kept: both branches of the coupling are exercised
+N_LAW = 300
+
+
+def flow_law_run(name):
+    """(speculative latents, the diffusers pipeline's latents, stats) at N_LAW samples, window 4."""
     make, cls, options = PIPES[name]
     base = make(FlowMatchSDEScheduler(churn=1.0, shift=3.0))
-    n = 300
-    batch = {k: v.expand(n, *v.shape[1:]) for k, v in embeds(1, seed=3, negative=name == "sd3").items()}
+    batch = {k: v.expand(N_LAW, *v.shape[1:]) for k, v in embeds(1, seed=3, negative=name == "sd3").items()}
     kwargs = dict(num_inference_steps=8, height=8, width=8, output_type="latent", **options, **batch)
     want = base(generator=step_noise_from(base, torch.Generator().manual_seed(10)), **kwargs).images
     spec = cls.from_pipe(base, window=4)
     spec.set_progress_bar_config(disable=True)
     out = spec(generator=torch.Generator().manual_seed(20), **kwargs)
-    assert out.images.shape == want.shape and out.stats.proposed > 0
-    assert_same_law(out.images, want, alpha=1e-3)
+    return out.images, want, out.stats
+
+
+@pytest.mark.parametrize("name", PIPES)
+def test_speculative_latents_have_the_law_of_the_diffusers_pipeline(name):
+    """A smoke test of the law (both coupling branches are exercised: ~35% and ~50% of drafted
+    steps accepted). It has no power against the classic bug, a fresh target draw on rejection:
+    measured not detected at n = 300 (min p 0.15 sd3, 5.5e-3 flux) nor for flux at n = 4000
+    (min p 3e-3; threshold 5e-5). The coupling's power is shown on analytic models
+    (tests/test_sampler.py, tests/test_coupling.py)."""
+    got, want, stats = flow_law_run(name)
+    assert got.shape == want.shape
+    assert_same_law(got, want, alpha=ALPHA)
+    rejected = stats.proposed - stats.accepted
+    assert rejected >= MIN_REJECTED * stats.proposed, f"too few reflections to exercise the coupling: {stats.summary()}"
+    assert stats.accepted >= MIN_ACCEPTED * stats.proposed, f"too few accepted drafts: {stats.summary()}"

@@ -180,17 +180,36 @@ def test_prompt_embeds_are_accepted_in_place_of_prompts():
 # -- window > 1: the law of StableDiffusionPipeline ------------------------------------------------------
 
 
-@pytest.mark.parametrize("drafter", ["frozen", "picard", "draft_unet"])
-def test_speculative_latents_have_the_law_of_stable_diffusion(drafter):
+ALPHA = 1e-3  # family-wise level of each two-sample test (KS on 20 projections, Bonferroni)
+MIN_REJECTED = 0.05  # a law test must see at least this share of drafted steps reflected
+N_LAW, LAW_OPTIONS = 500, dict(prompt="a red fox", num_inference_steps=6, guidance_scale=4.0, output_type="latent")
+
+
+@pytest.fixture(scope="module")
+def sd_law_reference():
     base = sd_pipe(euler_scheduler())
-    n, kwargs = 500, dict(prompt="a red fox", num_inference_steps=6, guidance_scale=4.0, output_type="latent")
-    want = base(num_images_per_prompt=n, generator=torch.Generator().manual_seed(10), **kwargs).images
-    spec = speculative(base, window=3)
+    return base, base(num_images_per_prompt=N_LAW, generator=torch.Generator().manual_seed(10), **LAW_OPTIONS).images
+
+
+def sd_law_run(base, drafter):
     extra = {"draft_unet": tiny_unet(1, channels=(4, 4))} if drafter == "draft_unet" else {"drafter": drafter}
-    out = spec(num_images_per_prompt=n, generator=torch.Generator().manual_seed(20), **kwargs, **extra)
-    assert out.images.shape == want.shape == (n, 4, 8, 8)
-    assert_same_law(out.images, want, alpha=1e-3)
-    assert out.stats.accepted < out.stats.proposed  # rejections happened: the coupling was exercised
+    spec = speculative(base, window=3)
+    return spec(num_images_per_prompt=N_LAW, generator=torch.Generator().manual_seed(20), **LAW_OPTIONS, **extra)
+
+
+@pytest.mark.parametrize("drafter", ["frozen", "picard", "draft_unet"])
+def test_speculative_latents_have_the_law_of_stable_diffusion(sd_law_reference, drafter):
+    """A smoke test of the law: this tiny SD rejects nearly every drafted step (Euler ancestral,
+    6 steps, 256-d latents: measured 0% accepted for frozen, picard and the draft UNet), so the
+    samples come from the reflection and the classic bug (a fresh target draw on rejection) has
+    no bias to detect here (measured: not detected, min p 0.04). The reflection is checked
+    pathwise in tests/test_coupling.py and the coupling's power on analytic models."""
+    base, want = sd_law_reference
+    out = sd_law_run(base, drafter)
+    assert out.images.shape == want.shape == (N_LAW, 4, 8, 8)
+    assert_same_law(out.images, want, alpha=ALPHA)
+    rejected = out.stats.proposed - out.stats.accepted
+    assert rejected >= MIN_REJECTED * out.stats.proposed, f"too few reflections to exercise the coupling: {out.stats.summary()}"
     assert (out.stats.draft_calls > 0) == (drafter == "draft_unet")
 
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from specdiff import ModelDrafter, speculative_sample
+from specdiff import ModelDrafter, acceptance_probability, speculative_sample
 from specdiff.cli import main as cli_main
 from specdiff.probe import _expected_cost, probe
 from specdiff.testing import GaussianMixtureDDPM
@@ -39,6 +39,41 @@ def test_acceptance_is_the_maximal_coupling_probability_of_the_measured_delta():
                 assert a == pytest.approx(2 * 0.5 * math.erfc(d / 2 / math.sqrt(2)))
     staleness = [sum(col) / len(col) for col in zip(*report.delta_norm["frozen"][10:])]
     assert staleness == sorted(staleness)  # older frozen predictions are further from the target
+
+
+class Recording(GaussianMixtureDDPM):
+    """The mixture, recording every state and step its network sees (the probe's plain run)."""
+
+    def predict(self, x, step):
+        self.seen.append((x.clone(), step.clone()))
+        return super().predict(x, step)
+
+
+def test_probed_delta_and_acceptance_match_an_independent_recomputation():
+    """Δ recomputed outside the probe: the frozen draft of step k at lag j is the transition of
+    x_k with the target's prediction made at step k - j; the acceptance is the coupling's
+    acceptance_probability of the two means, never the probe's own formula."""
+    base = GaussianMixtureDDPM.random(dim=4, num_steps=50)
+    chain = Recording(base.means, base.scale, base.weights, base.num_steps)
+    chain.seen = []
+    x = chain.sample_prior(3, torch.Generator().manual_seed(0))
+    report = probe(chain, x, windows=(4,), generator=torch.Generator().manual_seed(1), latency=FLAT)
+    states = {int(step[0]): state for state, step in chain.seen[: chain.num_steps]}  # one call per step (frozen)
+    assert sorted(states) == list(range(chain.num_steps))
+    checked = 0
+    for k in (5, 20, 48):
+        x_k, step = states[k].double(), torch.full((3,), k)
+        mean_t, std = chain.transition(x_k, step, chain.predict(x_k, step))
+        row = report.steps.index(k)
+        for lag in (1, 2, 4):
+            back = torch.full((3,), k - lag)
+            mean_d, _ = chain.transition(x_k, step, chain.predict(states[k - lag].double(), back))
+            delta = ((mean_d - mean_t) / std[:, None]).norm(dim=1)
+            assert report.delta_norm["frozen"][row][lag - 1] == pytest.approx(delta.mean().item(), rel=1e-9, abs=1e-12)
+            expected = acceptance_probability(mean_d, mean_t, std).mean().item()
+            assert report.acceptance["frozen"][row][lag - 1] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+            checked += 0 < expected < 0.999  # cases where Δ matters, not all-accept
+    assert checked >= 3
 
 
 def test_expected_cost_with_certain_acceptance_counts_rounds_and_rows():
