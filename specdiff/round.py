@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .drafters import DraftMemory, FrozenTargetDrafter
+from .drafters import DraftMemory
 
 
 @dataclass
@@ -157,15 +157,11 @@ def _drafts(chain, kernel, drafter, c: Carry, ids: Tensor, k: Tensor, z: Tensor,
     The loop is sequential (``y_{j+1}`` needs ``y_j``); what the positions share is built once,
     here: the steps on the device, the drafter's memory, which positions have a same-step
     prediction. At position 0 a fresh sample keeps its exact ``c.pred`` (J = K). A drafter that
-    never looks at the drafted state (``uses_state = False``) is asked for every position first,
-    so that a kernel with a ``rollout`` can batch the state-free part of the whole window; the
-    frozen drafter's window is drawn at once by a kernel with ``draft_frozen``."""
+    never looks at the drafted state (``uses_state = False``) is asked for every position first:
+    with the window's predictions known up front, a kernel's ``draft_window`` may draft it at once
+    (or decline with ``None``: then the loop below drafts it)."""
     dev, m = c.x.device, len(ids)
     steps, sample = _to(k, dev), _to(ids, dev)
-    if type(drafter) is FrozenTargetDrafter and hasattr(kernel, "draft_frozen"):  # c.pred at every position
-        done = kernel.draft_frozen(chain, c.x, steps[:span], c.pred, z)
-        if done is not None:
-            return done
     made_at = _to(c.n - (~c.fresh).long(), dev)
     reach = int(c.ahead_len.max())  # position j < reach: some row has a same-step prediction
     has = _to(_positions(span) < c.ahead_len, dev).unbind(0)
@@ -179,15 +175,19 @@ def _drafts(chain, kernel, drafter, c: Carry, ids: Tensor, k: Tensor, z: Tensor,
             a = asks.to(dev)
             memory = DraftMemory(c.pred[a], made_at[a], c.prev[a], sample[a],
                                  c.ahead[0][a] if bool((c.ahead_len[asks] > 0).any()) else None, has[0][a])
-            return c.pred.index_put((a,), _draft(drafter, None if x is None else x[a], steps_j[0][a], memory, tally, c.x))
+            guess = _draft(drafter, None if x is None else x[a], steps_j[0][a], memory, tally, c.x)
+            # The memory's own prediction handed back (the frozen drafter): that is c.pred, row for row.
+            return c.pred if guess is memory.prediction else c.pred.index_put((a,), guess)
         same_step = c.ahead[min(jj, len(c.ahead) - 1)] if jj < reach else None
         return _draft(drafter, x, steps_j[jj], DraftMemory(c.pred, made_at, c.prev, sample, same_step, has[jj]), tally, c.x)
 
     guesses = None
     if not getattr(drafter, "uses_state", True):
         guesses = [guess_at(jj, None) for jj in range(span)]
-        rollout = getattr(kernel, "rollout", None)
-        done = rollout(chain, c.x, steps[:span], torch.stack(guesses), z) if rollout is not None else None
+        first = guesses[0]  # one tensor at every position (the frozen drafter): a view, no copies
+        known = first.expand(span, *first.shape) if all(g is first for g in guesses) else torch.stack(guesses)
+        window = getattr(kernel, "draft_window", None)
+        done = window(chain, c.x, steps[:span], known, z) if window is not None else None
         if done is not None:
             return done
     y, laws, previous, z_j = [c.x], [], c.prev, z.unbind(0)

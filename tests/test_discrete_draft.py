@@ -7,13 +7,16 @@ from specdiff.discrete import LookupDenoiser, MarkovDenoiser, MaskedDiffusionCha
 from specdiff.discrete import speculative_sample_discrete
 import specdiff.discrete.scheduler as scheduler_module
 from specdiff.discrete.scheduler import sample_categorical
-from specdiff.drafters import FrozenTargetDrafter
+from specdiff.drafters import Drafter, FrozenTargetDrafter, PicardDrafter
+from specdiff.kernels import CategoricalKernel
 
 V, LENGTH = 4, 16
 
 
 class StepByStep(FrozenTargetDrafter):
-    """The same predictions as the frozen drafter, but not the frozen type: the round drafts step by step."""
+    """The same predictions as the frozen drafter, declared to read the state: the round drafts step by step."""
+
+    uses_state = True
 
 
 @pytest.mark.parametrize("schedule,temperature,chunk", [("linear", 1.0, None), ("cosine", 0.7, 1), ("linear", 0.0, None)])
@@ -92,3 +95,50 @@ def test_repeated_predictions_get_the_same_law_as_alone(temperature):
     step = torch.arange(len(logits)) % 8
     alone = torch.cat([s.transition_probs(x[r : r + 1], step[r : r + 1], logits[r : r + 1]) for r in range(len(x))])
     assert torch.equal(s.transition_probs(x, step, logits), alone)
+
+
+class Copies(FrozenTargetDrafter):
+    """The frozen drafter's predictions as a new tensor at every position (equal values, not one tensor)."""
+
+    def predict(self, x, step, memory):
+        return memory.prediction.clone()
+
+
+class Reads(Drafter):
+    """Wraps a state-free drafter so that the round treats it as reading the state: step by step."""
+
+    uses_state, reuses_target = True, True
+
+    def __init__(self, drafter):
+        self.drafter = drafter
+
+    def predict(self, x, step, memory):
+        return self.drafter.predict(x, step, memory)
+
+
+@pytest.mark.parametrize("drafter", [PicardDrafter(), Copies()], ids=["picard", "copies"])
+def test_known_predictions_are_drafted_as_step_by_step(drafter):
+    """The kernel's window draft on any state-free drafter: vectorised where every position has the
+    same prediction (compared by value), the step loop elsewhere (Picard after a rejection), bit for bit."""
+    scheduler = MaskedDiffusionScheduler(vocab_size=V, num_inference_steps=12)
+    chain = MaskedDiffusionChain(MarkovDenoiser.random(V, seed=1, scale=4.0), scheduler)
+    x = torch.full((4, LENGTH), V)
+    x[2, 3:9] = torch.arange(6) % V
+
+    def run(d):
+        gens = [torch.Generator().manual_seed(40 + i) for i in range(4)]
+        return speculative_sample_discrete(chain, x, window=6, drafter=d, generator=gens)
+
+    fast, slow = run(drafter), run(Reads(drafter))
+    assert torch.equal(fast.sample, slow.sample)
+    assert fast.stats.to_dict() | {"wall_clock": 0} == slow.stats.to_dict() | {"wall_clock": 0}
+    assert fast.stats.accepted > 0 and fast.stats.residual_draws > 0  # both paths were exercised
+
+
+def test_the_window_draft_declines_different_predictions():
+    chain = MaskedDiffusionChain(LookupDenoiser(V, 3, seed=1), MaskedDiffusionScheduler(vocab_size=V, num_inference_steps=4))
+    x, steps, u = torch.full((1, 3), V), torch.tensor([[0], [1]]), torch.rand(2, 1, 3)
+    same = torch.zeros(1, 3, V).expand(2, 1, 3, V)
+    assert CategoricalKernel.draft_window(chain, x, steps, same, u) is not None
+    assert CategoricalKernel.draft_window(chain, x, steps, same.clone(), u) is not None
+    assert CategoricalKernel.draft_window(chain, x, steps, torch.randn(2, 1, 3, V), u) is None

@@ -1,5 +1,5 @@
 """The round's fast paths are the generic computation, bit for bit: a state-free drafter's window
-drafted by the Gaussian kernel's rollout (DDPM), against the same drafter asked position by
+drafted at once by the Gaussian kernel's draft_window (DDPM), against the same drafter asked position by
 position; and the companion streams (acceptance uniforms, residual seeds) drawn in blocks of
 steps, against the step-by-step draws of their generators."""
 
@@ -54,12 +54,12 @@ def test_a_rolled_out_window_is_the_position_by_position_draft(dtype, config):
             assert window == 1 or fast.stats.proposed > fast.stats.accepted  # reflections were exercised
 
 
-def test_the_rollout_declines_chains_without_an_affine_mean():
+def test_the_window_draft_declines_chains_without_an_affine_mean():
     chain = ddpm_chain(torch.float32)
     chain.affine = False
     steps = torch.zeros(2, 1, dtype=torch.long)
-    assert GaussianKernel.rollout(chain, torch.zeros(1, 3, 4, 4), steps, torch.zeros(2, 1, 3, 4, 4),
-                                  torch.zeros(2, 1, 3, 4, 4)) is None
+    assert GaussianKernel.draft_window(chain, torch.zeros(1, 3, 4, 4), steps, torch.zeros(2, 1, 3, 4, 4),
+                                       torch.zeros(2, 1, 3, 4, 4)) is None
 
 
 @pytest.mark.parametrize("per_sample", [False, True])

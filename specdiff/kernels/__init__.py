@@ -8,6 +8,10 @@ A kernel is a small stateless object with
     accept(law_draft, law_target, y, noise, u) -> bool    the maximal-coupling test of a drafted step
     correct(law_draft, law_target, y, noise, generators) -> (x, draws)
                                                           a draw from the target coupled to a rejection
+    draft_window(chain, x, steps, predictions, noise) -> (y, laws) or None
+                                                          optional: a window whose predictions are
+                                                          known up front, drafted at once (None: the
+                                                          round drafts it step by step)
 
 A law is a tuple of tensors with one leading row per state. The round
 (:mod:`specdiff.round`) is written once against this interface; adding a coupling is one file.

@@ -143,6 +143,13 @@ def total_variation(target_probs: Tensor, draft_probs: Tensor, states: Tensor) -
     return 0.5 * (k - j).abs().sum()
 
 
+def _one_prediction(predictions: Tensor) -> bool:
+    """Whether ``predictions [L, ...]`` holds the same prediction at every position."""
+    if len(predictions) == 1 or predictions.stride(0) == 0:
+        return True
+    return torch.equal(predictions[1:], predictions[:1].expand_as(predictions[1:]))
+
+
 class CategoricalKernel:
     """A step of a :class:`~specdiff.CategoricalChain`: every position moves independently to
     the categorical law ``chain.transition`` returns; law = ``(probs,)``."""
@@ -158,11 +165,16 @@ class CategoricalKernel:
         return sample_categorical(law[0], u).to(like.dtype)
 
     @staticmethod
-    def draft_frozen(chain, x: Tensor, steps: Tensor, prediction: Tensor, u: Tensor):
-        """``L`` drafted steps under one prediction at once, where the chain can (``chain.draft_frozen``):
-        ``(y [L + 1, ...], law [L, ...])``, bit for bit the step-by-step ``law`` / ``draw``; else ``None``."""
+    def draft_window(chain, x: Tensor, steps: Tensor, predictions: Tensor, u: Tensor):
+        """Draft a window whose predictions are known up front, at once, where every position has
+        the same one (the frozen drafter) and the chain can (``chain.draft_frozen``): ``(y [L + 1,
+        ...], law [L, ...])``, bit for bit the position-by-position ``law`` / ``draw``; else ``None``.
+        ``predictions [L, B, ...]``; one tensor expanded over the window is recognised from its
+        stride, without comparing values."""
         run = getattr(chain, "draft_frozen", None)
-        drafted = None if run is None else run(x, steps, prediction, u)
+        if run is None or not _one_prediction(predictions):
+            return None
+        drafted = run(x, steps, predictions[0], u)
         return None if drafted is None else (drafted[0], (drafted[1],))
 
     @staticmethod
