@@ -78,3 +78,25 @@ def test_companion_streams_drawn_in_blocks_are_the_step_by_step_draws(per_sample
         for k in range(steps):
             assert torch.equal(u[k, slots], torch.rand(len(slots), generator=uniforms, dtype=torch.float64))
             assert torch.equal(seeds[k, slots], torch.randint(0, 2**62, (len(slots),), generator=residuals))
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_uniform_step_noise_drawn_several_steps_at_once_is_the_step_by_step_draws(per_sample):
+    """A categorical round draws its window's step noise in one call per generator: the same numbers,
+    and the same generator state after, as one call per step (the plain sampler)."""
+    batch, steps, shape = 3, 40, (2, 5)
+    make = (lambda: [torch.Generator().manual_seed(30 + b) for b in range(batch)]) if per_sample else (
+        lambda: torch.Generator().manual_seed(30))
+    given = make()
+    streams = NoiseStreams(given, torch.zeros(batch, *shape, dtype=torch.long), "uniform")
+    rows, got, start = torch.arange(batch), [], 0
+    for span in (1, 7, 3, 16, 13):  # windows of several steps, as a round asks for them
+        grid = torch.arange(start, start + span)[:, None].expand(span, batch)
+        got.append(streams.noise(rows, grid))
+        start += span
+    got = torch.cat(got)
+    for slots, g, mine in zip([[b] for b in range(batch)] if per_sample else [list(range(batch))],
+                              make() if per_sample else [make()], given if per_sample else [given]):
+        plain = torch.stack([torch.rand((len(slots), *shape), generator=g, dtype=torch.float64) for _ in range(steps)])
+        assert torch.equal(got[:, slots], plain)
+        assert torch.equal(mine.get_state(), g.get_state())

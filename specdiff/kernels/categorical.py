@@ -30,11 +30,14 @@ def sample_categorical(probs: Tensor, u: Tensor) -> Tensor:
     ``u[...]`` in [0, 1) per distribution. Returns the first index whose CDF exceeds
     ``u · total``; a zero-probability index is never returned."""
     cdf = probs.cumsum(-1)
-    total = cdf[..., -1:]
-    idx = torch.searchsorted(cdf.contiguous(), (u.to(cdf.dtype)[..., None] * total).contiguous(), right=True)
-    # u · total can round up to total; fall back to the last index with positive mass.
-    last = torch.where(probs > 0, torch.arange(probs.shape[-1], device=probs.device), -1).amax(-1, keepdim=True)
-    return torch.minimum(idx, last).squeeze(-1)
+    idx = torch.searchsorted(cdf, u.to(cdf.dtype).unsqueeze(-1) * cdf[..., -1:], right=True).squeeze(-1)
+    # The first index whose CDF exceeds the value has positive mass, unless there is none: u · total
+    # rounded up to total. Only then (rare: one check) fall back to the last index with positive mass.
+    over = idx == probs.shape[-1]
+    if bool(over.any()):
+        last = torch.where(probs > 0, torch.arange(probs.shape[-1], device=probs.device), -1).amax(-1)
+        idx = torch.where(over, last, idx)
+    return idx
 
 
 #: The residual loop gives up (with an error, never a biased sample) after this many
