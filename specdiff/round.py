@@ -164,7 +164,8 @@ def _drafts(chain, kernel, drafter, c: Carry, ids: Tensor, k: Tensor, z: Tensor,
     steps, sample = _to(k, dev), _to(ids, dev)
     made_at = _to(c.n - (~c.fresh).long(), dev)
     reach = int(c.ahead_len.max())  # position j < reach: some row has a same-step prediction
-    has = _to(_positions(span) < c.ahead_len, dev).unbind(0)
+    has = _to(_positions(reach) < c.ahead_len, dev) if reach else None
+    nobody = _nobody(m, dev)
     asks = (~c.fresh).nonzero().squeeze(1)  # the rows that draft position 0
     steps_j = steps.unbind(0)
 
@@ -173,13 +174,17 @@ def _drafts(chain, kernel, drafter, c: Carry, ids: Tensor, k: Tensor, z: Tensor,
             if not len(asks):
                 return c.pred
             a = asks.to(dev)
-            memory = DraftMemory(c.pred[a], made_at[a], c.prev[a], sample[a],
-                                 c.ahead[0][a] if bool((c.ahead_len[asks] > 0).any()) else None, has[0][a])
+            same_step = bool((c.ahead_len[asks] > 0).any())
+            memory = DraftMemory(c.pred[a], made_at[a], c.prev[a], sample[a], c.ahead[0][a] if same_step else None,
+                                 has[0][a] if same_step else nobody[a])
             guess = _draft(drafter, None if x is None else x[a], steps_j[0][a], memory, tally, c.x)
             # The memory's own prediction handed back (the frozen drafter): that is c.pred, row for row.
             return c.pred if guess is memory.prediction else c.pred.index_put((a,), guess)
-        same_step = c.ahead[min(jj, len(c.ahead) - 1)] if jj < reach else None
-        return _draft(drafter, x, steps_j[jj], DraftMemory(c.pred, made_at, c.prev, sample, same_step, has[jj]), tally, c.x)
+        if jj < reach:
+            memory = DraftMemory(c.pred, made_at, c.prev, sample, c.ahead[min(jj, len(c.ahead) - 1)], has[jj])
+        else:
+            memory = DraftMemory(c.pred, made_at, c.prev, sample, None, nobody)
+        return _draft(drafter, x, steps_j[jj], memory, tally, c.x)
 
     guesses = None
     if not getattr(drafter, "uses_state", True):
@@ -203,13 +208,14 @@ def _draft(drafter, x: Tensor | None, step: Tensor, memory: DraftMemory, tally, 
     """The drafter's prediction for rows ``x`` at ``step`` (``x`` is None for a drafter that does
     not look at it), checked, in the carried dtype."""
     guess = drafter.predict(x, step, memory)
-    tally.stats.draft_calls += int(drafter.network_calls)
+    if drafter.network_calls:
+        tally.stats.draft_calls += 1
     if guess.shape != memory.prediction.shape:
         raise ValueError(
             f"{type(drafter).__name__}.predict returned shape {tuple(guess.shape)}; expected "
             f"{tuple(memory.prediction.shape)} (one prediction per drafted row, like the chain's predict)"
         )
-    if not getattr(drafter, "reuses_target", False):  # target predictions were checked when the target made them
+    if not drafter.reuses_target:  # target predictions were checked when the target made them
         _check_finite(guess, step, "draft", like)
     dtype = memory.prediction.dtype
     return guess if guess.dtype == dtype else guess.to(dtype)
@@ -271,6 +277,12 @@ def _positions(n: int) -> Tensor:
 def _samples(m: int, device) -> Tensor:
     """``arange(m)`` on ``device`` (shared, never written to)."""
     return torch.arange(m, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _nobody(m: int, device) -> Tensor:
+    """``m`` False values on ``device``: no row has a same-step prediction (shared, never written to)."""
+    return torch.zeros(m, dtype=torch.bool, device=device)
 
 
 def _to(t: Tensor, device) -> Tensor:

@@ -9,6 +9,8 @@ import specdiff.discrete.scheduler as scheduler_module
 from specdiff.discrete.scheduler import sample_categorical
 from specdiff.drafters import Drafter, FrozenTargetDrafter, PicardDrafter
 from specdiff.kernels import CategoricalKernel
+from specdiff.kernels.categorical import MaskedKernel
+from specdiff.discrete.chain import ScaledDrafter
 
 V, LENGTH = 4, 16
 
@@ -142,3 +144,44 @@ def test_the_window_draft_declines_different_predictions():
     assert CategoricalKernel.draft_window(chain, x, steps, same, u) is not None
     assert CategoricalKernel.draft_window(chain, x, steps, same.clone(), u) is not None
     assert CategoricalKernel.draft_window(chain, x, steps, torch.randn(2, 1, 3, V), u) is None
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
+@pytest.mark.parametrize("drafter", ["frozen", "picard", "scaled", "model"])
+def test_the_unbuilt_masked_law_is_the_built_one_bit_for_bit(temperature, drafter):
+    """MaskedKernel (the law left unbuilt, the test on the unmasked positions only) against the
+    generic CategoricalKernel on ``chain.transition``'s probabilities: the same run, bit for bit."""
+    scheduler = MaskedDiffusionScheduler(vocab_size=V, temperature=temperature, num_inference_steps=12)
+    net = LookupDenoiser(V, 5, seed=4, zero_fraction=0.3)  # zero probabilities: K = 0 < J somewhere
+    chain = MaskedDiffusionChain(lambda x: torch.cat([net(x), torch.zeros(*x.shape, 1)], -1), scheduler)  # a MASK logit
+    assert chain.kernel is MaskedKernel
+    d = {"scaled": ScaledDrafter(-0.5), "model": lambda x, step: chain.model(x) * 0.5}.get(drafter, drafter)
+    x = torch.full((6, 5), V)
+    x[1, :3] = torch.tensor([0, 1, 2])
+
+    def run(kernel):
+        chain.kernel = kernel
+        return speculative_sample_discrete(chain, x, window=4, drafter=d,
+                                           generator=[torch.Generator().manual_seed(60 + i) for i in range(6)])
+
+    unbuilt, built = run(MaskedKernel), run(CategoricalKernel)
+    assert torch.equal(unbuilt.sample, built.sample)
+    assert unbuilt.stats.to_dict() | {"wall_clock": 0} == built.stats.to_dict() | {"wall_clock": 0}
+    assert temperature == 0 or built.stats.residual_draws > 0  # rejections were corrected
+
+
+def test_the_unbuilt_masked_law_builds_to_the_transition():
+    scheduler = MaskedDiffusionScheduler(vocab_size=V, temperature=0.7, num_inference_steps=12)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randint(0, V + 1, (5, 2, 8), generator=g)
+    logits = torch.randn(5, 2, 8, V, generator=g)
+    logits[0, 0, :, 1:] = float("-inf")  # one possible token
+    step = torch.tensor([0, 3, 5, 6, 11])
+    chain = MaskedDiffusionChain(lambda t: logits, scheduler)
+    assert torch.equal(MaskedKernel.probs(MaskedKernel.law(chain, x, step, logits, logits)),
+                       scheduler.transition_probs(x, step, logits))
+    for t in (0.0, 1.0, 0.7):  # softmax of the scores is clean_probabilities, one-hot included
+        s = MaskedDiffusionScheduler(vocab_size=V, temperature=t)
+        assert torch.equal(torch.softmax(s.scores(logits), -1), s.clean_probabilities(logits))
+    with pytest.raises(ValueError, match="does not match"):
+        MaskedKernel.law(chain, x[:, :1], step, logits, logits)

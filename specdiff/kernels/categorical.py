@@ -40,6 +40,32 @@ def sample_categorical(probs: Tensor, u: Tensor) -> Tensor:
     return idx
 
 
+def softmax_rows(scores: Tensor) -> Tensor:
+    """``softmax(scores)`` over the last axis, a run of equal consecutive rows computed once
+    (softmax is row-wise: the same bits as alone). A round's verified laws repeat a row's
+    prediction while its state is unchanged."""
+    rows = scores.shape[0] if scores.ndim > 1 else 0
+    if rows > 1:
+        repeat = (scores[1:] == scores[:-1]).flatten(1).all(1)
+        if repeat.any():
+            fresh = torch.cat([repeat.new_ones(1), ~repeat])
+            return torch.softmax(scores[fresh], -1)[torch.cumsum(fresh, 0) - 1]
+    return torch.softmax(scores, -1)
+
+
+def masked_transition(x: Tensor, stay: Tensor, mu: Tensor) -> Tensor:
+    """The masked-diffusion step law of every position of ``x [B, ...]`` (MASK = ``V``, the last
+    state): a token is copied; a MASK stays w.p. ``stay [B]`` and else becomes token v w.p.
+    ``μ_v`` (``mu [B, ..., V]``). ``[B, ..., V + 1]``, float64.
+
+    "Stay" depends on the schedule only, never on μ: draft and target kernels that share it give
+    bit-identical MASK probabilities, so a step that unmasks nothing has a ratio of exactly 1."""
+    stay = stay.view(-1, *[1] * x.ndim)
+    masked_law = torch.cat([(1 - stay) * mu, stay.expand(*x.shape, 1)], dim=-1)
+    copy_law = torch.nn.functional.one_hot(x.long(), mu.shape[-1] + 1).to(torch.float64)
+    return torch.where((x == mu.shape[-1])[..., None], masked_law, copy_law)
+
+
 #: The residual loop gives up (with an error, never a biased sample) after this many
 #: proposals: it only happens when (K - J)+ has no mass left in float64.
 MAX_RESIDUAL_PROPOSALS = 1 << 24
@@ -191,4 +217,62 @@ class CategoricalKernel:
         """A draw from the residual ``(K - J)+`` for each rejected step, from its private streams
         (``generators()``); returns the draws and the proposals each needed."""
         x, draws = sample_residual(law_target[0], law_draft[0], generators())
+        return x.to(y.dtype), draws
+
+
+class MaskedKernel(CategoricalKernel):
+    """The categorical kernel of masked diffusion (:class:`~specdiff.discrete.MaskedDiffusionChain`),
+    with its law left unbuilt: ``(x, stay, scores)``, the state, each row's chance that a MASK
+    stays (``[R]``) and the clean-token scores (``μ = softmax(scores)``, ``[R, ..., V]``).
+
+    The coupling test needs ``K(y) / J(y)`` only at the positions the step unmasks (elsewhere both
+    are 1, or both the shared ``stay``): it computes ``μ`` there alone. The whole law
+    (:func:`masked_transition`, what ``chain.transition`` gives) is built only to draw a step or to
+    correct a rejected one. Every number is the one the built law holds, bit for bit."""
+
+    @staticmethod
+    def law(chain, x: Tensor, step: Tensor, prediction: Tensor, previous: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        scores = chain.scheduler.scores(prediction)
+        if scores.shape[:-1] != x.shape:
+            raise ValueError(f"model output {tuple(prediction.shape)} does not match sample {tuple(x.shape)}")
+        return x, chain.scheduler._stay_table(x.device)[step].expand(x.shape[0]), scores
+
+    @staticmethod
+    def probs(law) -> Tensor:
+        """The built law: ``chain.transition``'s probabilities ``[R, ..., V + 1]``."""
+        x, stay, scores = law
+        return masked_transition(x, stay, softmax_rows(scores))
+
+    @staticmethod
+    def draw(law, u: Tensor, like: Tensor) -> Tensor:
+        return sample_categorical(MaskedKernel.probs(law), u).to(like.dtype)
+
+    @staticmethod
+    def draft_window(chain, x: Tensor, steps: Tensor, predictions: Tensor, u: Tensor):
+        """The window at once (:meth:`MaskedDiffusionScheduler.draft_states`) where every position
+        has the same prediction; else ``None``."""
+        if not _one_prediction(predictions):
+            return None
+        x0, stay, scores = MaskedKernel.law(chain, x, steps[0], predictions[0], predictions[0])
+        stay = chain.scheduler._stay_table(x.device)[steps]
+        states, _ = chain.scheduler.draft_states(x, stay, softmax_rows(scores), u)
+        return states, (states[:-1], stay, scores.expand(len(stay), *scores.shape))
+
+    @staticmethod
+    def accept(law_draft, law_target, y: Tensor, noise: Tensor, u: Tensor) -> Tensor:
+        """``u < min(1, K(y) / J(y))`` per row, from the positions ``y`` unmasks."""
+        x, stay, target = law_target
+        mask = target.shape[-1]
+        at = ((x == mask) & (y != mask)).nonzero(as_tuple=True)  # (row, position...) of each unmasking
+        token, free = y[at].unsqueeze(-1), (1 - stay)[at[0]]
+        k = free * torch.softmax(target[at], -1).gather(-1, token).squeeze(-1)
+        j = free * torch.softmax(law_draft[2][at], -1).gather(-1, token).squeeze(-1)
+        per_position = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+        per_position[at] = torch.where(k == j, 0.0, k.log() - j.log())  # log_ratio's terms; 0 elsewhere
+        p = torch.nan_to_num(per_position.flatten(1).sum(1).clamp(max=0).exp(), nan=0.0)
+        return u.to(p.device) < p
+
+    @staticmethod
+    def correct(law_draft, law_target, y: Tensor, noise: Tensor, generators) -> tuple[Tensor, Tensor]:
+        x, draws = sample_residual(MaskedKernel.probs(law_target), MaskedKernel.probs(law_draft), generators())
         return x.to(y.dtype), draws
