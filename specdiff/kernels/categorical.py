@@ -29,14 +29,22 @@ def sample_categorical(probs: Tensor, u: Tensor) -> Tensor:
     """Inverse-CDF draw: ``probs[..., S]`` (need not be exactly normalised) and one uniform
     ``u[...]`` in [0, 1) per distribution. Returns the first index whose CDF exceeds
     ``u · total``; a zero-probability index is never returned."""
-    cdf = probs.cumsum(-1)
-    idx = torch.searchsorted(cdf, u.to(cdf.dtype).unsqueeze(-1) * cdf[..., -1:], right=True).squeeze(-1)
+    return _inverse_cdf(probs.cumsum(-1), u, probs)
+
+
+def _inverse_cdf(cdf: Tensor, u: Tensor, probs: Tensor) -> Tensor:
+    """:func:`sample_categorical` from the CDF of ``probs``; both may broadcast over ``u``'s shape."""
+    value = u.to(cdf.dtype).unsqueeze(-1) * cdf[..., -1:]
+    if cdf.shape[:-1] == u.shape:
+        idx = torch.searchsorted(cdf, value, right=True).squeeze(-1)
+    else:  # the number of CDF entries <= value: searchsorted's answer, without copying cdf to u's shape
+        idx = (cdf <= value).sum(-1)
     # The first index whose CDF exceeds the value has positive mass, unless there is none: u · total
     # rounded up to total. Only then (rare: one check) fall back to the last index with positive mass.
     over = idx == probs.shape[-1]
     if bool(over.any()):
         last = torch.where(probs > 0, torch.arange(probs.shape[-1], device=probs.device), -1).amax(-1)
-        idx = torch.where(over, last, idx)
+        idx = torch.where(over, last.expand_as(idx), idx)
     return idx
 
 
@@ -85,22 +93,34 @@ def log_ratio(target_probs: Tensor, draft_probs: Tensor, y: Tensor) -> Tensor:
     so only newly unmasked positions contribute, and a step that unmasks nothing has a
     ratio of exactly 1.
     """
-    picked_k = target_probs.to(torch.float64).gather(-1, y.long().unsqueeze(-1)).squeeze(-1)
-    picked_j = draft_probs.to(torch.float64).gather(-1, y.long().unsqueeze(-1)).squeeze(-1)
-    per_position = torch.where(picked_k == picked_j, torch.zeros_like(picked_k), picked_k.log() - picked_j.log())
-    return per_position.flatten(1).sum(1)
+    at = y.long().unsqueeze(-1)
+    picked_k = target_probs.to(torch.float64).gather(-1, at).squeeze(-1)
+    picked_j = draft_probs.to(torch.float64).gather(-1, at).squeeze(-1)
+    return _log_terms(picked_k, picked_j).flatten(1).sum(1)
+
+
+def _log_terms(picked_k: Tensor, picked_j: Tensor) -> Tensor:
+    """``log K_i(y_i) - log J_i(y_i)`` per position, exactly 0 where the two are equal."""
+    return torch.where(picked_k == picked_j, 0.0, picked_k.log() - picked_j.log())
 
 
 def step_acceptance_probability(target_probs: Tensor, draft_probs: Tensor, y: Tensor) -> Tensor:
     """``min(1, K(y) / J(y))`` per row: the chance that a drafted step ``y ~ J`` is kept."""
-    r = log_ratio(target_probs, draft_probs, y).clamp(max=0).exp()
-    return torch.nan_to_num(r, nan=0.0)  # K(y) = J(y) = 0 cannot be drafted; never accept it
+    return _step_acceptance(log_ratio(target_probs, draft_probs, y))
+
+
+def _step_acceptance(log_r: Tensor) -> Tensor:
+    return torch.nan_to_num(log_r.clamp(max=0).exp(), nan=0.0)  # K(y) = J(y) = 0 cannot be drafted; never accept it
 
 
 def residual_acceptance_probability(target_probs: Tensor, draft_probs: Tensor, y: Tensor) -> Tensor:
     """``max(0, 1 - J(y) / K(y))`` per row: the chance that a proposal ``y ~ K`` is kept by
     the residual loop. ``K(y) · this`` is proportional to ``(K - J)+(y)``."""
-    ratio = (-log_ratio(target_probs, draft_probs, y)).exp()  # J/K; +inf where K = 0
+    return _residual_acceptance(log_ratio(target_probs, draft_probs, y))
+
+
+def _residual_acceptance(log_r: Tensor) -> Tensor:
+    ratio = (-log_r).exp()  # J/K; +inf where K = 0
     return torch.nan_to_num((1 - ratio).clamp(min=0), nan=0.0)
 
 
@@ -127,6 +147,7 @@ def sample_residual(
         raise ValueError(f"need one generator per row: {len(generators)} for {rows} rows")
     out = torch.empty((rows, *shape), dtype=torch.long, device=target_probs.device)
     used = torch.zeros(rows, dtype=torch.long)
+    cdf = target_probs.cumsum(-1)  # every proposal of a row is drawn from the same K: its CDF once
     pending, block = torch.arange(rows), first_block
     while pending.numel():
         if int(used[pending].min()) >= MAX_RESIDUAL_PROPOSALS:
@@ -144,13 +165,12 @@ def sample_residual(
         ]
         u = torch.stack([d[0] for d in draws]).to(target_probs.device)  # [P, block, *shape]
         v = torch.stack([d[1] for d in draws]).to(target_probs.device)  # [P, block]
-        k = target_probs[pending.to(target_probs.device)].unsqueeze(1).expand(-1, block, *target_probs.shape[1:])
-        j = draft_probs[pending.to(draft_probs.device)].unsqueeze(1).expand_as(k)
-        proposals = sample_categorical(k, u)  # [P, block, *shape]
-        flat = (-1, *k.shape[2:])
-        keep = v.flatten() < residual_acceptance_probability(
-            k.reshape(flat), j.reshape(flat), proposals.reshape(-1, *shape)
-        )
+        at = pending.to(target_probs.device)
+        k, j = target_probs[at].unsqueeze(1), draft_probs[at].unsqueeze(1)  # [P, 1, *shape, S]: one row, every proposal
+        proposals = _inverse_cdf(cdf[at].unsqueeze(1), u, k)  # [P, block, *shape]
+        picked = proposals.unsqueeze(-1)
+        per_position = _log_terms(k.expand(*proposals.shape, -1).gather(-1, picked), j.expand(*proposals.shape, -1).gather(-1, picked))
+        keep = v.flatten() < _residual_acceptance(per_position.reshape(len(v) * block, -1).sum(1))
         keep = keep.view(-1, block).cpu()
         hit = keep.any(1)
         first = keep.to(torch.int8).argmax(1)
@@ -268,8 +288,8 @@ class MaskedKernel(CategoricalKernel):
         k = free * torch.softmax(target[at], -1).gather(-1, token).squeeze(-1)
         j = free * torch.softmax(law_draft[2][at], -1).gather(-1, token).squeeze(-1)
         per_position = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
-        per_position[at] = torch.where(k == j, 0.0, k.log() - j.log())  # log_ratio's terms; 0 elsewhere
-        p = torch.nan_to_num(per_position.flatten(1).sum(1).clamp(max=0).exp(), nan=0.0)
+        per_position[at] = _log_terms(k, j)  # log_ratio's terms: 0 elsewhere
+        p = _step_acceptance(per_position.flatten(1).sum(1))
         return u.to(p.device) < p
 
     @staticmethod
