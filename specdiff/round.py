@@ -112,7 +112,7 @@ def speculative_round(chain, kernel, drafter, noise, target, c: Carry, ids: Tens
     if len(asked):
         tally.called(ids, need.any(0))
         at = _to(asked, dev)
-        out = target(y.flatten(0, 1)[at], k.flatten()[asked], ids.repeat(span + 1)[asked], copy=False)
+        out = target(y.flatten(0, 1)[at], k.flatten()[asked], ids[asked % m], copy=False)
         pred_T.flatten(0, 1).index_copy_(0, at, out if out.dtype == pred_T.dtype else out.to(pred_T.dtype))
     if same is not None:  # an unchanged state takes the prediction of the last verified one (same[0] is False)
         pred_T.copy_(pred_T[_to(torch.where(same, 0, j).cummax(0).values, dev), _samples(m, dev)])
@@ -231,6 +231,8 @@ def _check_finite(prediction: Tensor, steps: Tensor, who: str, x: Tensor) -> Ten
             wide = torch.float32 if prediction.device.type == "mps" else torch.float64
             if math.isfinite(prediction.sum(dtype=wide)):
                 return prediction
+        elif not bool(torch.isnan(prediction).any()):  # logits may be -inf, never NaN
+            return prediction
         flat = prediction.flatten(1)
         bad = (~torch.isfinite(flat) if x.is_floating_point() else torch.isnan(flat)).any(1)
         if bad.any():

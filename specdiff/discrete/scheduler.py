@@ -222,7 +222,8 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
         torch.mul(1 - stay, mu, out=probs[..., :v])  # the masked law of transition_probs, every step
         probs[..., v:] = stay
         chunk = max(1, DRAFT_CHUNK_ELEMENTS // max(probs[0].numel(), 1))
-        draws = torch.cat([sample_categorical(probs[a : a + chunk], u[a : a + chunk]) for a in range(0, len(probs), chunk)])
+        draws = [sample_categorical(probs[a : a + chunk], u[a : a + chunk]) for a in range(0, len(probs), chunk)]
+        draws = draws[0] if len(draws) == 1 else torch.cat(draws)
         hit8 = (draws != mask).to(torch.uint8)
         first = hit8.argmax(0, keepdim=True)  # the first draw that unmasks (argmax: first max)
         token = draws.gather(0, first)
