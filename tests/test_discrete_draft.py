@@ -185,3 +185,14 @@ def test_the_unbuilt_masked_law_builds_to_the_transition():
         assert torch.equal(torch.softmax(s.scores(logits), -1), s.clean_probabilities(logits))
     with pytest.raises(ValueError, match="does not match"):
         MaskedKernel.law(chain, x[:, :1], step, logits, logits)
+
+
+def test_the_residual_sampler_gives_up_with_an_error_not_a_biased_draw(monkeypatch):
+    import specdiff.kernels.categorical as categorical
+
+    monkeypatch.setattr(categorical, "MAX_RESIDUAL_PROPOSALS", 20)
+    probs = torch.softmax(torch.randn(2, 3, V, generator=torch.Generator().manual_seed(8), dtype=torch.float64), -1)
+    with pytest.raises(RuntimeError, match="no sample in 20 proposals"):  # K = J: (K - J)+ has no mass
+        categorical.sample_residual(probs, probs, [torch.Generator().manual_seed(s) for s in range(2)])
+    x, used = categorical.sample_residual(probs, probs.flip(-1), [torch.Generator().manual_seed(s) for s in range(2)])
+    assert x.shape == (2, 3) and (used >= 1).all()

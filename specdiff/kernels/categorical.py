@@ -148,9 +148,9 @@ def sample_residual(
     out = torch.empty((rows, *shape), dtype=torch.long, device=target_probs.device)
     used = torch.zeros(rows, dtype=torch.long)
     cdf = target_probs.cumsum(-1)  # every proposal of a row is drawn from the same K: its CDF once
-    pending, block = torch.arange(rows), first_block
+    pending, block, drawn = torch.arange(rows), first_block, 0  # every pending row has drawn `drawn` proposals
     while pending.numel():
-        if int(used[pending].min()) >= MAX_RESIDUAL_PROPOSALS:
+        if drawn >= MAX_RESIDUAL_PROPOSALS:
             raise RuntimeError(
                 f"the rejection residual found no sample in {MAX_RESIDUAL_PROPOSALS} proposals: (K - J)+ has "
                 "(numerically) no mass although the drafted step was rejected; are the draft and target "
@@ -165,20 +165,22 @@ def sample_residual(
         ]
         u = torch.stack([d[0] for d in draws]).to(target_probs.device)  # [P, block, *shape]
         v = torch.stack([d[1] for d in draws]).to(target_probs.device)  # [P, block]
-        at = pending.to(target_probs.device)
-        k, j = target_probs[at].unsqueeze(1), draft_probs[at].unsqueeze(1)  # [P, 1, *shape, S]: one row, every proposal
-        proposals = _inverse_cdf(cdf[at].unsqueeze(1), u, k)  # [P, block, *shape]
+        k, j, c = target_probs, draft_probs, cdf
+        if len(pending) < rows:
+            at = pending.to(target_probs.device)
+            k, j, c = k[at], j[at], c[at]
+        k, j = k.unsqueeze(1), j.unsqueeze(1)  # [P, 1, *shape, S]: one row, every proposal
+        proposals = _inverse_cdf(c.unsqueeze(1), u, k)  # [P, block, *shape]
         picked = proposals.unsqueeze(-1)
         per_position = _log_terms(k.expand(*proposals.shape, -1).gather(-1, picked), j.expand(*proposals.shape, -1).gather(-1, picked))
         keep = v.flatten() < _residual_acceptance(per_position.reshape(len(v) * block, -1).sum(1))
         keep = keep.view(-1, block).cpu()
         hit = keep.any(1)
         first = keep.to(torch.int8).argmax(1)
-        done = pending[hit]
-        out[done.to(out.device)] = proposals[hit.to(proposals.device), first[hit].to(proposals.device)]
-        used[done] += first[hit] + 1
-        used[pending[~hit]] += block
-        pending, block = pending[~hit], min(2 * block, max_block)
+        done, first = pending[hit], first[hit]
+        out[done.to(out.device)] = proposals[hit.to(proposals.device), first.to(proposals.device)]
+        used[done] = drawn + first + 1
+        pending, drawn, block = pending[~hit], drawn + block, min(2 * block, max_block)
     return out, used
 
 
