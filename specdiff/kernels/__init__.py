@@ -17,7 +17,7 @@ A law is a tuple of tensors with one leading row per state. The round
 (:mod:`specdiff.round`) is written once against this interface; adding a coupling is one file.
 """
 
-from .categorical import CategoricalKernel
+from .categorical import CategoricalKernel, MaskedKernel
 from .gaussian import GaussianKernel
 
 
@@ -31,4 +31,4 @@ def kernel_for(chain, x_init):
     return GaussianKernel if x_init.is_floating_point() else CategoricalKernel
 
 
-__all__ = ["CategoricalKernel", "GaussianKernel", "kernel_for"]
+__all__ = ["CategoricalKernel", "GaussianKernel", "MaskedKernel", "kernel_for"]
