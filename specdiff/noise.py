@@ -93,13 +93,15 @@ class NoiseStreams:
             generator, rows = self.groups[gi]
             if what == 0:  # the caller's generator: one step at a time, in order, never ahead
                 shape = (len(rows), *self.shape)
-                if self.kind == "normal":
-                    new = [torch.randn(shape, generator=generator, device=generator.device, dtype=self.dtype)
-                           for _ in range(drawn, step + 1)]
+                if self.kind == "uniform" and generator.device.type == "cpu":
+                    # The CPU generator draws float64 uniforms one element after the other: the
+                    # steps at once are the very numbers (and end state) of one draw per step.
+                    block = torch.rand((step + 1 - drawn, *shape), generator=generator, dtype=torch.float64)
                 else:
-                    new = [torch.rand(shape, generator=generator, device=generator.device, dtype=torch.float64)
-                           for _ in range(drawn, step + 1)]
-                block = torch.stack(new)
+                    dist = torch.randn if self.kind == "normal" else torch.rand
+                    dtype = self.dtype if self.kind == "normal" else torch.float64
+                    block = torch.stack([dist(shape, generator=generator, device=generator.device, dtype=dtype)
+                                         for _ in range(drawn, step + 1)])
                 block = block if block.device == self.device else block.to(self.device)
             else:  # a companion stream: whole blocks of steps (the same numbers as step by step)
                 count = -(-(step + 1 - drawn) // _BLOCK) * _BLOCK

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .drafters import DraftMemory, FrozenTargetDrafter
+from .drafters import DraftMemory
 
 
 @dataclass
@@ -112,7 +112,7 @@ def speculative_round(chain, kernel, drafter, noise, target, c: Carry, ids: Tens
     if len(asked):
         tally.called(ids, need.any(0))
         at = _to(asked, dev)
-        out = target(y.flatten(0, 1)[at], k.flatten()[asked], ids.repeat(span + 1)[asked], copy=False)
+        out = target(y.flatten(0, 1)[at], k.flatten()[asked], ids[asked % m], copy=False)
         pred_T.flatten(0, 1).index_copy_(0, at, out if out.dtype == pred_T.dtype else out.to(pred_T.dtype))
     if same is not None:  # an unchanged state takes the prediction of the last verified one (same[0] is False)
         pred_T.copy_(pred_T[_to(torch.where(same, 0, j).cummax(0).values, dev), _samples(m, dev)])
@@ -157,18 +157,15 @@ def _drafts(chain, kernel, drafter, c: Carry, ids: Tensor, k: Tensor, z: Tensor,
     The loop is sequential (``y_{j+1}`` needs ``y_j``); what the positions share is built once,
     here: the steps on the device, the drafter's memory, which positions have a same-step
     prediction. At position 0 a fresh sample keeps its exact ``c.pred`` (J = K). A drafter that
-    never looks at the drafted state (``uses_state = False``) is asked for every position first,
-    so that a kernel with a ``rollout`` can batch the state-free part of the whole window; the
-    frozen drafter's window is drawn at once by a kernel with ``draft_frozen``."""
+    never looks at the drafted state (``uses_state = False``) is asked for every position first:
+    with the window's predictions known up front, a kernel's ``draft_window`` may draft it at once
+    (or decline with ``None``: then the loop below drafts it)."""
     dev, m = c.x.device, len(ids)
     steps, sample = _to(k, dev), _to(ids, dev)
-    if type(drafter) is FrozenTargetDrafter and hasattr(kernel, "draft_frozen"):  # c.pred at every position
-        done = kernel.draft_frozen(chain, c.x, steps[:span], c.pred, z)
-        if done is not None:
-            return done
     made_at = _to(c.n - (~c.fresh).long(), dev)
     reach = int(c.ahead_len.max())  # position j < reach: some row has a same-step prediction
-    has = _to(_positions(span) < c.ahead_len, dev).unbind(0)
+    has = _to(_positions(reach) < c.ahead_len, dev) if reach else None
+    nobody = _nobody(m, dev)
     asks = (~c.fresh).nonzero().squeeze(1)  # the rows that draft position 0
     steps_j = steps.unbind(0)
 
@@ -177,17 +174,25 @@ def _drafts(chain, kernel, drafter, c: Carry, ids: Tensor, k: Tensor, z: Tensor,
             if not len(asks):
                 return c.pred
             a = asks.to(dev)
-            memory = DraftMemory(c.pred[a], made_at[a], c.prev[a], sample[a],
-                                 c.ahead[0][a] if bool((c.ahead_len[asks] > 0).any()) else None, has[0][a])
-            return c.pred.index_put((a,), _draft(drafter, None if x is None else x[a], steps_j[0][a], memory, tally, c.x))
-        same_step = c.ahead[min(jj, len(c.ahead) - 1)] if jj < reach else None
-        return _draft(drafter, x, steps_j[jj], DraftMemory(c.pred, made_at, c.prev, sample, same_step, has[jj]), tally, c.x)
+            same_step = bool((c.ahead_len[asks] > 0).any())
+            memory = DraftMemory(c.pred[a], made_at[a], c.prev[a], sample[a], c.ahead[0][a] if same_step else None,
+                                 has[0][a] if same_step else nobody[a])
+            guess = _draft(drafter, None if x is None else x[a], steps_j[0][a], memory, tally, c.x)
+            # The memory's own prediction handed back (the frozen drafter): that is c.pred, row for row.
+            return c.pred if guess is memory.prediction else c.pred.index_put((a,), guess)
+        if jj < reach:
+            memory = DraftMemory(c.pred, made_at, c.prev, sample, c.ahead[min(jj, len(c.ahead) - 1)], has[jj])
+        else:
+            memory = DraftMemory(c.pred, made_at, c.prev, sample, None, nobody)
+        return _draft(drafter, x, steps_j[jj], memory, tally, c.x)
 
     guesses = None
     if not getattr(drafter, "uses_state", True):
         guesses = [guess_at(jj, None) for jj in range(span)]
-        rollout = getattr(kernel, "rollout", None)
-        done = rollout(chain, c.x, steps[:span], torch.stack(guesses), z) if rollout is not None else None
+        first = guesses[0]  # one tensor at every position (the frozen drafter): a view, no copies
+        known = first.expand(span, *first.shape) if all(g is first for g in guesses) else torch.stack(guesses)
+        window = getattr(kernel, "draft_window", None)
+        done = window(chain, c.x, steps[:span], known, z) if window is not None else None
         if done is not None:
             return done
     y, laws, previous, z_j = [c.x], [], c.prev, z.unbind(0)
@@ -203,13 +208,14 @@ def _draft(drafter, x: Tensor | None, step: Tensor, memory: DraftMemory, tally, 
     """The drafter's prediction for rows ``x`` at ``step`` (``x`` is None for a drafter that does
     not look at it), checked, in the carried dtype."""
     guess = drafter.predict(x, step, memory)
-    tally.stats.draft_calls += int(drafter.network_calls)
+    if drafter.network_calls:
+        tally.stats.draft_calls += 1
     if guess.shape != memory.prediction.shape:
         raise ValueError(
             f"{type(drafter).__name__}.predict returned shape {tuple(guess.shape)}; expected "
             f"{tuple(memory.prediction.shape)} (one prediction per drafted row, like the chain's predict)"
         )
-    if not getattr(drafter, "reuses_target", False):  # target predictions were checked when the target made them
+    if not drafter.reuses_target:  # target predictions were checked when the target made them
         _check_finite(guess, step, "draft", like)
     dtype = memory.prediction.dtype
     return guess if guess.dtype == dtype else guess.to(dtype)
@@ -225,6 +231,8 @@ def _check_finite(prediction: Tensor, steps: Tensor, who: str, x: Tensor) -> Ten
             wide = torch.float32 if prediction.device.type == "mps" else torch.float64
             if math.isfinite(prediction.sum(dtype=wide)):
                 return prediction
+        elif not bool(torch.isnan(prediction).any()):  # logits may be -inf, never NaN
+            return prediction
         flat = prediction.flatten(1)
         bad = (~torch.isfinite(flat) if x.is_floating_point() else torch.isnan(flat)).any(1)
         if bad.any():
@@ -271,6 +279,12 @@ def _positions(n: int) -> Tensor:
 def _samples(m: int, device) -> Tensor:
     """``arange(m)`` on ``device`` (shared, never written to)."""
     return torch.arange(m, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _nobody(m: int, device) -> Tensor:
+    """``m`` False values on ``device``: no row has a same-step prediction (shared, never written to)."""
+    return torch.zeros(m, dtype=torch.bool, device=device)
 
 
 def _to(t: Tensor, device) -> Tensor:

@@ -188,3 +188,19 @@ def test_same_seed_repeats_and_global_seed_is_respected():
     torch.manual_seed(0)
     d = speculative_sample_discrete(chain, start(3), window=4)
     assert torch.equal(c.sample, d.sample)
+
+
+@pytest.mark.parametrize("window", [1, 4])
+def test_nan_logits_are_refused_and_minus_inf_ones_are_not(window):
+    net = MarkovDenoiser.random(V, seed=0)
+
+    def logits(x):  # -inf is a token the model rules out; NaN a broken model, once 5 positions are unmasked
+        out = net(x)
+        out[..., 0] = float("-inf")
+        return torch.where(((x != V).sum(1) >= 5).view(-1, 1, 1), torch.nan, out)
+
+    chain = MaskedDiffusionChain(logits, MaskedDiffusionScheduler(vocab_size=V, num_inference_steps=LENGTH))
+    with pytest.raises(FloatingPointError, match="NaN/inf at step"):
+        speculative_sample_discrete(chain, chain.prior(2, (LENGTH,)), window=window, generator=torch.Generator().manual_seed(0))
+    chain.model = lambda x: torch.where(torch.arange(V) == 0, float("-inf"), net(x))
+    assert (speculative_sample_discrete(chain, chain.prior(2, (LENGTH,)), window=window).sample != 0).all()

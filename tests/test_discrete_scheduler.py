@@ -61,6 +61,12 @@ def test_sample_categorical_is_the_inverse_cdf_and_skips_zero_mass():
     assert sample_categorical(tail.expand(1, -1), torch.tensor([1 - 2**-53], dtype=torch.float64)).tolist() == [1]
 
 
+def test_sample_categorical_falls_back_to_the_last_positive_mass_when_u_total_rounds_to_total():
+    tiny = torch.tensor([[5e-324, 0.0, 0.0], [0.0, 5e-324, 0.0], [0.5, 0.5, 0.0]], dtype=torch.float64)
+    u = torch.tensor([0.75, 0.75, 0.3], dtype=torch.float64)  # 0.75 · 5e-324 rounds to 5e-324: past every CDF
+    assert sample_categorical(tiny, u).tolist() == [0, 1, 0]
+
+
 def test_plain_scheduler_loop_unmasks_everything_and_matches_the_library_sampler():
     net = LookupDenoiser(2, 3, seed=0)
     s = MaskedDiffusionScheduler(vocab_size=2)

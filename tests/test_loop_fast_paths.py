@@ -1,5 +1,5 @@
 """The round's fast paths are the generic computation, bit for bit: a state-free drafter's window
-drafted by the Gaussian kernel's rollout (DDPM), against the same drafter asked position by
+drafted at once by the Gaussian kernel's draft_window (DDPM), against the same drafter asked position by
 position; and the companion streams (acceptance uniforms, residual seeds) drawn in blocks of
 steps, against the step-by-step draws of their generators."""
 
@@ -54,12 +54,12 @@ def test_a_rolled_out_window_is_the_position_by_position_draft(dtype, config):
             assert window == 1 or fast.stats.proposed > fast.stats.accepted  # reflections were exercised
 
 
-def test_the_rollout_declines_chains_without_an_affine_mean():
+def test_the_window_draft_declines_chains_without_an_affine_mean():
     chain = ddpm_chain(torch.float32)
     chain.affine = False
     steps = torch.zeros(2, 1, dtype=torch.long)
-    assert GaussianKernel.rollout(chain, torch.zeros(1, 3, 4, 4), steps, torch.zeros(2, 1, 3, 4, 4),
-                                  torch.zeros(2, 1, 3, 4, 4)) is None
+    assert GaussianKernel.draft_window(chain, torch.zeros(1, 3, 4, 4), steps, torch.zeros(2, 1, 3, 4, 4),
+                                       torch.zeros(2, 1, 3, 4, 4)) is None
 
 
 @pytest.mark.parametrize("per_sample", [False, True])
@@ -78,3 +78,25 @@ def test_companion_streams_drawn_in_blocks_are_the_step_by_step_draws(per_sample
         for k in range(steps):
             assert torch.equal(u[k, slots], torch.rand(len(slots), generator=uniforms, dtype=torch.float64))
             assert torch.equal(seeds[k, slots], torch.randint(0, 2**62, (len(slots),), generator=residuals))
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_uniform_step_noise_drawn_several_steps_at_once_is_the_step_by_step_draws(per_sample):
+    """A categorical round draws its window's step noise in one call per generator: the same numbers,
+    and the same generator state after, as one call per step (the plain sampler)."""
+    batch, steps, shape = 3, 40, (2, 5)
+    make = (lambda: [torch.Generator().manual_seed(30 + b) for b in range(batch)]) if per_sample else (
+        lambda: torch.Generator().manual_seed(30))
+    given = make()
+    streams = NoiseStreams(given, torch.zeros(batch, *shape, dtype=torch.long), "uniform")
+    rows, got, start = torch.arange(batch), [], 0
+    for span in (1, 7, 3, 16, 13):  # windows of several steps, as a round asks for them
+        grid = torch.arange(start, start + span)[:, None].expand(span, batch)
+        got.append(streams.noise(rows, grid))
+        start += span
+    got = torch.cat(got)
+    for slots, g, mine in zip([[b] for b in range(batch)] if per_sample else [list(range(batch))],
+                              make() if per_sample else [make()], given if per_sample else [given]):
+        plain = torch.stack([torch.rand((len(slots), *shape), generator=g, dtype=torch.float64) for _ in range(steps)])
+        assert torch.equal(got[:, slots], plain)
+        assert torch.equal(mine.get_state(), g.get_state())

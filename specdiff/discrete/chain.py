@@ -25,6 +25,7 @@ from torch import Tensor
 from ..drafters import DraftMemory, Drafter, as_drafter
 from ..kernels.categorical import (
     CategoricalKernel,
+    MaskedKernel,
     log_prob,
     residual_acceptance_probability,
     step_acceptance_probability,
@@ -49,6 +50,8 @@ class MaskedDiffusionChain:
         self.time_conditioned = time_conditioned
         self.predict_calls = 0
         self.predict_rows = 0
+        # The scheduler's own law, left unbuilt where it can (not for a subclass's transition).
+        self.kernel = MaskedKernel if type(self).transition is MaskedDiffusionChain.transition else CategoricalKernel
 
     @property
     def num_steps(self) -> int:

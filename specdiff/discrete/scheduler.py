@@ -33,7 +33,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from torch import Tensor
 
-from ..kernels.categorical import sample_categorical
+from ..kernels.categorical import masked_transition, sample_categorical, softmax_rows
 from ..noise import GeneratorArg, split_generators
 
 ALPHA_SCHEDULES = ("linear", "cosine")
@@ -153,8 +153,10 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
             self._stay[device] = self._stay[torch.device("cpu")].to(device)
         return self._stay[device]
 
-    def clean_probabilities(self, model_output: Tensor) -> Tensor:
-        """``μ``: the model's law of the clean token per position (float64), MASK excluded."""
+    def scores(self, model_output: Tensor) -> Tensor:
+        """The clean-token scores ``s`` with ``μ = softmax(s)`` per position (float64, MASK logit
+        dropped): ``logits / temperature``, or at temperature 0 ``log one_hot(argmax)``, whose
+        softmax is that one-hot exactly."""
         logits = model_output.to(torch.float64)
         v = self.config.vocab_size
         if logits.shape[-1] == v + 1:  # a MASK logit: dropped (SUBS "zero masking probability")
@@ -163,19 +165,12 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"model output has {logits.shape[-1]} classes; expected {v} tokens (or {v + 1} with MASK)")
         temperature = self.config.temperature
         if temperature == 0:
-            return torch.nn.functional.one_hot(logits.argmax(-1), v).to(torch.float64)
-        rows = logits.shape[0] if logits.ndim > 1 else 0
-        if rows > 1:  # a round's verified laws repeat a row's prediction while its state is unchanged
-            repeat = (logits[1:] == logits[:-1]).flatten(1).all(1)
-            if repeat.any():  # softmax each distinct row once (row-wise: the same bits), then copy
-                fresh = torch.cat([repeat.new_ones(1), ~repeat])
-                source = torch.cumsum(fresh, 0) - 1
-                return self._softmax(logits[fresh], temperature)[source]
-        return self._softmax(logits, temperature)
+            return torch.nn.functional.one_hot(logits.argmax(-1), v).to(torch.float64).log()
+        return logits if temperature == 1 else logits / temperature
 
-    @staticmethod
-    def _softmax(logits: Tensor, temperature: float) -> Tensor:
-        return torch.softmax(logits if temperature == 1 else logits / temperature, dim=-1)  # x / 1 == x
+    def clean_probabilities(self, model_output: Tensor) -> Tensor:
+        """``μ``: the model's law of the clean token per position (float64), MASK excluded."""
+        return softmax_rows(self.scores(model_output))
 
     def transition_probs(self, sample: Tensor, step_index: Tensor, model_output: Tensor) -> Tensor:
         """Next-state law of every position, shape ``(*sample.shape, vocab_size + 1)``, float64.
@@ -185,16 +180,10 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
         batch = sample.shape[0]
         k = self._checked_steps(step_index).reshape(-1).expand(batch)
         stay = self._stay_table(sample.device)[k.to(sample.device)]
-        stay = stay.view(-1, *[1] * sample.ndim)  # [B, 1, ..., 1]
         mu = self.clean_probabilities(model_output)
         if mu.shape[:-1] != sample.shape:
             raise ValueError(f"model output {tuple(model_output.shape)} does not match sample {tuple(sample.shape)}")
-        # "Stay" depends on the schedule only, never on μ: draft and target kernels that share
-        # α then give bit-identical MASK probabilities, so a step that unmasks nothing has a
-        # likelihood ratio of exactly 1.
-        masked_law = torch.cat([(1 - stay) * mu, stay.expand(*sample.shape, 1)], dim=-1)
-        copy_law = torch.nn.functional.one_hot(sample.long(), self.num_states).to(torch.float64)
-        return torch.where((sample == self.mask_token_id)[..., None], masked_law, copy_law)
+        return masked_transition(sample, stay, mu)
 
     def draft_frozen(self, sample: Tensor, step_indices: Tensor, model_output: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
         """``L`` consecutive steps under ONE model output (the frozen-target drafter), at once.
@@ -204,34 +193,42 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
         drawn from ``states[j]`` at ``step_indices[j]`` with ``u[j]``) and ``probs [L, ...,
         num_states]`` (``probs[j] = transition_probs(states[j], step_indices[j], model_output)``),
         bit for bit what ``L`` sequential ``transition_probs`` + ``sample_categorical`` calls give.
+        """
+        k = self._checked_steps(step_indices).to(sample.device)
+        mu = self.clean_probabilities(model_output)
+        if mu.shape[:-1] != sample.shape:
+            raise ValueError(f"model output {tuple(model_output.shape)} does not match sample {tuple(sample.shape)}")
+        states, probs = self.draft_states(sample, self._stay_table(sample.device)[k], mu, u)
+        copied = states[:-1] != self.mask_token_id  # those positions follow the copy law: a one-hot on their token
+        probs.masked_fill_(copied.unsqueeze(-1), 0.0)
+        at = copied.nonzero(as_tuple=True)
+        probs[(*at, states[:-1][at].long())] = 1.0
+        return states, probs
+
+    @staticmethod
+    def draft_states(sample: Tensor, stay: Tensor, mu: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+        """The states of :meth:`draft_frozen` from ``stay [L, B]`` (the steps' probabilities of
+        staying masked) and ``μ``, and the masked law of every step (``[L, ..., num_states]``;
+        where a position is already unmasked its copy law replaces it in ``transition_probs``).
 
         Why it can be vectorised: given ``μ``, the law of a masked position at step j depends on
         the step only, and an unmasked one is copied. So every step's draw is made as if the
         position were still masked, and a position takes the token of its first draw that is not
         MASK (later draws would have copied it).
         """
-        mask, v = self.mask_token_id, self.config.vocab_size
-        k = self._checked_steps(step_indices).to(sample.device)
-        stay = self._stay_table(sample.device)[k].view(*k.shape, *[1] * sample.ndim)  # [L, B, 1, ..., 1]
-        mu = self.clean_probabilities(model_output)
-        if mu.shape[:-1] != sample.shape:
-            raise ValueError(f"model output {tuple(model_output.shape)} does not match sample {tuple(sample.shape)}")
-        probs = torch.empty((k.shape[0], *sample.shape, v + 1), dtype=torch.float64, device=sample.device)
+        mask = v = mu.shape[-1]
+        stay = stay.view(*stay.shape, *[1] * sample.ndim)  # [L, B, 1, ..., 1]
+        probs = torch.empty((stay.shape[0], *sample.shape, v + 1), dtype=torch.float64, device=sample.device)
         torch.mul(1 - stay, mu, out=probs[..., :v])  # the masked law of transition_probs, every step
         probs[..., v:] = stay
         chunk = max(1, DRAFT_CHUNK_ELEMENTS // max(probs[0].numel(), 1))
-        draws = torch.cat([sample_categorical(probs[a : a + chunk], u[a : a + chunk]) for a in range(0, len(probs), chunk)])
-        hit = draws != mask
-        hit8 = hit.to(torch.uint8)
+        draws = [sample_categorical(probs[a : a + chunk], u[a : a + chunk]) for a in range(0, len(probs), chunk)]
+        draws = draws[0] if len(draws) == 1 else torch.cat(draws)
+        hit8 = (draws != mask).to(torch.uint8)
         first = hit8.argmax(0, keepdim=True)  # the first draw that unmasks (argmax: first max)
         token = draws.gather(0, first)
         states = torch.where(hit8.cummax(0).values.bool() & (sample == mask), token, sample)
-        states = torch.cat([sample[None], states.to(sample.dtype)])
-        copied = states[:-1] != mask  # those positions follow the copy law: a one-hot on their token
-        probs.masked_fill_(copied.unsqueeze(-1), 0.0)
-        at = copied.nonzero(as_tuple=True)
-        probs[(*at, states[:-1][at].long())] = 1.0
-        return states, probs
+        return torch.cat([sample[None], states.to(sample.dtype)]), probs
 
     def index_for_timestep(self, timestep, batch: int) -> Tensor:
         """Step indices (``LongTensor[B]``) of ``timestep``: a value of ``self.timesteps``

@@ -8,12 +8,16 @@ A kernel is a small stateless object with
     accept(law_draft, law_target, y, noise, u) -> bool    the maximal-coupling test of a drafted step
     correct(law_draft, law_target, y, noise, generators) -> (x, draws)
                                                           a draw from the target coupled to a rejection
+    draft_window(chain, x, steps, predictions, noise) -> (y, laws) or None
+                                                          optional: a window whose predictions are
+                                                          known up front, drafted at once (None: the
+                                                          round drafts it step by step)
 
 A law is a tuple of tensors with one leading row per state. The round
 (:mod:`specdiff.round`) is written once against this interface; adding a coupling is one file.
 """
 
-from .categorical import CategoricalKernel
+from .categorical import CategoricalKernel, MaskedKernel
 from .gaussian import GaussianKernel
 
 
@@ -27,4 +31,4 @@ def kernel_for(chain, x_init):
     return GaussianKernel if x_init.is_floating_point() else CategoricalKernel
 
 
-__all__ = ["CategoricalKernel", "GaussianKernel", "kernel_for"]
+__all__ = ["CategoricalKernel", "GaussianKernel", "MaskedKernel", "kernel_for"]

@@ -29,12 +29,49 @@ def sample_categorical(probs: Tensor, u: Tensor) -> Tensor:
     """Inverse-CDF draw: ``probs[..., S]`` (need not be exactly normalised) and one uniform
     ``u[...]`` in [0, 1) per distribution. Returns the first index whose CDF exceeds
     ``u · total``; a zero-probability index is never returned."""
-    cdf = probs.cumsum(-1)
-    total = cdf[..., -1:]
-    idx = torch.searchsorted(cdf.contiguous(), (u.to(cdf.dtype)[..., None] * total).contiguous(), right=True)
-    # u · total can round up to total; fall back to the last index with positive mass.
-    last = torch.where(probs > 0, torch.arange(probs.shape[-1], device=probs.device), -1).amax(-1, keepdim=True)
-    return torch.minimum(idx, last).squeeze(-1)
+    return _inverse_cdf(probs.cumsum(-1), u, probs)
+
+
+def _inverse_cdf(cdf: Tensor, u: Tensor, probs: Tensor) -> Tensor:
+    """:func:`sample_categorical` from the CDF of ``probs``; both may broadcast over ``u``'s shape."""
+    value = u.to(cdf.dtype).unsqueeze(-1) * cdf[..., -1:]
+    if cdf.shape[:-1] == u.shape:
+        idx = torch.searchsorted(cdf, value, right=True).squeeze(-1)
+    else:  # the number of CDF entries <= value: searchsorted's answer, without copying cdf to u's shape
+        idx = (cdf <= value).sum(-1)
+    # The first index whose CDF exceeds the value has positive mass, unless there is none: u · total
+    # rounded up to total. Only then (rare: one check) fall back to the last index with positive mass.
+    over = idx == probs.shape[-1]
+    if bool(over.any()):
+        last = torch.where(probs > 0, torch.arange(probs.shape[-1], device=probs.device), -1).amax(-1)
+        idx = torch.where(over, last.expand_as(idx), idx)
+    return idx
+
+
+def softmax_rows(scores: Tensor) -> Tensor:
+    """``softmax(scores)`` over the last axis, a run of equal consecutive rows computed once
+    (softmax is row-wise: the same bits as alone). A round's verified laws repeat a row's
+    prediction while its state is unchanged."""
+    rows = scores.shape[0] if scores.ndim > 1 else 0
+    if rows > 1:
+        repeat = (scores[1:] == scores[:-1]).flatten(1).all(1)
+        if repeat.any():
+            fresh = torch.cat([repeat.new_ones(1), ~repeat])
+            return torch.softmax(scores[fresh], -1)[torch.cumsum(fresh, 0) - 1]
+    return torch.softmax(scores, -1)
+
+
+def masked_transition(x: Tensor, stay: Tensor, mu: Tensor) -> Tensor:
+    """The masked-diffusion step law of every position of ``x [B, ...]`` (MASK = ``V``, the last
+    state): a token is copied; a MASK stays w.p. ``stay [B]`` and else becomes token v w.p.
+    ``μ_v`` (``mu [B, ..., V]``). ``[B, ..., V + 1]``, float64.
+
+    "Stay" depends on the schedule only, never on μ: draft and target kernels that share it give
+    bit-identical MASK probabilities, so a step that unmasks nothing has a ratio of exactly 1."""
+    stay = stay.view(-1, *[1] * x.ndim)
+    masked_law = torch.cat([(1 - stay) * mu, stay.expand(*x.shape, 1)], dim=-1)
+    copy_law = torch.nn.functional.one_hot(x.long(), mu.shape[-1] + 1).to(torch.float64)
+    return torch.where((x == mu.shape[-1])[..., None], masked_law, copy_law)
 
 
 #: The residual loop gives up (with an error, never a biased sample) after this many
@@ -56,22 +93,34 @@ def log_ratio(target_probs: Tensor, draft_probs: Tensor, y: Tensor) -> Tensor:
     so only newly unmasked positions contribute, and a step that unmasks nothing has a
     ratio of exactly 1.
     """
-    picked_k = target_probs.to(torch.float64).gather(-1, y.long().unsqueeze(-1)).squeeze(-1)
-    picked_j = draft_probs.to(torch.float64).gather(-1, y.long().unsqueeze(-1)).squeeze(-1)
-    per_position = torch.where(picked_k == picked_j, torch.zeros_like(picked_k), picked_k.log() - picked_j.log())
-    return per_position.flatten(1).sum(1)
+    at = y.long().unsqueeze(-1)
+    picked_k = target_probs.to(torch.float64).gather(-1, at).squeeze(-1)
+    picked_j = draft_probs.to(torch.float64).gather(-1, at).squeeze(-1)
+    return _log_terms(picked_k, picked_j).flatten(1).sum(1)
+
+
+def _log_terms(picked_k: Tensor, picked_j: Tensor) -> Tensor:
+    """``log K_i(y_i) - log J_i(y_i)`` per position, exactly 0 where the two are equal."""
+    return torch.where(picked_k == picked_j, 0.0, picked_k.log() - picked_j.log())
 
 
 def step_acceptance_probability(target_probs: Tensor, draft_probs: Tensor, y: Tensor) -> Tensor:
     """``min(1, K(y) / J(y))`` per row: the chance that a drafted step ``y ~ J`` is kept."""
-    r = log_ratio(target_probs, draft_probs, y).clamp(max=0).exp()
-    return torch.nan_to_num(r, nan=0.0)  # K(y) = J(y) = 0 cannot be drafted; never accept it
+    return _step_acceptance(log_ratio(target_probs, draft_probs, y))
+
+
+def _step_acceptance(log_r: Tensor) -> Tensor:
+    return torch.nan_to_num(log_r.clamp(max=0).exp(), nan=0.0)  # K(y) = J(y) = 0 cannot be drafted; never accept it
 
 
 def residual_acceptance_probability(target_probs: Tensor, draft_probs: Tensor, y: Tensor) -> Tensor:
     """``max(0, 1 - J(y) / K(y))`` per row: the chance that a proposal ``y ~ K`` is kept by
     the residual loop. ``K(y) · this`` is proportional to ``(K - J)+(y)``."""
-    ratio = (-log_ratio(target_probs, draft_probs, y)).exp()  # J/K; +inf where K = 0
+    return _residual_acceptance(log_ratio(target_probs, draft_probs, y))
+
+
+def _residual_acceptance(log_r: Tensor) -> Tensor:
+    ratio = (-log_r).exp()  # J/K; +inf where K = 0
     return torch.nan_to_num((1 - ratio).clamp(min=0), nan=0.0)
 
 
@@ -98,9 +147,10 @@ def sample_residual(
         raise ValueError(f"need one generator per row: {len(generators)} for {rows} rows")
     out = torch.empty((rows, *shape), dtype=torch.long, device=target_probs.device)
     used = torch.zeros(rows, dtype=torch.long)
-    pending, block = torch.arange(rows), first_block
+    cdf = target_probs.cumsum(-1)  # every proposal of a row is drawn from the same K: its CDF once
+    pending, block, drawn = torch.arange(rows), first_block, 0  # every pending row has drawn `drawn` proposals
     while pending.numel():
-        if int(used[pending].min()) >= MAX_RESIDUAL_PROPOSALS:
+        if drawn >= MAX_RESIDUAL_PROPOSALS:
             raise RuntimeError(
                 f"the rejection residual found no sample in {MAX_RESIDUAL_PROPOSALS} proposals: (K - J)+ has "
                 "(numerically) no mass although the drafted step was rejected; are the draft and target "
@@ -115,21 +165,22 @@ def sample_residual(
         ]
         u = torch.stack([d[0] for d in draws]).to(target_probs.device)  # [P, block, *shape]
         v = torch.stack([d[1] for d in draws]).to(target_probs.device)  # [P, block]
-        k = target_probs[pending.to(target_probs.device)].unsqueeze(1).expand(-1, block, *target_probs.shape[1:])
-        j = draft_probs[pending.to(draft_probs.device)].unsqueeze(1).expand_as(k)
-        proposals = sample_categorical(k, u)  # [P, block, *shape]
-        flat = (-1, *k.shape[2:])
-        keep = v.flatten() < residual_acceptance_probability(
-            k.reshape(flat), j.reshape(flat), proposals.reshape(-1, *shape)
-        )
+        k, j, c = target_probs, draft_probs, cdf
+        if len(pending) < rows:
+            at = pending.to(target_probs.device)
+            k, j, c = k[at], j[at], c[at]
+        k, j = k.unsqueeze(1), j.unsqueeze(1)  # [P, 1, *shape, S]: one row, every proposal
+        proposals = _inverse_cdf(c.unsqueeze(1), u, k)  # [P, block, *shape]
+        picked = proposals.unsqueeze(-1)
+        per_position = _log_terms(k.expand(*proposals.shape, -1).gather(-1, picked), j.expand(*proposals.shape, -1).gather(-1, picked))
+        keep = v.flatten() < _residual_acceptance(per_position.reshape(len(v) * block, -1).sum(1))
         keep = keep.view(-1, block).cpu()
         hit = keep.any(1)
         first = keep.to(torch.int8).argmax(1)
-        done = pending[hit]
-        out[done.to(out.device)] = proposals[hit.to(proposals.device), first[hit].to(proposals.device)]
-        used[done] += first[hit] + 1
-        used[pending[~hit]] += block
-        pending, block = pending[~hit], min(2 * block, max_block)
+        done, first = pending[hit], first[hit]
+        out[done.to(out.device)] = proposals[hit.to(proposals.device), first.to(proposals.device)]
+        used[done] = drawn + first + 1
+        pending, drawn, block = pending[~hit], drawn + block, min(2 * block, max_block)
     return out, used
 
 
@@ -141,6 +192,13 @@ def total_variation(target_probs: Tensor, draft_probs: Tensor, states: Tensor) -
     k = log_prob(target_probs.expand(m, *target_probs.shape), states).exp()
     j = log_prob(draft_probs.expand(m, *draft_probs.shape), states).exp()
     return 0.5 * (k - j).abs().sum()
+
+
+def _one_prediction(predictions: Tensor) -> bool:
+    """Whether ``predictions [L, ...]`` holds the same prediction at every position."""
+    if len(predictions) == 1 or predictions.stride(0) == 0:
+        return True
+    return torch.equal(predictions[1:], predictions[:1].expand_as(predictions[1:]))
 
 
 class CategoricalKernel:
@@ -158,11 +216,16 @@ class CategoricalKernel:
         return sample_categorical(law[0], u).to(like.dtype)
 
     @staticmethod
-    def draft_frozen(chain, x: Tensor, steps: Tensor, prediction: Tensor, u: Tensor):
-        """``L`` drafted steps under one prediction at once, where the chain can (``chain.draft_frozen``):
-        ``(y [L + 1, ...], law [L, ...])``, bit for bit the step-by-step ``law`` / ``draw``; else ``None``."""
+    def draft_window(chain, x: Tensor, steps: Tensor, predictions: Tensor, u: Tensor):
+        """Draft a window whose predictions are known up front, at once, where every position has
+        the same one (the frozen drafter) and the chain can (``chain.draft_frozen``): ``(y [L + 1,
+        ...], law [L, ...])``, bit for bit the position-by-position ``law`` / ``draw``; else ``None``.
+        ``predictions [L, B, ...]``; one tensor expanded over the window is recognised from its
+        stride, without comparing values."""
         run = getattr(chain, "draft_frozen", None)
-        drafted = None if run is None else run(x, steps, prediction, u)
+        if run is None or not _one_prediction(predictions):
+            return None
+        drafted = run(x, steps, predictions[0], u)
         return None if drafted is None else (drafted[0], (drafted[1],))
 
     @staticmethod
@@ -177,3 +240,64 @@ class CategoricalKernel:
         (``generators()``); returns the draws and the proposals each needed."""
         x, draws = sample_residual(law_target[0], law_draft[0], generators())
         return x.to(y.dtype), draws
+
+
+class MaskedKernel(CategoricalKernel):
+    """The categorical kernel of masked diffusion (:class:`~specdiff.discrete.MaskedDiffusionChain`),
+    with its law left unbuilt: ``(x, stay, scores)``, the state, each row's chance that a MASK
+    stays (``[R]``) and the clean-token scores (``μ = softmax(scores)``, ``[R, ..., V]``).
+
+    The coupling test needs ``K(y) / J(y)`` only at the positions the step unmasks (elsewhere both
+    are 1, or both the shared ``stay``): it computes ``μ`` there alone. The whole law
+    (:func:`masked_transition`, what ``chain.transition`` gives) is built only to draw a step or to
+    correct a rejected one. Every number is the one the built law holds, bit for bit."""
+
+    @staticmethod
+    def law(chain, x: Tensor, step: Tensor, prediction: Tensor, previous: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return x, chain.scheduler._stay_table(x.device)[step].expand(x.shape[0]), _scores(chain, x, prediction)
+
+    @staticmethod
+    def probs(law) -> Tensor:
+        """The built law: ``chain.transition``'s probabilities ``[R, ..., V + 1]``."""
+        x, stay, scores = law
+        return masked_transition(x, stay, softmax_rows(scores))
+
+    @staticmethod
+    def draw(law, u: Tensor, like: Tensor) -> Tensor:
+        return sample_categorical(MaskedKernel.probs(law), u).to(like.dtype)
+
+    @staticmethod
+    def draft_window(chain, x: Tensor, steps: Tensor, predictions: Tensor, u: Tensor):
+        """The window at once (:meth:`MaskedDiffusionScheduler.draft_states`) where every position
+        has the same prediction; else ``None``."""
+        if not _one_prediction(predictions):
+            return None
+        scores, stay = _scores(chain, x, predictions[0]), chain.scheduler._stay_table(x.device)[steps]
+        states, _ = chain.scheduler.draft_states(x, stay, softmax_rows(scores), u)
+        return states, (states[:-1], stay, scores.expand(len(stay), *scores.shape))
+
+    @staticmethod
+    def accept(law_draft, law_target, y: Tensor, noise: Tensor, u: Tensor) -> Tensor:
+        """``u < min(1, K(y) / J(y))`` per row, from the positions ``y`` unmasks."""
+        x, stay, target = law_target
+        mask = target.shape[-1]
+        at = ((x == mask) & (y != mask)).nonzero(as_tuple=True)  # (row, position...) of each unmasking
+        token, free = y[at].unsqueeze(-1), (1 - stay)[at[0]]
+        k = free * torch.softmax(target[at], -1).gather(-1, token).squeeze(-1)
+        j = free * torch.softmax(law_draft[2][at], -1).gather(-1, token).squeeze(-1)
+        per_position = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+        per_position[at] = _log_terms(k, j)  # log_ratio's terms: 0 elsewhere
+        p = _step_acceptance(per_position.flatten(1).sum(1))
+        return u.to(p.device) < p
+
+    @staticmethod
+    def correct(law_draft, law_target, y: Tensor, noise: Tensor, generators) -> tuple[Tensor, Tensor]:
+        x, draws = sample_residual(MaskedKernel.probs(law_target), MaskedKernel.probs(law_draft), generators())
+        return x.to(y.dtype), draws
+
+
+def _scores(chain, x: Tensor, prediction: Tensor) -> Tensor:
+    scores = chain.scheduler.scores(prediction)
+    if scores.shape[:-1] != x.shape:
+        raise ValueError(f"model output {tuple(prediction.shape)} does not match sample {tuple(x.shape)}")
+    return scores

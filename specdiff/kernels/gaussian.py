@@ -145,13 +145,13 @@ class GaussianKernel:
         return mean, std if std.dtype == wide else std.to(wide)
 
     @staticmethod
-    def rollout(chain, x: Tensor, steps: Tensor, predictions: Tensor, z: Tensor):
-        """Draft a whole window at once when the predictions are known up front: ``y_0 = x``,
-        ``y_{j+1} = law_j.draw(z_j)`` for ``steps``/``predictions``/``z`` of shape ``[L, B, ...]``.
-        Returns ``(y [L + 1, B, ...], (mean, std) [L, B, ...])``, the very tensors ``law`` and
-        ``draw`` would make position by position, or ``None`` unless the chain's mean is affine in
-        the state (``chain.affine``: ``transition_affine``), when only ``mean_j = shift_j + scale_j
-        * y_j`` is sequential and the rest is one batch for the window."""
+    def draft_window(chain, x: Tensor, steps: Tensor, predictions: Tensor, z: Tensor):
+        """Draft a window whose predictions are known up front, at once: ``y_0 = x``, ``y_{j+1} =
+        draw(law_j, z_j)`` for ``steps``/``predictions``/``z`` of shape ``[L, B, ...]``. Returns
+        ``(y [L + 1, B, ...], (mean, std) [L, B, ...])``, the very tensors ``law`` and ``draw`` would
+        make position by position, or ``None`` unless the chain's mean is affine in the state
+        (``chain.affine``: ``transition_affine``), when only ``mean_j = shift_j + scale_j * y_j`` is
+        sequential and the rest is one batch for the window."""
         if not getattr(chain, "affine", False) or getattr(chain, "uses_previous_prediction", False):
             return None
         L, batch, ones = z.shape[0], z.shape[1], [1] * (x.ndim - 1)
