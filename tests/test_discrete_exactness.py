@@ -175,14 +175,15 @@ def test_time_conditioned_chi_square_has_power_against_broken_couplings(monkeypa
     drafted step (the draft's law), or redrawing a rejected step from K instead of (K - J)+,
     must be rejected."""
     import specdiff.kernels.categorical as categorical
+    from specdiff.kernels import kernel_for
 
-    if bug == "accept-every-draft":
-        keep = lambda law_draft, law_target, y, noise, u: torch.ones(len(y), dtype=torch.bool, device=y.device)
-        monkeypatch.setattr(categorical.CategoricalKernel, "accept", staticmethod(keep))
-    else:
-        monkeypatch.setattr(categorical, "sample_residual", plain_target_draw)
     chain, _ = time_conditioned_chain()
     x = START.expand(20_000, LENGTH).clone()
+    if bug == "accept-every-draft":  # on the kernel this chain steps with
+        keep = lambda law_draft, law_target, y, noise, u: torch.ones(len(y), dtype=torch.bool, device=y.device)
+        monkeypatch.setattr(kernel_for(chain, x), "accept", staticmethod(keep))
+    else:
+        monkeypatch.setattr(categorical, "sample_residual", plain_target_draw)
     out = speculative_sample_discrete(chain, x, window=4, generator=torch.Generator().manual_seed(0))
     assert _chi_square_p(out.sample, exact_baseline_law(chain, START)) < ALPHA
 

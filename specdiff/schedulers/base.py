@@ -421,7 +421,7 @@ class SchedulerChain:
     def transition_affine(self, step: Tensor, prediction: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(shift, scale, std)`` with ``transition(x, step, prediction) == (shift + scale * x, std)``
         bit for bit, for a chain whose ``affine`` is True: the state-free part of many steps at once
-        (the Gaussian kernel's ``rollout``)."""
+        (the Gaussian kernel's ``draft_window``)."""
         return self.adapter.affine_from_x0(step, prediction)
 
     def transition(self, x: Tensor, step: Tensor, prediction: Tensor, previous: Tensor | None = None):

@@ -436,7 +436,7 @@ def _round_breakdown(chain, inside: list, batch: int, length: int, repeats: int)
     from ..sampler import speculative_sample_discrete
     from ..window import AutoWindow
 
-    spent = dict.fromkeys(("draft_frozen", "law", "accept", "correct"), 0.0)
+    spent = dict.fromkeys(("draft_window", "law", "accept", "correct"), 0.0)
 
     def timed(name, fn):
         def run(*args):
