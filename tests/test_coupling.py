@@ -145,3 +145,28 @@ def test_std_must_be_one_value_per_row():
     x = torch.zeros(4, 3)
     with pytest.raises(ValueError, match="one value per row"):
         reflection_coupling(x, x, x, torch.ones(4, 3), torch.rand(4))
+
+
+def test_the_coupling_refuses_a_shared_or_out_of_range_uniform():
+    x = torch.zeros(3, 2)
+    with pytest.raises(ValueError, match="one independent uniform"):
+        reflection_coupling(x, x, x + 0.1, 1.0, torch.tensor(0.5))  # one u for three rows
+    with pytest.raises(ValueError, match="one independent uniform"):
+        reflection_coupling(x, x, x + 0.1, 1.0, torch.tensor([0.1, 1.5, 0.3]))
+
+
+@pytest.mark.parametrize("bad", [-0.5, float("nan")])
+def test_a_negative_or_nan_std_is_an_error_not_a_deterministic_step(bad):
+    """A sign bug in a chain's transition must not pass as sigma = 0 (output m_T, accepted only
+    for equal means): the sampler names the problem."""
+    from specdiff import speculative_sample
+    from specdiff.testing import GaussianMixtureDDPM
+
+    chain = GaussianMixtureDDPM.random(dim=2, num_steps=20)
+    transition = chain.transition
+    chain.transition = lambda x, step, prediction: (transition(x, step, prediction)[0], torch.full((len(x),), bad, dtype=torch.float64))
+    # NaN: the drafted states are NaN, so the verify call's NaN check may speak first
+    expected = (ValueError, FloatingPointError) if math.isnan(bad) else ValueError
+    with pytest.raises(expected, match="negative or NaN std|NaN"):
+        speculative_sample(chain, chain.sample_prior(2, torch.Generator().manual_seed(0)), window=4,
+                           generator=torch.Generator().manual_seed(1))

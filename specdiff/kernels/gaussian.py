@@ -84,7 +84,11 @@ def reflection_coupling(
     """
     batch = x_draft.shape[0]
     std = _per_row(std, batch, x_draft.device)
-    u = _per_row(u, batch, x_draft.device)
+    u = torch.as_tensor(u, device=x_draft.device)
+    if u.numel() != batch or not bool(((u >= 0) & (u <= 1)).all()):
+        raise ValueError(f"u must hold one independent uniform in [0, 1] per row ({batch} rows); got shape "
+                         f"{tuple(u.shape)}: a shared u couples the rows' decisions")
+    u = u.reshape(batch)
     delta = _delta(mean_draft, mean_target, std)
     if noise is None:
         sigma = torch.where(std > 0, std, torch.ones_like(std)).to(delta.dtype)[:, None]
@@ -184,6 +188,9 @@ class GaussianKernel:
                 "draft and target kernels have different std (learned variance?); the reflection "
                 "coupling needs a std fixed by the schedule: use a fixed variance_type"
             )
+        if not bool((std_t >= 0).all()):  # NaN fails too: a σ < 0 or NaN would pass as a deterministic step
+            raise ValueError("the chain's transition returned a negative or NaN std; it must be >= 0 (0 = a "
+                             "deterministic step)")
         return _accept(_delta(m_d, m_t, std_t), z.flatten(1), std_t, u if u.device == std_t.device else u.to(std_t.device))
 
     @staticmethod
