@@ -103,7 +103,8 @@ def speculative_sample(
             policy (see :mod:`specdiff.window`): the window of a round may depend on the past only.
         drafter: ``None``/``"frozen"`` (reuse the target's last prediction), a callable with the
             signature of ``chain.predict`` (an independent cheaper network), or a :class:`Drafter`.
-        generator: a ``torch.Generator`` or a list of them, one per sample (diffusers semantics).
+        generator: a ``torch.Generator`` or a list of them, one per sample (diffusers semantics);
+            ``None`` seeds the run from torch's global RNG (``torch.manual_seed`` repeats it).
         max_rows: the most states per network call; larger verify batches are split into exact
             micro-batches. ``"auto"``: no cap on CPU, a cap fitted to free memory on CUDA.
         progress: ``True`` for a tqdm bar (counts sample-steps), or ``progress(total=)`` making one.
