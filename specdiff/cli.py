@@ -577,12 +577,50 @@ def build_parser() -> argparse.ArgumentParser:
     # Listed here for 'specdiff --help'; main() hands their arguments (and --help) to their own parsers.
     sub.add_parser("bench", help="run the benchmarks (results in assets/bench/); see 'specdiff bench --help'")
     sub.add_parser("train-digits", help="retrain the bundled digits models; see 'specdiff train-digits --help'")
-    from .probe import add_probe_arguments, run_probe
-
     probe = sub.add_parser("probe", formatter_class=formatter,
                            help="predict acceptance and speedup per window from one short plain run")
     add_probe_arguments(probe).set_defaults(func=run_probe)
     return parser
+
+
+def add_probe_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--model", default=str(asset("models", "digits-ddpm")), help="diffusers pipeline folder")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--windows", default="1,2,4,8,16,32", help="comma-separated windows to predict")
+    parser.add_argument("--every", type=int, default=1, help="probe every k-th step")
+    parser.add_argument("--draft-model", default=None, help="also probe this draft UNet folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="write the full report here")
+    return parser
+
+
+def run_probe(args) -> int:
+    """``specdiff probe``: Δ, acceptance and predicted speedup per window for a diffusers model."""
+    from diffusers import DiffusionPipeline, UNet2DModel
+
+    try:
+        windows = tuple(int(w) for w in args.windows.split(","))
+    except ValueError:
+        raise SystemExit(f"specdiff probe: error: --windows must be comma-separated integers; got {args.windows!r}")
+    if args.steps < 1 or args.batch_size < 1 or args.every < 1 or min(windows) < 1:
+        raise SystemExit("specdiff probe: error: --steps, --batch-size, --every and every window must be positive")
+    pipe = DiffusionPipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    draft = UNet2DModel.from_pretrained(args.draft_model) if args.draft_model else None
+    from .probe import probe_pipeline
+
+    report = probe_pipeline(pipe, num_inference_steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                            draft_unet=draft, windows=windows, every=args.every)
+    print(f"{args.model}: {args.steps} steps, batch {args.batch_size}; predicted from one plain trajectory "
+          f"(calls and rows per sample; wall-clock from the measured batch latency)")
+    print(report.table())
+    best = report.best()
+    print(f"best fixed window: {best['window']} ({best['wall_speedup']:.2f}x wall-clock, "
+          f"{best['call_speedup']:.2f}x fewer sequential calls); window='auto' re-chooses it every round")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=1))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

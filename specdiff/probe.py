@@ -14,7 +14,6 @@ those acceptances (steps taken as independent), and the plain sampler's
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from dataclasses import dataclass, field
@@ -202,51 +201,3 @@ def probe_pipeline(pipe, *, num_inference_steps: int = 1000, batch_size: int = 1
         drafters["draft model"] = chain.drafter(lambda x, t: draft_unet(x, t).sample)
     return probe(chain, x, drafters=drafters, windows=windows, generator=torch.Generator().manual_seed(seed + 1),
                  every=every)
-
-
-def add_probe_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from .paths import asset
-
-    parser.add_argument("--model", default=str(asset("models", "digits-ddpm")), help="diffusers pipeline folder")
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--windows", default="1,2,4,8,16,32", help="comma-separated windows to predict")
-    parser.add_argument("--every", type=int, default=1, help="probe every k-th step")
-    parser.add_argument("--draft-model", default=None, help="also probe this draft UNet folder")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default=None, help="write the full report here")
-    return parser
-
-
-def run_probe(args) -> int:
-    """``specdiff probe``: Δ, acceptance and predicted speedup per window for a diffusers model."""
-    from diffusers import DiffusionPipeline, UNet2DModel
-
-    try:
-        windows = tuple(int(w) for w in args.windows.split(","))
-    except ValueError:
-        raise SystemExit(f"specdiff probe: error: --windows must be comma-separated integers; got {args.windows!r}")
-    if args.steps < 1 or args.batch_size < 1 or args.every < 1 or min(windows) < 1:
-        raise SystemExit("specdiff probe: error: --steps, --batch-size, --every and every window must be positive")
-    pipe = DiffusionPipeline.from_pretrained(args.model)
-    pipe.set_progress_bar_config(disable=True)
-    draft = UNet2DModel.from_pretrained(args.draft_model) if args.draft_model else None
-    report = probe_pipeline(pipe, num_inference_steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-                            draft_unet=draft, windows=windows, every=args.every)
-    print(f"{args.model}: {args.steps} steps, batch {args.batch_size}; predicted from one plain trajectory "
-          f"(calls and rows per sample; wall-clock from the measured batch latency)")
-    print(report.table())
-    best = report.best()
-    print(f"best fixed window: {best['window']} ({best['wall_speedup']:.2f}x wall-clock, "
-          f"{best['call_speedup']:.2f}x fewer sequential calls); window='auto' re-chooses it every round")
-    if args.json:
-        import json
-        from pathlib import Path
-
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=1))
-    return 0
-
-
-def probe_main(argv: list[str] | None = None) -> int:
-    parser = add_probe_arguments(argparse.ArgumentParser(prog="specdiff probe", description=run_probe.__doc__))
-    return run_probe(parser.parse_args(argv))
