@@ -234,7 +234,7 @@ def measure_outside(chain, x_init: Tensor, drafter=None, windows: tuple[int, int
         for _ in range(repeats):
             started = time.perf_counter()
             out = speculative_sample(dry, x_init, window=window, drafter=drafter,
-                                     generator=torch.Generator(x_init.device).manual_seed(0), max_rows=None)
+                                     generator=torch.Generator().manual_seed(0), max_rows=None)
             best = min(best, (time.perf_counter() - started) / max(out.stats.rounds, 1))
         per_round.append((window, best))
     (l1, t1), (l2, t2) = per_round
