@@ -149,6 +149,7 @@ def _find_module(obj, depth: int = 2):
     candidates = [getattr(obj, name, None) for name in ("model", "unet", "transformer", "model_fn", "__self__")]
     closure = getattr(obj, "__closure__", None) or ()
     candidates += [_cell_contents(cell) for cell in closure]
+    candidates += [v for k, v in getattr(obj, "__dict__", {}).items() if not k.startswith("_")]  # e.g. a denoiser
     for candidate in candidates:
         found = _find_module(candidate, depth - 1)
         if found is not None:
@@ -165,8 +166,10 @@ def _cell_contents(cell):
 
 def latency_key(chain, x_init: Tensor) -> tuple[str, bool]:
     """``(key, stable)``: stable keys name the architecture (class and parameter count) and
-    may be cached on disk; otherwise the key is the chain object (memory only). A wrapper
-    that keeps the wrapped chain in ``.chain`` times the same network."""
+    may be cached on disk; otherwise the key is the chain's class (memory only: a new chain
+    object of the same kind, as a pipeline builds per call, keeps its calibration, so its
+    windows and samples repeat). A wrapper that keeps the wrapped chain in ``.chain`` times the
+    same network."""
     while "chain" in getattr(chain, "__dict__", {}):
         chain = chain.__dict__["chain"]
     shape = "x".join(map(str, x_init.shape[1:]))
@@ -179,7 +182,7 @@ def latency_key(chain, x_init: Tensor) -> tuple[str, bool]:
         params = sum(p.numel() for p in module.parameters())
         dtype = next(module.parameters()).dtype if params else ""
         return f"{type(module).__name__}:{params}:{dtype}|{type(chain).__name__}|{where}", True
-    return f"{type(chain).__name__}@{id(chain)}|{where}", False
+    return f"{type(chain).__module__}.{type(chain).__qualname__}|{where}", False
 
 
 def _synchronize(device: torch.device) -> None:

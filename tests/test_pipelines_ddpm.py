@@ -315,3 +315,14 @@ def test_euler_ancestral_at_window_three_has_the_law_of_the_diffusers_loop():
     assert_same_law(out.images, want, alpha=ALPHA)
     rejected = out.stats.proposed - out.stats.accepted
     assert rejected >= MIN_REJECTED * out.stats.proposed > 0, f"too few reflections: {out.stats.summary()}"
+
+
+def test_the_default_settings_repeat_a_seeds_images(ddpm_pipe):
+    """No window given: the automatic window, from a cached calibration and the run's own counts,
+    so the same seed gives the same images (the pipeline builds a new chain per call)."""
+    spec = spec_from(ddpm_pipe)
+    runs = [spec(batch_size=2, num_inference_steps=40, generator=torch.Generator().manual_seed(7), output_type="pt")
+            for _ in range(2)]
+    assert runs[0].stats.window_choice.startswith("auto window") and runs[0].stats.rounds < 40
+    assert torch.equal(runs[0].images, runs[1].images)
+    assert runs[0].stats.chosen_windows == runs[1].stats.chosen_windows

@@ -111,3 +111,15 @@ def test_readme_text_table_is_the_saved_benchmark():
     results = json.loads(asset("bench", "text.json").read_text())
     assert table(results) in shown
     assert all(r["same_law_as_plain"]["passed"] for r in results["runs"] if r["sampler"] == "speculative")
+
+
+def test_the_default_automatic_window_repeats_a_seeds_text(tiny_folder):
+    """The pipeline builds a new chain per call: its calibration is found again (keyed by the
+    model, not the chain object), so the same seed gives the same tokens."""
+    pipe = SpeculativeTextDiffusionPipeline.from_pretrained(tiny_folder)
+    pipe.set_progress_bar_config(disable=True)
+    runs = [pipe(prompt="ab", num_samples=2, length=12, num_inference_steps=16, generator=torch.Generator().manual_seed(3))
+            for _ in range(2)]
+    assert runs[0].stats.window_choice.startswith("auto window")
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    assert runs[0].stats.chosen_windows == runs[1].stats.chosen_windows
