@@ -169,9 +169,10 @@ def test_flow_sde_has_the_exact_law_of_its_discretised_chain(churn):
     assert abs(S**2 / var - 1) / math.sqrt(2 / (scalars - 1)) > 2 * Z_MAX
     # (b) The plain and the speculative sampler's moments are the chain's.
     x = torch.randn(MOMENT_N, DIM, generator=torch.Generator().manual_seed(8))
-    plain = spec.sample_baseline(gaussian_velocity, x, num_inference_steps=MOMENT_STEPS, generator=torch.Generator().manual_seed(9))
+    run = {"num_inference_steps": MOMENT_STEPS}
+    plain = spec.sample_baseline(gaussian_velocity, x, generator=torch.Generator().manual_seed(9), **run)
     draft = lambda x, t: 1.1 * gaussian_velocity(x, t) + 0.05
-    out = spec.sample(gaussian_velocity, x, num_inference_steps=MOMENT_STEPS, drafter=draft, generator=torch.Generator().manual_seed(10))
+    out = spec.sample(gaussian_velocity, x, drafter=draft, generator=torch.Generator().manual_seed(10), **run)
     assert out.stats.proposed - out.stats.accepted >= MOMENT_N  # rejections on every row, on average
     for name, sample in (("plain", plain), ("speculative", out.sample)):
         z_mean, z_var = moment_z_scores(sample, mean, var)
