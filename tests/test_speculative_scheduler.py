@@ -128,6 +128,36 @@ def test_speculative_samples_have_the_law_of_the_plain_diffusers_loop(family, dr
     assert (stats.draft_calls > 0) == (drafter == "model")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_half_precision_samplers_have_the_law_of_diffusers_own_half_precision_loop(family, dtype):
+    """specdiff's half-precision samplers against diffusers' ``scheduler.step`` loop in the same dtype
+    (not against specdiff's own plain sampler): the speculative one at window 4 with a wrong draft model,
+    so that reflections happen, and the plain one have its law. Not bit for bit: e.g. diffusers' DDPM step
+    computes in the half dtype and rounds differently from specdiff's adapter."""
+    factory, step_kwargs = FAMILIES[family]
+    base = factory()
+    base.set_timesteps(20)
+    model = MixtureDenoiser(base)
+    n = 2000
+    x = initial(base, n, seed=30).to(dtype)
+    want = plain_diffusers_samples(base, model, x, torch.Generator().manual_seed(31), step_kwargs)
+    assert want.dtype == dtype
+    spec = SpeculativeScheduler.from_scheduler(base, window=4, **step_kwargs)
+    draft = MixtureDenoiser(base, means=MEANS * 0.8)
+    out = spec.sample(
+        model, initial(base, n, seed=32).to(dtype), num_inference_steps=20, drafter=draft,
+        generator=torch.Generator().manual_seed(33),
+    )  # fmt: skip
+    assert out.sample.dtype == dtype
+    assert out.stats.proposed - out.stats.accepted >= n // 4, out.stats.summary()  # reflections happened
+    x = initial(base, n, seed=34).to(dtype)
+    plain = spec.sample_baseline(model, x, generator=torch.Generator().manual_seed(35))
+    # Two law tests at 5e-4 each: alpha 1e-3 per (family, dtype) case.
+    assert_same_law(out.sample, want, alpha=5e-4)
+    assert_same_law(plain, want, alpha=5e-4)
+
+
 def test_speculative_generator_list_makes_each_sample_independent_of_its_batch():
     base = DDPMScheduler(clip_sample=False)
     spec = SpeculativeScheduler.from_scheduler(base, window=3)
