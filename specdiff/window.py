@@ -226,10 +226,10 @@ def measure_outside(chain, x_init: Tensor, drafter=None, windows: tuple[int, int
     caller's generators are not touched."""
     from .sampler import predict, speculative_sample  # late: the sampler imports this module
 
-    with torch.no_grad():
-        first = predict(chain, x_init, torch.zeros(x_init.shape[0], dtype=torch.long, device=x_init.device),
-                        torch.arange(x_init.shape[0]))
-    dry = _FreeTarget(chain, first[:1], min(steps, chain.num_steps))
+    with torch.no_grad():  # one row's prediction serves every row of the dry run
+        first = predict(chain, x_init[:1], torch.zeros(1, dtype=torch.long, device=x_init.device),
+                        torch.zeros(1, dtype=torch.long))
+    dry = _FreeTarget(chain, first, min(steps, chain.num_steps))
     per_round = []
     for window in windows:
         window = min(window, dry.num_steps)

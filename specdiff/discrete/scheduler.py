@@ -172,6 +172,13 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
         """``μ``: the model's law of the clean token per position (float64), MASK excluded."""
         return softmax_rows(self.scores(model_output))
 
+    def scores_for(self, sample: Tensor, model_output: Tensor) -> Tensor:
+        """:meth:`scores`, checked to hold one position per position of ``sample``."""
+        scores = self.scores(model_output)
+        if scores.shape[:-1] != sample.shape:
+            raise ValueError(f"model output {tuple(model_output.shape)} does not match sample {tuple(sample.shape)}")
+        return scores
+
     def transition_probs(self, sample: Tensor, step_index: Tensor, model_output: Tensor) -> Tensor:
         """Next-state law of every position, shape ``(*sample.shape, vocab_size + 1)``, float64.
 
@@ -180,9 +187,7 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
         batch = sample.shape[0]
         k = self._checked_steps(step_index).reshape(-1).expand(batch)
         stay = self._stay_table(sample.device)[k.to(sample.device)]
-        mu = self.clean_probabilities(model_output)
-        if mu.shape[:-1] != sample.shape:
-            raise ValueError(f"model output {tuple(model_output.shape)} does not match sample {tuple(sample.shape)}")
+        mu = softmax_rows(self.scores_for(sample, model_output))
         return masked_transition(sample, stay, mu)
 
     def draft_frozen(self, sample: Tensor, step_indices: Tensor, model_output: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
@@ -195,9 +200,7 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
         bit for bit what ``L`` sequential ``transition_probs`` + ``sample_categorical`` calls give.
         """
         k = self._checked_steps(step_indices).to(sample.device)
-        mu = self.clean_probabilities(model_output)
-        if mu.shape[:-1] != sample.shape:
-            raise ValueError(f"model output {tuple(model_output.shape)} does not match sample {tuple(sample.shape)}")
+        mu = softmax_rows(self.scores_for(sample, model_output))
         states, probs = self.draft_states(sample, self._stay_table(sample.device)[k], mu, u)
         copied = states[:-1] != self.mask_token_id  # those positions follow the copy law: a one-hot on their token
         probs.masked_fill_(copied.unsqueeze(-1), 0.0)

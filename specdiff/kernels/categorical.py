@@ -254,7 +254,7 @@ class MaskedKernel(CategoricalKernel):
 
     @staticmethod
     def law(chain, x: Tensor, step: Tensor, prediction: Tensor, previous: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return x, chain.scheduler._stay_table(x.device)[step].expand(x.shape[0]), _scores(chain, x, prediction)
+        return x, chain.scheduler._stay_table(x.device)[step].expand(x.shape[0]), chain.scheduler.scores_for(x, prediction)
 
     @staticmethod
     def probs(law) -> Tensor:
@@ -272,7 +272,7 @@ class MaskedKernel(CategoricalKernel):
         has the same prediction; else ``None``."""
         if not _one_prediction(predictions):
             return None
-        scores, stay = _scores(chain, x, predictions[0]), chain.scheduler._stay_table(x.device)[steps]
+        scores, stay = chain.scheduler.scores_for(x, predictions[0]), chain.scheduler._stay_table(x.device)[steps]
         states, _ = chain.scheduler.draft_states(x, stay, softmax_rows(scores), u)
         return states, (states[:-1], stay, scores.expand(len(stay), *scores.shape))
 
@@ -294,10 +294,3 @@ class MaskedKernel(CategoricalKernel):
     def correct(law_draft, law_target, y: Tensor, noise: Tensor, generators) -> tuple[Tensor, Tensor]:
         x, draws = sample_residual(MaskedKernel.probs(law_target), MaskedKernel.probs(law_draft), generators())
         return x.to(y.dtype), draws
-
-
-def _scores(chain, x: Tensor, prediction: Tensor) -> Tensor:
-    scores = chain.scheduler.scores(prediction)
-    if scores.shape[:-1] != x.shape:
-        raise ValueError(f"model output {tuple(prediction.shape)} does not match sample {tuple(x.shape)}")
-    return scores
