@@ -30,6 +30,7 @@ from specdiff.discrete.model import MaskedDiffusionTransformer
 from specdiff.sampler import speculative_sample_discrete
 from specdiff.discrete.scheduler import MaskedDiffusionScheduler
 from specdiff.drafters import Drafter, ModelDrafter, as_drafter
+from specdiff.pipelines.speculative_utils import check_cache_option
 from specdiff.stats import SpeculativeStats
 
 
@@ -113,9 +114,7 @@ class SpeculativeMaskedDiffusionPipeline(DiffusionPipeline):
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (tokens).
             callback: called with ``{"round", "x", "step", "stats"}`` after every round (or step).
         """
-        if cache and window is not None:
-            raise ValueError("cache=True is an option of the plain loop: pass window=None with it (the speculative "
-                             "sampler already skips the network for unchanged states)")
+        check_cache_option(cache, window)
         device = self._execution_device
         length = self.transformer.config.sample_size**2
         self.scheduler.set_timesteps(num_inference_steps, device=device)

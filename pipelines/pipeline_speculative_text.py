@@ -27,6 +27,7 @@ from torch import nn
 from specdiff.sampler import sample_baseline_discrete, speculative_sample_discrete
 from specdiff.discrete.scheduler import MaskedDiffusionScheduler
 from specdiff.drafters import Drafter, ModelDrafter, as_drafter
+from specdiff.pipelines.speculative_utils import check_cache_option
 from specdiff.stats import SpeculativeStats
 from specdiff.text.blocks import sample_blocks
 from specdiff.text.chain import MaskedLMChain
@@ -98,9 +99,7 @@ class SpeculativeTextDiffusionPipeline(DiffusionPipeline):
             generator: a ``torch.Generator`` or a list with one per sample.
         """
         device = self._execution_device
-        if cache and window is not None:
-            raise ValueError("cache=True is an option of the plain sampler: pass window=None with it (the speculative "
-                             "sampler already skips the network for unchanged states)")
+        check_cache_option(cache, window)
         prompt_ids = self._prompt_ids(prompt, num_samples)
         blocks = 1 if block_size is None else -(-length // block_size)
         if num_inference_steps % blocks:

@@ -65,6 +65,13 @@ def speculative_from_pipe(from_pipe: Callable, pipeline, kwargs: dict):
     return rewrap(new)
 
 
+def check_cache_option(cache: bool, window) -> None:
+    """``cache=True`` belongs to the plain masked-diffusion loop; refuse it beside a window."""
+    if cache and window is not None:
+        raise ValueError("cache=True is an option of the plain sampler: pass window=None with it (the speculative "
+                         "sampler already skips the network for unchanged states)")
+
+
 Conditioning = Mapping[str, "Tensor | Conditioning | None"]
 
 

@@ -115,6 +115,18 @@ def test_rows_proportional_latency_takes_window_one():
     assert policy.choose(stats_with([0.96] * 32), live=1) == 1
 
 
+def test_the_benchmark_ceiling_is_the_window_count_on_flat_latency_and_one_on_row_priced_latency():
+    """The digits report's "what that curve allows" line: the best window's zero-overhead speedup."""
+    from specdiff.workbench.bench import _ceiling
+
+    assert _ceiling(flat(), 1.0) == (pytest.approx(32.0), 32)  # every drafted step accepted, a batch costs one call
+    assert _ceiling(linear(), 1.0)[0] == pytest.approx(1.0)  # L rows cost L calls: no window gains
+    # Flat latency: the speedup is E[C | 32], between its closed forms from a drafted and an exact root.
+    speedup, window = _ceiling(flat(), 0.9)
+    drafted, exact = (window_module._expected_committed([0.9] * 32, 32, exact_root=e)[0] for e in (False, True))
+    assert window == 32 and drafted < speedup < exact
+
+
 def test_window_is_the_argmax_of_the_expected_rate_and_falls_with_acceptance():
     curve = {1: 1.0, 2: 1.6, 4: 2.0, 8: 2.9, 17: 5.3, 33: 8.8}  # the bundled UNet on a CPU (issue 10)
     chosen = []

@@ -140,7 +140,7 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
 
     def stay_masked_probability(self, step_index: Tensor) -> Tensor:
         """``(1 - α_s) / (1 - α_t)`` of step ``step_index`` (per row, float64)."""
-        return self._stay_table(torch.device("cpu"))[self._checked_steps(step_index).cpu()]
+        return self.stay_table(torch.device("cpu"))[self._checked_steps(step_index).cpu()]
 
     def _checked_steps(self, step_index) -> Tensor:
         k = torch.as_tensor(step_index, dtype=torch.long)
@@ -148,7 +148,9 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
             raise IndexError(f"step index out of range [0, {self.num_inference_steps}): {k.tolist()}")
         return k
 
-    def _stay_table(self, device: torch.device) -> Tensor:
+    def stay_table(self, device: torch.device) -> Tensor:
+        """``stay_masked_probability`` of every step, on ``device`` (a lookup table kept per device,
+        indexed by step without checks: the samplers' hot path)."""
         if device not in self._stay:
             self._stay[device] = self._stay[torch.device("cpu")].to(device)
         return self._stay[device]
@@ -186,7 +188,7 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
         """
         batch = sample.shape[0]
         k = self._checked_steps(step_index).reshape(-1).expand(batch)
-        stay = self._stay_table(sample.device)[k.to(sample.device)]
+        stay = self.stay_table(sample.device)[k.to(sample.device)]
         mu = softmax_rows(self.scores_for(sample, model_output))
         return masked_transition(sample, stay, mu)
 
@@ -201,7 +203,7 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
         """
         k = self._checked_steps(step_indices).to(sample.device)
         mu = softmax_rows(self.scores_for(sample, model_output))
-        states, probs = self.draft_states(sample, self._stay_table(sample.device)[k], mu, u)
+        states, probs = self.draft_states(sample, self.stay_table(sample.device)[k], mu, u)
         copied = states[:-1] != self.mask_token_id  # those positions follow the copy law: a one-hot on their token
         probs.masked_fill_(copied.unsqueeze(-1), 0.0)
         at = copied.nonzero(as_tuple=True)

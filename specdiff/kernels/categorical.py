@@ -254,7 +254,7 @@ class MaskedKernel(CategoricalKernel):
 
     @staticmethod
     def law(chain, x: Tensor, step: Tensor, prediction: Tensor, previous: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return x, chain.scheduler._stay_table(x.device)[step].expand(x.shape[0]), chain.scheduler.scores_for(x, prediction)
+        return x, chain.scheduler.stay_table(x.device)[step].expand(x.shape[0]), chain.scheduler.scores_for(x, prediction)
 
     @staticmethod
     def probs(law) -> Tensor:
@@ -272,7 +272,7 @@ class MaskedKernel(CategoricalKernel):
         has the same prediction; else ``None``."""
         if not _one_prediction(predictions):
             return None
-        scores, stay = chain.scheduler.scores_for(x, predictions[0]), chain.scheduler._stay_table(x.device)[steps]
+        scores, stay = chain.scheduler.scores_for(x, predictions[0]), chain.scheduler.stay_table(x.device)[steps]
         states, _ = chain.scheduler.draft_states(x, stay, softmax_rows(scores), u)
         return states, (states[:-1], stay, scores.expand(len(stay), *scores.shape))
 
