@@ -81,6 +81,7 @@ def _digits_samplers(plain, spec, draft, latents, quick: bool):
     """``{(name, window): run(make_generator, n) -> (images, figures)}`` on one UNet, in the order
     they are timed (each seed runs them all, interleaved). ``make_generator()`` returns a fresh
     generator (or list) for the run; ``latents(generator, n)`` draws x_T as DDPMPipeline does."""
+    from ..drafters_research import ExtrapolatedDrafter
     from .asd import asd_sample
     from .paradigms import paradigms_sample
 
@@ -95,13 +96,13 @@ def _digits_samplers(plain, spec, draft, latents, quick: bool):
             return res.images, _stats_row(res.stats)
         return run
 
-    def picard(window):
+    def core(window, drafter):  # the core sampler on the pipeline's chain, with a drafter of the package
         def run(make_gen, n):
             gen = make_gen()
             x = latents(gen, n)
             chain_scheduler.set_timesteps(steps)
             chain = chain_scheduler.chain(lambda x, t: unet(x, t).sample)
-            out = speculative_sample(chain, x, window=window(), drafter="picard", generator=gen)
+            out = speculative_sample(chain, x, window=window(), drafter=drafter, generator=gen)
             return (out.sample / 2 + 0.5).clamp(0, 1), _stats_row(out.stats)
         return run
 
@@ -141,7 +142,8 @@ def _digits_samplers(plain, spec, draft, latents, quick: bool):
     for w in ([16] if quick else [8, 16, 32]):
         samplers[("speculative (frozen)", str(w))] = pipeline(lambda w=w: w)
     samplers[("speculative (picard)", "auto")] = defaults
-    samplers[("speculative (picard)", "32")] = picard(lambda: 32)
+    samplers[("speculative (picard)", "32")] = core(lambda: 32, "picard")
+    samplers[("speculative (extrapolated)", "32")] = core(lambda: 32, ExtrapolatedDrafter())
     if not quick:
         samplers[("speculative (draft model)", "4")] = pipeline(lambda: 4, draft)
     samplers[("ParaDiGMS (tol 0.1)", "32")] = paradigms(32, 0.1)
