@@ -192,10 +192,12 @@ def _synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def measure_latency(chain, x_init: Tensor, sizes: list[int], repeats: int = 3) -> dict[int, float]:
+def measure_latency(chain, x_init: Tensor, sizes: list[int], repeats: int = 5) -> dict[int, float]:
     """Synchronised wall-clock of ``chain.predict`` on ``b`` rows (copies of ``x_init``'s rows
-    at step 0) for each ``b`` in ``sizes``: the median over ``repeats`` sweeps, taken in turn
-    so that a burst of load on a shared machine does not bend one part of the curve."""
+    at step 0) for each ``b`` in ``sizes``: the fastest of ``repeats`` sweeps, taken in turn.
+    Load on a shared machine only ever adds time, and bursts of it hit some calls and not
+    others: the fastest call of each size is the one that measures the model, so bursts in up to
+    ``repeats - 1`` sweeps do not bend the curve."""
     from .sampler import predict  # late: the sampler imports this module
 
     batch = x_init.shape[0]
@@ -213,7 +215,7 @@ def measure_latency(chain, x_init: Tensor, sizes: list[int], repeats: int = 3) -
                 predict(chain, *inputs[b])
                 _synchronize(x_init.device)
                 times[b].append(time.perf_counter() - started)
-    return {b: sorted(t)[len(t) // 2] for b, t in times.items()}
+    return {b: min(t) for b, t in times.items()}
 
 
 def measure_outside(chain, x_init: Tensor, drafter=None, windows: tuple[int, int] = (2, 8), steps: int = 48,
@@ -333,7 +335,7 @@ class AutoWindow:
             known.update(self._read_disk(key))
             self.source = "disk cache"
             ends = sorted({sizes[0], sizes[-1]})
-            if all(b in known for b in sizes) and not _still_true(known, measure_latency(chain, x_init, ends, 1)):
+            if all(b in known for b in sizes) and not _still_true(known, measure_latency(chain, x_init, ends, 3)):
                 known = {}  # the machine changed (or the cache was measured under load): measure again
         missing = [b for b in sizes if b not in known]
         if missing:
