@@ -22,7 +22,7 @@ class ExtrapolatedDrafter(Drafter):
         self.beta = beta
 
     def predict(self, x: Tensor, step: Tensor, memory: DraftMemory) -> Tensor:
-        lag = (step - memory.step).to(memory.prediction.dtype).view(-1, *[1] * (x.ndim - 1))
+        lag = (step - memory.step).to(memory.prediction.dtype).view(-1, *[1] * (memory.prediction.ndim - 1))
         return memory.prediction + self.beta * lag * (memory.prediction - memory.previous)
 
     def __repr__(self) -> str:

@@ -83,12 +83,12 @@ def speculative_round(chain, kernel, drafter, noise, target, c: Carry, ids: Tens
     #    for a time-free network, except states equal to their predecessor: same prediction).
     #    pred_T[j] is the target's prediction at y_j; below it sits c.prev, so that before[j] is
     #    the prediction one step earlier (the ``previous=`` of position j).
-    need = (j <= L) & (c.n + j < N) & ((j > 0) | ~c.fresh)
-    same = None
+    possible = (j <= L) & (c.n + j < N) & ((j > 0) | ~c.fresh)
+    need, same = possible, None
     if not getattr(chain, "time_conditioned", True):
         same = torch.zeros(span + 1, m, dtype=torch.bool)
         same[1:] = (y[1:] == y[:-1]).flatten(2).all(2).cpu()
-        need &= ~same
+        need = possible & ~same
         same = same if bool(same.any()) else None
     before = c.pred.new_zeros((span + 2, *c.pred.shape))
     before[0] = c.prev
@@ -147,7 +147,10 @@ def speculative_round(chain, kernel, drafter, noise, target, c: Carry, ids: Tens
     after = n_acc + 1 + j[:span]  # the positions after the rejection, as the next round's 0, 1, ...
     ahead = pred_T[_to(after.clamp(max=span), dev), i]
     ahead_len = torch.where(whole, 0, ((after <= L) & (c.n + after < N)).sum(0))
-    tally.round(ids, tested & (j[:span] <= n_acc), accept, committed)
+    # The rows of positions up to n_acc + 1 depend on the randomness of committed steps only (later
+    # drafts hold the noise of steps a later round redrafts): those are the rows a window policy sees.
+    decided = j <= n_acc + 1
+    tally.round(ids, tested & (j[:span] <= n_acc), accept, committed, (need & decided).sum(), (possible & decided).sum())
     return Carry(x_new, c.n + committed, pred_new, prev_new, fresh, ahead, ahead_len)
 
 

@@ -116,7 +116,7 @@ def speculative_sample(
     started, batch, num_steps, device = time.perf_counter(), x_init.shape[0], chain.num_steps, x_init.device
     stats = SpeculativeStats(num_steps=num_steps, batch_size=batch, window=policy.max_window)
     noise = NoiseStreams(generator, x_init, kernel.noise)
-    target = _Target(chain, stats, device, policy.observe)
+    target = _Target(chain, stats, device)
     _track_memory(device, reset=True)
     n = torch.zeros(batch, dtype=torch.long)
     pred = target.fit_max_rows(max_rows, lambda: target(x_init, n, torch.arange(batch)))
@@ -166,13 +166,13 @@ class _Target:
     """The target network as the samplers call it: per-sample conditioning, exact micro-batches
     of at most ``max_rows`` states, a finiteness check, and the call accounting."""
 
-    def __init__(self, chain, stats: SpeculativeStats, device, observe: Callable[[int, float], None] | None = None):
-        self.chain, self.stats, self.observe, self.max_rows = chain, stats, observe, None
+    def __init__(self, chain, stats: SpeculativeStats, device):
+        self.chain, self.stats, self.max_rows = chain, stats, None
         self.device = torch.device(device)
 
     def __call__(self, x: Tensor, step: Tensor, sample: Tensor, copy: bool = True) -> Tensor:
         """``copy=False``: the caller copies the output at once (a network may reuse its buffer)."""
-        started, rows = time.perf_counter(), x.shape[0]
+        rows = x.shape[0]
         cap = self.max_rows or rows
         if cap >= rows:
             out = self._predict(x, step, sample)
@@ -184,8 +184,6 @@ class _Target:
         self.stats.target_calls += 1
         self.stats.target_rows += rows
         self.stats.peak_rows = max(self.stats.peak_rows, min(rows, cap))
-        if self.observe is not None:
-            self.observe(rows, time.perf_counter() - started)
         return out
 
     def _predict(self, x: Tensor, step: Tensor, sample: Tensor) -> Tensor:
@@ -219,8 +217,6 @@ class _Fixed:
     def choose(self, stats: SpeculativeStats, live: int) -> int:
         return self.max_window
 
-    observe = None
-
 
 def _window_policy(window, chain, x_init: Tensor, drafter: Drafter):
     if isinstance(window, str) or hasattr(window, "choose"):
@@ -240,6 +236,7 @@ class _Tally:
         self.position_counts = torch.zeros(stats.window, 2, dtype=torch.long)
         self.round_counts = torch.zeros(stats.window + 1, dtype=torch.long)
         self.residual_draws = 0
+        self.prefix_rows = [0, 0]  # verified, possible (see SpeculativeStats.prefix_rows)
         self.pending: list[tuple] = []  # rounds not counted yet: counted when written, in one go
         self.draws: list[Tensor] = []  # residual draws per corrected row, of rounds not counted yet
 
@@ -247,12 +244,16 @@ class _Tally:
         """``served[i]``: sample ``ids[i]`` had a row in the call."""
         self.sample_calls.index_add_(0, ids, served.long())
 
-    def round(self, ids: Tensor, counted: Tensor, accept: Tensor, committed: Tensor) -> None:
-        """``counted[j, i]``: position j of sample i was put to the test (up to its first rejection)."""
-        self.pending.append((ids, counted, accept, committed))
+    def round(self, ids: Tensor, counted: Tensor, accept: Tensor, committed: Tensor, verified: Tensor,
+              possible: Tensor) -> None:
+        """``counted[j, i]``: position j of sample i was put to the test (up to its first rejection);
+        ``verified`` / ``possible``: the round's rows up to each first rejection (``prefix_rows``)."""
+        self.pending.append((ids, counted, accept, committed, verified, possible))
 
     def _count(self) -> None:
-        for ids, counted, accept, committed in self.pending:
+        for ids, counted, accept, committed, verified, possible in self.pending:
+            self.prefix_rows[0] += int(verified)
+            self.prefix_rows[1] += int(possible)
             both = torch.stack([counted, counted & accept], -1)  # [position, sample, (proposed, accepted)]
             self.position_counts[: counted.shape[0]].add_(both.sum(1))
             self.sample_counts.index_add_(0, ids, both.sum(0))
@@ -270,6 +271,7 @@ class _Tally:
         s.proposed_by_position, s.accepted_by_position = self.position_counts.T.tolist()
         s.committed_per_round = self.round_counts.tolist()
         s.residual_draws = self.residual_draws
+        s.prefix_rows, s.prefix_rows_possible = self.prefix_rows
 
 
 def _check_chain(chain, x_init: Tensor):

@@ -20,6 +20,12 @@ class SpeculativeStats:
     * ``per_sample_target_calls[b]``: calls in which sample b had at least one row.
     * ``peak_rows``: the most states evaluated in one network call (after the ``max_rows`` cap);
       ``peak_memory``: the peak device memory allocated during the run, in bytes (CUDA only).
+    * ``prefix_rows`` / ``prefix_rows_possible``: the rows verified, and the rows that would have been
+      without skipping unchanged states (a time-free chain), at the positions up to each round's first
+      rejection. They depend on the randomness of committed steps only, so a window policy may steer
+      by them; ``target_rows``, ``target_calls`` and ``per_sample_target_calls`` also count rows
+      after the first rejection, whose skipping on a time-free chain depends on the noise of steps
+      a later round redrafts, so a policy must not.
     * ``chosen_windows``: the window of each round (constant unless the window is automatic);
       ``window_choice``: how an automatic window chose it (its policy's ``describe()``).
     """
@@ -34,6 +40,8 @@ class SpeculativeStats:
     accepted: int = 0
     rounds: int = 0
     residual_draws: int = 0
+    prefix_rows: int = 0
+    prefix_rows_possible: int = 0
     committed_per_round: list[int] = field(default_factory=list)
     proposed_by_position: list[int] = field(default_factory=list)
     accepted_by_position: list[int] = field(default_factory=list)

@@ -2,10 +2,11 @@
 
 ``speculative_sample(chain, x_init, window=...)`` takes an int, ``"auto"`` or a
 :class:`WindowPolicy`. The driver calls :func:`resolve_window` once, then
-``policy.choose(stats, live)`` before every round and ``policy.observe(rows, seconds)``
-after every target call. The law of the output never depends on the policy: L is a
-function of the run so far (decisions of committed steps, timings), never of the
-randomness of the round it sizes, and the noise of step k is keyed by (sample, k).
+``policy.choose(stats, live)`` before every round. The law of the output never depends on the
+policy as long as L is a function of the randomness of committed steps only: the noise of step
+k is keyed by (sample, k) and reused when a later round redrafts step k, so L must not read the
+drafts a round discarded after its first rejection (see ``SpeculativeStats.prefix_rows`` for the
+row counts a policy may use).
 
 :class:`AutoWindow` (``window="auto"``) maximises the expected committed steps per second.
 With per-position acceptance ``a_j`` (position 0 is the root of a round that follows a
@@ -20,8 +21,9 @@ exact is the stationary ``pi = p_n / (1 - p_f + p_n)`` of that two-state chain
 root). A round verifies at most ``L + 1 - pi`` rows per live sample, fewer when the driver
 skips states whose prediction it already has (a time-free masked-diffusion chain verifies
 only the drafted states that changed); ``f``, the observed share of those rows actually
-verified, is fitted to the run's rounds (1 before any, and 1 on a time-conditioned chain, where
-only the windows clamped at the last steps verify fewer rows). So for ``B`` live samples
+verified, is fitted to the rows of the run's rounds up to their first rejections (1 before any,
+and 1 on a time-conditioned chain, where only the windows clamped at the last steps verify fewer
+rows). So for ``B`` live samples
 
     rate(L) = B * E[C | L] / (t(f * B * (L + 1 - pi)) + c + h * L),
 
@@ -64,10 +66,8 @@ class WindowPolicy(Protocol):
     max_window: int
 
     def choose(self, stats: SpeculativeStats, live: int) -> int:
-        """L for the next round, from the run so far (``live``: samples still running)."""
-
-    def observe(self, rows: int, seconds: float) -> None:
-        """Called after every target call with its rows and wall-clock (not synchronised)."""
+        """L for the next round, from the run so far (``live``: samples still running). Steer by
+        the rounds, acceptance counts and ``prefix_rows`` only (see :class:`SpeculativeStats`)."""
 
 
 def resolve_window(window, chain=None, x_init: Tensor | None = None, drafter=None) -> int | WindowPolicy:
@@ -307,8 +307,8 @@ class AutoWindow:
         self._seen = (0, [0] * max_window, [0] * max_window)
         self._acc = [0.0] * max_window
         self._prop = [0.0] * max_window
-        self._round: tuple | None = None  # (rows verified so far, nominal rows) of the running round
-        self._rows = [0.0, 0.0]  # decayed sums of the rounds' verified rows and nominal rows B (L + 1 - pi)
+        self._rows = [0.0, 0.0]  # decayed sums of the rounds' verified and possible rows (stats.prefix_rows)
+        self._rows_seen = (0, 0)
         self.skips_repeats = True  # rows may be skipped (a time-free chain); bind() says False for a timed one
         self._live = 0
 
@@ -380,31 +380,30 @@ class AutoWindow:
             pass  # a read-only home must not stop sampling: the curve stays in memory
 
     # -- the policy ----------------------------------------------------------------------
-    def observe(self, rows: int, seconds: float) -> None:
-        """Counts the rows of the running round; the timing is not used (it would make the windows,
-        hence the samples, depend on the machine's load during the run)."""
-        if self._round is not None:
-            self._round = (self._round[0] + rows, self._round[1])
-
     def choose(self, stats: SpeculativeStats, live: int) -> int:
-        if self._round is not None:  # fold the last round's rows into the share f
-            verified, nominal = self._round
-            self._rows = [self.memory * self._rows[0] + verified, self.memory * self._rows[1] + nominal]
+        self._update_rows(stats)
         self._update_acceptance(stats)
         self._live = live
-        rates, nominal = self._rates(live, self.acceptance())
-        window = self._best(rates)
+        window = self._best(self.rates(live))
         self.chosen[window] += 1
-        self._round = (0, live * nominal[window - 1])
         return window
 
+    def _update_rows(self, stats: SpeculativeStats) -> None:
+        """Fold the rows of the rounds since the last choice into the share ``f`` (their positions up
+        to each first rejection only: later drafts hold the noise of steps not committed yet)."""
+        seen_verified, seen_possible = self._rows_seen
+        verified, possible = stats.prefix_rows - seen_verified, stats.prefix_rows_possible - seen_possible
+        if possible:
+            self._rows = [self.memory * self._rows[0] + verified, self.memory * self._rows[1] + possible]
+        self._rows_seen = (stats.prefix_rows, stats.prefix_rows_possible)
+
     def row_fraction(self) -> float:
-        """``f``: the share of the nominal ``L + 1 - pi`` rows per sample that rounds verified (1 before
-        any, and always 1 on a time-conditioned chain)."""
-        verified, nominal = self._rows
-        if nominal <= 0 or not self.skips_repeats:
+        """``f``: the share of the rows a round could verify (``L + 1 - pi`` per sample) that rounds did
+        verify, up to their first rejections (1 before any, and always 1 on a time-conditioned chain)."""
+        verified, possible = self._rows
+        if possible <= 0 or not self.skips_repeats:
             return 1.0
-        return min(max(verified / nominal, 1.0 / (self.max_window + 1)), 1.0)
+        return min(max(verified / possible, 1.0 / (self.max_window + 1)), 1.0)
 
     def _update_acceptance(self, stats: SpeculativeStats) -> None:
         acc = list(stats.accepted_by_position)[: self.max_window]
@@ -423,11 +422,8 @@ class AutoWindow:
 
     def rates(self, live: int, accept: list[float] | None = None) -> list[float]:
         """``rate(L)`` of the module docstring for L = 1..max_window: expected committed steps per second."""
-        return self._rates(live, self.acceptance() if accept is None else accept)[0]
-
-    def _rates(self, live: int, a: list[float]) -> tuple[list[float], list[float]]:
-        """``rate(L)`` and the nominal rows per sample ``L + 1 - pi``, for L = 1..max_window."""
-        out, nominal, share = [], [], self.row_fraction()
+        a = self.acceptance() if accept is None else accept
+        out, share = [], self.row_fraction()
         latency, per_round, per_step = self.latency, self.per_round, self.per_step  # runs every round
         drafted, exact, p_n, p_f = 0.0, 0.0, 1.0, 1.0  # E[C] and P(whole window) from a drafted / exact root
         for window in range(1, self.max_window + 1):
@@ -436,10 +432,9 @@ class AutoWindow:
             p_n, p_f = p_n * a[j], p_f * (1.0 if j == 0 else a[j])
             pi = p_n / (1 - p_f + p_n) if (1 - p_f + p_n) > 0 else 1.0
             committed = pi * exact + (1 - pi) * drafted
-            nominal.append(window + 1 - pi)
             seconds = latency(share * live * (window + 1 - pi)) + per_round + per_step * window
             out.append(live * committed / max(seconds, 1e-12))
-        return out, nominal
+        return out
 
     def expected_rate(self, window: int, live: int, accept: list[float] | None = None) -> float:
         return self.rates(live, accept)[window - 1]

@@ -200,17 +200,14 @@ class Replay:
     """A policy that records what it saw and answers from a fixed rule of the past."""
 
     def __init__(self, rule, max_window=16):
-        self.max_window, self.rule, self.seen, self.calls = max_window, rule, [], []
+        self.max_window, self.rule, self.seen = max_window, rule, []
 
     def choose(self, stats, live):
-        self.seen.append((stats.rounds, stats.proposed, stats.accepted, live))
+        self.seen.append((stats.rounds, stats.proposed, stats.accepted, live, stats.prefix_rows, stats.prefix_rows_possible))
         return self.rule(stats)
 
-    def observe(self, rows, seconds):
-        self.calls.append(rows)
 
-
-def test_a_policy_sees_only_completed_rounds_and_every_target_call():
+def test_a_policy_sees_only_completed_rounds():
     chain = GaussianMixtureDDPM.random(dim=2, num_steps=200)
     x = chain.sample_prior(3, torch.Generator().manual_seed(0))
     policy = Replay(lambda s: 1 + s.rounds % 7)
@@ -219,7 +216,10 @@ def test_a_policy_sees_only_completed_rounds_and_every_target_call():
     assert rounds == list(range(out.stats.rounds))  # asked before each round, after the previous one
     proposed = [p for _, p, *_ in policy.seen]
     assert proposed == sorted(proposed) and proposed[-1] <= out.stats.proposed
-    assert len(policy.calls) == out.stats.target_calls and sum(policy.calls) == out.stats.target_rows
+    # Rows up to each first rejection: all of them on a time-conditioned chain, never more than the calls'.
+    prefix = [(v, p) for *_, v, p in policy.seen]
+    assert prefix == sorted(prefix) and all(v == p for v, p in prefix)
+    assert 0 < out.stats.prefix_rows == out.stats.prefix_rows_possible <= out.stats.target_rows
     assert max(i for i, n in enumerate(out.stats.committed_per_round) if n) <= 7
 
 
@@ -332,18 +332,18 @@ def test_generate_with_an_auto_window_says_which_window_it_chose_and_why(tmp_pat
 
 def test_rounds_that_verify_fewer_rows_than_drafted_lengthen_the_window():
     """A time-free masked-diffusion chain verifies only the drafted states that changed: the policy
-    learns that share from the target calls and prices a window by the rows it really costs."""
+    learns that share from the rounds' rows (up to their first rejections) and prices a window by
+    the rows it really costs."""
     curve = {1: 1.0, 2: 1.6, 4: 3.0, 8: 6.0, 17: 12.5, 33: 24.0}  # nearly proportional to rows (a CPU)
     stats = stats_with([0.97] * 32)
     naive = AutoWindow(max_window=32, latency=curve)
     learned = AutoWindow(max_window=32, latency=curve)
-    first = learned.choose(stats, live=1)
-    assert first == naive.choose(stats, live=1) and naive.row_fraction() == 1.0  # nothing observed yet
+    window = learned.choose(stats, live=1)
+    assert window == naive.choose(stats, live=1) and naive.row_fraction() == 1.0  # nothing seen yet
     for _ in range(20):
-        window = learned._round[1]
-        rows = max(1, round(0.2 * window))  # a fifth of the drafted states needed a row
-        learned.observe(rows, LatencyCurve(curve)(rows))
-        learned.choose(stats, live=1)
+        stats.prefix_rows_possible += window + 1
+        stats.prefix_rows += max(1, round(0.2 * (window + 1)))  # a fifth of the drafted states needed a row
+        window = learned.choose(stats, live=1)
     assert 0.1 < learned.row_fraction() < 0.4
     assert learned.best_window(1) > naive.best_window(1)
     assert "verified rows" in learned.describe()
@@ -358,10 +358,55 @@ def test_a_time_conditioned_chain_keeps_the_full_row_count():
     timed.bind(GaussianMixtureDDPM(torch.tensor([[-1.0, 0.0], [1.0, 0.0]]), num_steps=20), torch.zeros(1, 2))
     first = timed.choose(stats, live=1)
     for _ in range(20):
-        timed.observe(1, LatencyCurve(curve)(1))  # as if every window had been clamped to one step
+        stats.prefix_rows_possible += first + 1
+        stats.prefix_rows += 1  # as if every window had been clamped to one step
         timed.choose(stats, live=1)
     assert not timed.skips_repeats and timed.row_fraction() == 1.0
     assert timed.best_window(1) == first
+
+
+def test_the_automatic_window_never_reads_the_noise_of_steps_not_yet_committed(monkeypatch):
+    """Pathwise check of "the window depends on the past only" where it is easiest to break: a
+    time-free masked chain, whose verify call skips drafted states equal to their predecessor, so
+    the rows it evaluates past a round's first rejection depend on the noise of steps the round
+    does not commit (and a later round reuses). Changing only the noise of such a step must leave
+    every window unchanged until a round commits it."""
+    import specdiff.sampler as sampler_module
+    from specdiff.discrete import LookupDenoiser, MaskedDiffusionChain, MaskedDiffusionScheduler
+    from specdiff.noise import NoiseStreams
+
+    class Overridden(NoiseStreams):
+        step = value = None
+
+        def noise(self, rows, steps):
+            out = super().noise(rows, steps)
+            if Overridden.step is None:
+                return out
+            hit = steps.expand(torch.broadcast_shapes(rows.shape, steps.shape)) == Overridden.step
+            return torch.where(hit.view(*hit.shape, *[1] * (out.ndim - hit.ndim)), Overridden.value, out)
+
+    monkeypatch.setattr(sampler_module, "NoiseStreams", Overridden)
+
+    def run(seed, step=None, value=None):
+        Overridden.step, Overridden.value = step, value
+        chain = MaskedDiffusionChain(LookupDenoiser(4, 6, seed=3), MaskedDiffusionScheduler(vocab_size=4, num_inference_steps=24))
+        policy = AutoWindow(max_window=8, latency={1: 1.0, 2: 2.0, 4: 4.0, 9: 9.0}, outside=(0.0, 0.0), prior_acceptance=0.7)
+        reached = []
+        out = speculative_sample(chain, torch.full((1, 6), 4), window=policy, generator=torch.Generator().manual_seed(seed),
+                                 callback=lambda info: reached.append(int(info["step"][0])))
+        return out.stats.chosen_windows, reached
+
+    checked = 0
+    for seed in range(40):
+        windows, reached = run(seed)
+        for r, (start, end) in enumerate(zip([0] + reached, reached)):
+            for step in range(end, min(start + windows[r], 24)):  # drafted by round r, not committed by it
+                for value in (0.0, 0.999999):
+                    other, _ = run(seed, step, value)
+                    until = next(q for q, n in enumerate(reached) if n > step)  # the round that commits `step`
+                    assert other[: until + 1] == windows[: until + 1], (seed, step, value)
+                    checked += 1
+    assert checked > 100
 
 
 def test_the_automatic_window_gives_the_same_samples_run_after_run(monkeypatch):
