@@ -198,6 +198,9 @@ class ImageJob:
                 "(a unet and a scheduler, like DDPMPipeline) and masked-diffusion models"
             )
         base = type(plain.scheduler).__name__
+        # diffusers' DDIM step() with "trailing"/"linspace" spacing jumps past the next scheduled
+        # timestep; specdiff takes the correct step there, so the plain loop's law differs.
+        self.same_law = "DDIM" not in base or plain.scheduler.config.get("timestep_spacing", "leading") == "leading"
         if args.eta is not None and "DDIM" not in base:
             raise CLIError(f"--eta is DDIM's noise level, but this model's scheduler is {base}; drop --eta")
         try:
@@ -261,6 +264,8 @@ class MaskedJob:
 
         if args.eta is not None:
             raise CLIError("--eta is for DDIM image models; masked diffusion has no eta: drop --eta")
+        if args.dtype != "float32":
+            raise CLIError(f"--dtype {args.dtype}: masked-diffusion models run in float32 here; drop --dtype")
         try:
             with _quiet_diffusers():
                 self.pipe = SpeculativeMaskedDiffusionPipeline.from_pretrained(args.model).to(device)
@@ -410,7 +415,10 @@ def summary(report: dict) -> str:
         f"The plain sampler calls the network once per step. The speculative one guesses up to {window} "
         f"steps ahead ({drafter}), checks them all in one batched call and keeps "
         f"{100 * spec['acceptance_rate']:.0f}% of the guesses; a rejected guess is replaced by an exact draw. "
-        "The images have exactly the plain sampler's distribution."
+        + ("The images have exactly the plain sampler's distribution." if report.get("same_law_as_plain", True) else
+           "The images have exactly the law of the correct DDIM step between scheduled timesteps; diffusers' DDIM "
+           "step() with this model's timestep spacing jumps past the next timestep, so the plain loop's law differs "
+           "(see the README, 'Use it in diffusers').")
     )
     if "plain" in report and spec["wall_clock_s"] > report["plain"]["wall_clock_s"]:
         lines.append("Here a batched call costs more than the calls it saves; speculation pays on devices with "
@@ -434,7 +442,14 @@ def cmd_generate(args) -> int:
     state = PartialState(cpu=args.device == "cpu" or (args.device == "auto" and not gpu))
     device = _device(args.device, state)
     if is_text_model(args.model):
-        return generate_text(argparse.Namespace(**{**vars(args), "device": str(device)}))
+        if args.dtype != "float32":
+            raise CLIError(f"--dtype {args.dtype}: text models run in float32 here; drop --dtype")
+        return generate_text(argparse.Namespace(**{**vars(args), "device": str(device), "length": args.length or 128}))
+    text_only = [flag for flag, value in (("--prompt", args.prompt), ("--length", args.length),
+                                          ("--block-size", args.block_size)) if value is not None]
+    if text_only:
+        raise CLIError(f"{', '.join(text_only)}: for text models only, and {args.model} is an image or masked-diffusion "
+                       "model; drop them")
     out = _writable(Path(args.out)) if state.is_main_process else Path(args.out)
     shows = state.is_main_process and not args.no_progress
     bars_were_on = diffusers_logging.is_progress_bar_enabled()
@@ -458,7 +473,8 @@ def cmd_generate(args) -> int:
 
     report = {"model": str(args.model), "num_steps": args.steps, "window": args.window, "drafter": args.drafter,
               "eta": args.eta, "dtype": args.dtype, "device": str(device), "processes": state.num_processes,
-              "num_images": args.num_images, "batch_size": args.batch_size, "seeds": seeds}
+              "num_images": args.num_images, "batch_size": args.batch_size, "seeds": seeds,
+              "same_law_as_plain": getattr(job, "same_law", True)}
     written = []
     for name in samplers:
         pairs = sorted(gathered[name], key=lambda p: p[1]["seeds"][0])
@@ -509,7 +525,8 @@ class _HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+        shown = action.default is not None and action.default is not False and action.default != argparse.SUPPRESS
+        if shown and "default" not in text:  # (0 is shown: `0 in (None, False)` would hide it)
             text += " (default: %(default)s)"
         return text
 
@@ -557,7 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also run the plain sampler (same scheduler, same seeds) and time both")
     gen.add_argument("--no-progress", action="store_true", help="no progress bars")
     gen.add_argument("--prompt", default=None, help="text models: the text to continue (kept fixed)")
-    gen.add_argument("--length", type=_positive(int), default=128, metavar="N", help="text models: tokens to generate")
+    gen.add_argument("--length", type=_positive(int), default=None, metavar="N",
+                     help="text models: tokens to generate (default: 128)")
     gen.add_argument("--block-size", type=_positive(int), default=None, metavar="N",
                      help="text models: generate in semi-autoregressive blocks of N tokens (default: one block)")
     gen.set_defaults(func=cmd_generate)
@@ -585,12 +603,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_probe_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", default=str(asset("models", "digits-ddpm")), help="diffusers pipeline folder")
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=1000, help="denoising steps of the plain trajectory")
+    parser.add_argument("--batch-size", type=int, default=1, help="trajectories probed together")
     parser.add_argument("--windows", default="1,2,4,8,16,32", help="comma-separated windows to predict")
     parser.add_argument("--every", type=int, default=1, help="probe every k-th step")
     parser.add_argument("--draft-model", default=None, help="also probe this draft UNet folder")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the plain trajectory")
     parser.add_argument("--json", default=None, help="write the full report here")
     return parser
 
@@ -605,9 +623,14 @@ def run_probe(args) -> int:
         raise SystemExit(f"specdiff probe: error: --windows must be comma-separated integers; got {args.windows!r}")
     if args.steps < 1 or args.batch_size < 1 or args.every < 1 or min(windows) < 1:
         raise SystemExit("specdiff probe: error: --steps, --batch-size, --every and every window must be positive")
-    pipe = DiffusionPipeline.from_pretrained(args.model)
+    try:
+        with _quiet_diffusers():
+            pipe = DiffusionPipeline.from_pretrained(args.model)
+            draft = UNet2DModel.from_pretrained(args.draft_model) if args.draft_model else None
+    except Exception as err:
+        raise CLIError(f"probe: could not load {args.model}{' or ' + args.draft_model if args.draft_model else ''}: "
+                       f"{_first_line(err)}") from None
     pipe.set_progress_bar_config(disable=True)
-    draft = UNet2DModel.from_pretrained(args.draft_model) if args.draft_model else None
     from .probe import probe_pipeline
 
     report = probe_pipeline(pipe, num_inference_steps=args.steps, batch_size=args.batch_size, seed=args.seed,

@@ -70,6 +70,12 @@ class NoiseStreams:
                 generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
             self.groups = [(generator, torch.arange(batch))]
         else:
+            if len({id(g) for g in per_sample}) < len(per_sample):
+                raise ValueError(
+                    "the generator list holds the same torch.Generator more than once; the speculative sampler keys "
+                    "each sample's randomness to its own generator, so pass distinct ones, e.g. "
+                    "[torch.Generator().manual_seed(s) for s in seeds], or a single generator for the whole batch"
+                )
             self.groups = [(g, torch.tensor([b])) for b, g in enumerate(per_sample)]
         self.group_of = torch.zeros(batch, dtype=torch.long)  # sample -> its generator
         self.slot_of = torch.zeros(batch, dtype=torch.long)  # sample -> its row in that generator's draws

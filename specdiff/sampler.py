@@ -192,7 +192,8 @@ class _Target:
     def fit_max_rows(self, max_rows: int | str | None, first_call: Callable[[], Tensor]) -> Tensor:
         """Set the row cap and make the first call. ``"auto"`` caps nothing on CPU; on CUDA it fits
         the cap to the free memory, from the memory the first call needed per row."""
-        if max_rows is not None and max_rows != "auto" and (not isinstance(max_rows, int) or max_rows < 1):
+        if max_rows is not None and max_rows != "auto" and (
+                not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1):
             raise ValueError(f"max_rows must be a positive integer, None (no cap) or 'auto'; got {max_rows!r}")
         self.max_rows = None if max_rows == "auto" else max_rows
         measure = max_rows == "auto" and self.device.type == "cuda"

@@ -178,6 +178,36 @@ def test_unwritable_output_folder_is_refused(tmp_path, capsys):
     fails_with(capsys, ["generate", "--out", str(blocker / "sub")], "cannot write to output folder")
 
 
+def test_options_a_model_kind_would_ignore_are_refused(tmp_path, capsys):
+    """Text-only options on an image model, and --dtype on masked-diffusion models (which run in
+    float32), would be silently ignored: they stop with the fix instead."""
+    fails_with(capsys, ["generate", "--prompt", "hello", "--block-size", "4", "--out", str(tmp_path)],
+               "--prompt, --block-size", "for text models only", "drop them")
+    fails_with(capsys, ["generate", "--model", str(ROOT / "assets" / "models" / "digits-mdm"), "--dtype", "float16",
+                        "--out", str(tmp_path), "--no-progress"], "--dtype float16", "float32", "drop --dtype")
+
+
+def test_probe_reports_a_model_it_cannot_load_in_one_line(tmp_path, capsys):
+    fails_with(capsys, ["probe", "--model", str(tmp_path / "nope"), "--steps", "2"], "probe: could not load")
+
+
+def test_ddim_with_trailing_spacing_does_not_claim_the_law_of_diffusers_step(tmp_path, capsys):
+    """diffusers' DDIM step() with "trailing" spacing jumps past the next timestep; specdiff takes the
+    correct step, so the summary must not say the two samplers share a law."""
+    model = tiny_pipeline(tmp_path / "model", DDIMScheduler)
+    config = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+    (model / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "timestep_spacing": "trailing"}))
+    argv = ["generate", "--model", str(model), "--eta", "1.0", "--num-images", "1", "--steps", "6", "--window", "2",
+            "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "trailing")]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "plain loop's law differs" in text and "exactly the plain sampler's distribution" not in text
+    assert json.loads((tmp_path / "trailing" / "stats.json").read_text())["same_law_as_plain"] is False
+    (model / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))  # "leading": the same law
+    assert main([*argv, "--out", str(tmp_path / "leading")]) == 0
+    assert "exactly the plain sampler's distribution" in " ".join(capsys.readouterr().out.split())
+
+
 COMMANDS = ["generate", "analytic", "bench", "train-digits", "probe"]
 
 
@@ -211,7 +241,7 @@ def test_generate_help_shows_defaults_and_explains_every_option(capsys):
         return " ".join(text[start:end if end > 0 else None].split())
 
     expected = {"--window L": "auto", "--num-images N": "16", "--batch-size N": "16", "--steps N": "1000",
-                "--drafter {picard,frozen,model}": "picard"}
+                "--drafter {picard,frozen,model}": "picard", "--seed SEED": "0", "--length N": "128"}
     for flag, default in expected.items():
         assert option_help(flag).endswith(f"(default: {default})"), option_help(flag)
     for flag in ("--eta", "--dtype", "--batch-size", "--device"):

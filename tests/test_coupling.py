@@ -170,3 +170,6 @@ def test_a_negative_or_nan_std_is_an_error_not_a_deterministic_step(bad):
     with pytest.raises(expected, match="negative or NaN std|NaN"):
         speculative_sample(chain, chain.sample_prior(2, torch.Generator().manual_seed(0)), window=4,
                            generator=torch.Generator().manual_seed(1))
+    x = torch.zeros(3, 2)  # the public coupling too (the reviewer's case: -1 gave m_T, NaN gave NaN samples)
+    with pytest.raises(ValueError, match="negative or NaN"):
+        reflection_coupling(x, x, x + 0.1, bad, torch.full((3,), 0.5))

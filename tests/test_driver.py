@@ -144,8 +144,9 @@ def test_the_row_cap_changes_nothing_but_the_call_sizes(kind):
     assert free.stats.target_calls == capped.stats.target_calls  # micro-batches are one sequential call
     assert capped.stats.peak_rows == 7 and capped.stats.max_rows == 7
     assert free.stats.peak_rows > 7 and free.stats.max_rows is None
-    with pytest.raises(ValueError, match="max_rows"):
-        speculative_sample(chain, x, window=2, max_rows=0)
+    for bad in (0, True, 2.5):  # True is an int to Python, not a cap of one row
+        with pytest.raises(ValueError, match="max_rows"):
+            speculative_sample(chain, x, window=2, max_rows=bad)
 
 
 # -- the drafter's memory -------------------------------------------------------------------------

@@ -29,7 +29,9 @@ def test_a_drafter_equal_to_the_target_has_zero_delta_and_full_acceptance():
     assert calls == {1: pytest.approx(40), 4: pytest.approx(11)}  # warm-up + ceil(40 / 4) rounds
 
 
-def test_acceptance_is_the_maximal_coupling_probability_of_the_measured_delta():
+def test_the_reported_acceptance_agrees_with_the_reported_delta_and_staleness_grows_with_lag():
+    """Consistency of the report's two fields (batch 1: acceptance = 2Φ(-‖Δ‖/2) of the same Δ) and
+    the frozen drafter's staleness; the independent recomputation of both is the next test."""
     chain = GaussianMixtureDDPM.random(dim=4, num_steps=50)
     x = chain.sample_prior(1, torch.Generator().manual_seed(0))
     report = probe(chain, x, windows=(4,), generator=torch.Generator().manual_seed(1), latency=FLAT)

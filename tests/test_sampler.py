@@ -197,6 +197,15 @@ def test_generator_list_must_match_the_batch(sampler):
         sampler(chain, prior(chain, 2), generator=gens(range(3)))
 
 
+def test_a_generator_list_repeating_one_generator_is_refused():
+    """Each sample's randomness is keyed to its own generator: one generator listed for every sample
+    would give every sample the same acceptance uniforms and residual streams."""
+    chain = GaussianMixtureDDPM.random(num_steps=5)
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match="same torch.Generator more than once.*distinct"):
+        speculative_sample(chain, prior(chain, 3), generator=[g, torch.Generator(), g])
+
+
 class NaNAt(GaussianMixtureDDPM):
     def predict(self, x, step):
         out = super().predict(x, step)

@@ -167,6 +167,8 @@ def test_speculative_generator_list_makes_each_sample_independent_of_its_batch()
     full = spec.sample(model, x, num_inference_steps=15, generator=gens()).sample
     alone = spec.sample(model, x[2:3], num_inference_steps=15, generator=gens()[2:3]).sample
     assert torch.equal(full[2:3], alone)
+    capped = spec.sample(model, x, num_inference_steps=15, generator=gens(), max_rows=2)  # exact micro-batches
+    assert torch.equal(capped.sample, full) and capped.stats.peak_rows == 2
 
 
 # -- config: save / load, from_config, options --------------------------------------------------------

@@ -84,6 +84,8 @@ def reflection_coupling(
     """
     batch = x_draft.shape[0]
     std = _per_row(std, batch, x_draft.device)
+    if not bool((std >= 0).all()):  # NaN fails too: a σ < 0 or NaN would pass as a deterministic step
+        raise ValueError("std must be >= 0 per row (0 = a deterministic step); got a negative or NaN value")
     u = torch.as_tensor(u, device=x_draft.device)
     if u.numel() != batch or not bool(((u >= 0) & (u <= 1)).all()):
         raise ValueError(f"u must hold one independent uniform in [0, 1] per row ({batch} rows); got shape "

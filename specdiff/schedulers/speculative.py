@@ -272,6 +272,7 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
         window: int | None = None,
         drafter: str | ModelFn | Drafter | None = None,
         frozen_prediction: str | None = None,
+        max_rows: int | str | None = "auto",
         progress: bool | Callable = False,
         callback: Callable[[dict], None] | None = None,
         **step_options,
@@ -284,12 +285,15 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
                 per row; it receives ``scale_model_input`` of the state.
             num_inference_steps: if given, ``set_timesteps(num_inference_steps)`` first.
             generator: one ``torch.Generator`` for the batch or a list, one per sample; the
-                step noise is drawn exactly as the wrapped scheduler draws it, so ``window=1``
-                reproduces its plain loop.
+                step noise is drawn as the wrapped scheduler draws it, so ``window=1`` reproduces
+                its plain loop (in float32 or wider: fp16/bf16 latents get float32 noise, rounded
+                after the step, where diffusers draws it in the latents' dtype).
             window: steps per round (default: the config's).
             drafter: ``"picard"``/``"frozen"`` (default: the config's), a draft model function with ``model_fn``'s signature
                 (an independent cheaper model with the same schedule), or a :class:`specdiff.Drafter`
                 working on the chain's predictions.
+            max_rows: the most states per network call (larger verify batches run as exact
+                micro-batches); ``"auto"``: no cap on CPU, fitted to free memory on CUDA.
             progress: ``True`` for a tqdm bar, or ``progress(total=) -> tqdm``-like.
             callback: called after every round with ``{"round", "x", "step", "stats"}``.
             step_options: DDIM's ``eta`` / ``use_clipped_model_output`` for this call.
@@ -310,6 +314,7 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
             window=self.config.window if window is None else window,
             drafter=drafter,
             generator=generator,
+            max_rows=max_rows,
             progress=progress,
             callback=callback,
         )
