@@ -51,16 +51,26 @@ def speculative_from_pipe(from_pipe: Callable, pipeline, kwargs: dict):
     rewrap = SpeculativeScheduler.wrap_pipeline_scheduler(kwargs, pipeline)
     if "dtype" in kwargs or "torch_dtype" in kwargs:
         return rewrap(from_pipe(pipeline, **kwargs))
-    modules = {k: v for k, v in pipeline.components.items() if isinstance(v, torch.nn.Module)}
-    dtypes = {k: next(v.parameters(), torch.empty(())).dtype for k, v in modules.items()}
+    # diffusers casts every module to one dtype (the pipeline's) in place. Keep each floating tensor
+    # it would change (a float32 VAE beside a bf16 transformer, T5's float32 `wo` layers in a float16
+    # encoder) and put the very tensors back: no rounding round trip, no dtype flattened.
+    target, kept = pipeline.dtype, []
+    for module in pipeline.components.values():
+        if isinstance(module, torch.nn.Module):
+            for owner in module.modules():
+                for table in (owner._parameters, owner._buffers):
+                    kept += [(owner, table, name, t, t.data) for name, t in table.items()
+                             if t is not None and t.is_floating_point() and t.dtype != target]
     log = diffusers_logging.get_logger("diffusers.models.modeling_utils")
     level = log.level
     log.setLevel(diffusers_logging.ERROR)  # the cast below is undone at once: its warning is noise
     try:
-        new = from_pipe(pipeline, **{DTYPE_KEY: pipeline.dtype}, **kwargs)
-        for name, module in modules.items():  # mixed dtypes (e.g. a float32 VAE beside a bf16 UNet)
-            module.to(dtype=dtypes[name])
+        new = from_pipe(pipeline, **{DTYPE_KEY: target}, **kwargs)
     finally:
+        for owner, table, name, tensor, data in kept:
+            if table is owner._parameters:
+                tensor.data = data  # the same Parameter object, its original storage
+            table[name] = tensor if table is owner._parameters else data
         log.setLevel(level)
     return rewrap(new)
 

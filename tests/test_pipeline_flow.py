@@ -143,3 +143,20 @@ def test_speculative_latents_have_the_law_of_the_diffusers_pipeline(name):
     rejected = stats.proposed - stats.accepted
     assert rejected >= MIN_REJECTED * stats.proposed, f"too few reflections to exercise the coupling: {stats.summary()}"
     assert stats.accepted >= MIN_ACCEPTED * stats.proposed, f"too few accepted drafts: {stats.summary()}"
+
+
+def test_from_pipe_leaves_every_tensor_of_the_users_modules_as_it_was():
+    """diffusers' from_pipe casts every module to the pipeline's dtype in place: a float32 VAE
+    beside a bf16 transformer would come back rounded, and a module holding two dtypes (T5 keeps
+    its `wo` layers in float32 under float16) would be flattened. Every tensor stays bit for bit."""
+    base = sd3_pipe(stochastic_flow())
+    base.transformer.to(torch.bfloat16)  # bf16 transformer (the pipeline's dtype), float32 VAE
+    base.vae.decoder.conv_out.to(torch.float64)  # a module of two dtypes (float32 and float64)
+    before = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in base.components.items()
+              if isinstance(m, torch.nn.Module)}
+    spec = SpeculativeStableDiffusion3Pipeline.from_pipe(base)
+    for name, state in before.items():
+        after = getattr(base, name).state_dict()
+        assert getattr(spec, name) is getattr(base, name)
+        for key, value in state.items():
+            assert after[key].dtype == value.dtype and torch.equal(after[key], value), (name, key)
