@@ -444,7 +444,8 @@ def cmd_generate(args) -> int:
     if is_text_model(args.model):
         if args.dtype != "float32":
             raise CLIError(f"--dtype {args.dtype}: text models run in float32 here; drop --dtype")
-        return generate_text(argparse.Namespace(**{**vars(args), "device": str(device), "length": args.length or 128}))
+        return generate_text(argparse.Namespace(**{**vars(args), "device": str(device), "length": args.length or 128}),
+                             state)
     text_only = [flag for flag, value in (("--prompt", args.prompt), ("--length", args.length),
                                           ("--block-size", args.block_size)) if value is not None]
     if text_only:

@@ -25,44 +25,59 @@ def _drafter(args):
     return AutoModelForMaskedLM.from_pretrained(path).eval().to(args.device)
 
 
-def generate_text(args) -> int:
+def generate_text(args, state) -> int:
+    """Like the image path: the seeds cut into batches of ``--batch-size``, each process (accelerate's
+    ``state``) samples its share, rank 0 prints and writes everything."""
     import torch
+    from accelerate.utils import gather_object
 
+    from specdiff.cli import _combine
     from specdiff.pipelines import SpeculativeTextDiffusionPipeline
 
     pipe = SpeculativeTextDiffusionPipeline.from_pretrained(args.model).to(args.device)
-    pipe.set_progress_bar_config(disable=args.no_progress)
+    pipe.set_progress_bar_config(disable=args.no_progress or not state.is_main_process)
     drafter = _drafter(args)
+    seeds = list(range(args.seed, args.seed + args.num_images))
+    batches = [seeds[i:i + args.batch_size] for i in range(0, len(seeds), args.batch_size)]
+    options = {"plain": {"window": None}, "cached": {"window": None, "cache": True},
+               "speculative": {"window": args.window, "drafter": drafter}}
+    samplers = (["plain", "cached"] if args.compare else []) + ["speculative"]
 
-    def run(**kwargs):
-        seeds = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
+    def run(batch, **kwargs):
         started = time.perf_counter()
         try:
-            out = pipe(prompt=args.prompt, num_samples=args.num_images, length=args.length, generator=seeds,
+            out = pipe(prompt=args.prompt, num_samples=len(batch), length=args.length,
+                       generator=[torch.Generator().manual_seed(s) for s in batch],
                        num_inference_steps=args.steps, block_size=args.block_size, **kwargs)
         except ValueError as err:
             raise SystemExit(f"specdiff: error: {err}") from err
-        return out, time.perf_counter() - started
+        return {"seeds": batch, "texts": out.texts, "stats": out.stats.to_dict(),
+                "wall_clock_s": time.perf_counter() - started}
 
     pipe(prompt=args.prompt, length=args.length, num_inference_steps=1, window=None)  # warm-up, not timed
-    runs = {"speculative": run(window=args.window, drafter=drafter)}
-    if args.compare:
-        runs = {"plain": run(window=None), "cached": run(window=None, cache=True), **runs}
-    for i, text in enumerate(runs["speculative"][0].texts):
-        print(f"--- sample {i} (seed {args.seed + i})\n{text}")
-    print(f"\n{'sampler':12} {'calls':>6} {'rows':>7} {'wall-clock':>11}")
-    for name, (out, wall) in runs.items():
-        print(f"{name:12} {out.stats.target_calls:6d} {out.stats.target_rows:7d} {wall:10.2f}s")
-    spec, spec_wall = runs["speculative"]
+    with state.split_between_processes(batches) as mine:
+        local = {name: [run(batch, **options[name]) for batch in mine] for name in samplers}
+    gathered = {name: sorted(gather_object([(state.process_index, r) for r in local[name]]),
+                             key=lambda pair: pair[1]["seeds"][0]) for name in samplers}
+    if not state.is_main_process:
+        return 0
     report = {"model": str(args.model), "prompt": args.prompt, "length": args.length, "steps": args.steps,
               "window": args.window, "drafter": args.drafter, "block_size": args.block_size,
-              "texts": spec.texts}
-    for name, (out, wall) in runs.items():
-        report[name] = {**out.stats.to_dict(), "wall_clock_s": wall}
+              "processes": state.num_processes,
+              "texts": [text for _, r in gathered["speculative"] for text in r["texts"]]}
+    for name in samplers:
+        report[name] = _combine([r for _, r in gathered[name]], [k for k, _ in gathered[name]])
+    for seed, text in zip(seeds, report["texts"]):
+        print(f"--- sample {seed - args.seed} (seed {seed})\n{text}")
+    print(f"\n{'sampler':12} {'calls':>6} {'rows':>7} {'wall-clock':>11}")
+    for name in samplers:
+        r = report[name]
+        print(f"{name:12} {r['target_calls']:6d} {r['target_rows']:7d} {r['wall_clock_s']:10.2f}s")
     if args.compare:
-        cached, cached_wall = runs["cached"]
-        print(f"speculative vs cached: {cached.stats.target_calls / spec.stats.target_calls:.2f}x fewer sequential "
-              f"calls, {cached_wall / spec_wall:.2f}x wall-clock (acceptance {spec.stats.acceptance_rate:.3f})")
+        spec, cached = report["speculative"], report["cached"]
+        print(f"speculative vs cached: {cached['target_calls'] / spec['target_calls']:.2f}x fewer sequential "
+              f"calls, {cached['wall_clock_s'] / spec['wall_clock_s']:.2f}x wall-clock "
+              f"(acceptance {spec['acceptance_rate']:.3f})")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "stats.json").write_text(json.dumps(report, indent=2) + "\n")
