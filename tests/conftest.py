@@ -65,3 +65,28 @@ def resample_on_reject(monkeypatch):
         monkeypatch.setattr(GaussianKernel, "correct", staticmethod(correct))
 
     return enable
+
+
+@pytest.fixture
+def torchrun_generate(tmp_path):
+    """``launch(processes, *args)``: ``specdiff generate --device cpu --no-progress *args`` under
+    torchrun with that many CPU processes (gloo), started in the background; ``finish(run)`` waits
+    and returns its stdout, failing the test on a non-zero exit."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def launch(processes, *args):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                   "-m", "specdiff", "generate", "--device", "cpu", "--no-progress", *args]
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                cwd=tmp_path)
+
+    def finish(run):
+        stdout, stderr = run.communicate(timeout=300)
+        assert run.returncode == 0, stderr[-2000:]
+        return stdout
+
+    return launch, finish

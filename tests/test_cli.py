@@ -2,10 +2,7 @@
 the summary a newcomer reads, and multi-process generation (issue 11 §2, §4)."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -261,24 +258,15 @@ def test_analytic_demo_reports_speed_and_exactness(capsys):
     assert "speedup" in printed and "same law not rejected" in printed
 
 
-def test_two_processes_make_exactly_the_images_of_one(tmp_path):
+def test_two_processes_make_exactly_the_images_of_one(tmp_path, torchrun_generate):
     """The seeds' batches are split between processes (accelerate's PartialState, gloo on CPU);
     rank 0 gathers them: one and two processes give the same arrays, bit for bit."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-
-    def launch(processes):  # both launches run at once: the time is mostly start-up
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-                   "-m", "specdiff", "generate", "--device", "cpu", "--num-images", "4", "--batch-size", "2",
-                   "--steps", "12", "--window", "4", "--no-progress", "--out", str(tmp_path / f"p{processes}")]
-        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                cwd=tmp_path)
-
-    runs = {n: launch(n) for n in (1, 2)}
+    launch, finish = torchrun_generate
+    runs = {n: launch(n, "--num-images", "4", "--batch-size", "2", "--steps", "12", "--window", "4",
+                      "--out", str(tmp_path / f"p{n}")) for n in (1, 2)}  # both at once: mostly start-up time
     results = {}
     for n, run in runs.items():
-        stdout, stderr = run.communicate(timeout=300)
-        assert run.returncode == 0, stderr[-2000:]
-        assert stdout.count("Wrote ") == 1  # only rank 0 reports
+        assert finish(run).count("Wrote ") == 1  # only rank 0 reports
         out = tmp_path / f"p{n}"
         results[n] = json.loads((out / "stats.json").read_text()), np.load(out / "speculative.npy")
     (one, images_one), (two, images_two) = results[1], results[2]

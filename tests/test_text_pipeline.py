@@ -125,28 +125,15 @@ def test_the_default_automatic_window_repeats_a_seeds_text(tiny_folder):
     assert runs[0].stats.chosen_windows == runs[1].stats.chosen_windows
 
 
-def test_two_processes_split_the_texts_and_make_those_of_one(tiny_folder, tmp_path):
+def test_two_processes_split_the_texts_and_make_those_of_one(tiny_folder, tmp_path, torchrun_generate):
     """Text models under torchrun/accelerate: the seeds' batches are split between processes and
     rank 0 prints and writes them all; with an integer window the texts are those of one process."""
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-
-    def launch(processes):
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-                   "-m", "specdiff", "generate", "--device", "cpu", "--model", str(tiny_folder), "--prompt", "ab",
-                   "--length", "6", "--steps", "6", "--window", "3", "--num-images", "4", "--batch-size", "2",
-                   "--no-progress", "--out", str(tmp_path / f"p{processes}")]
-        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                cwd=tmp_path)
-
-    runs = {n: launch(n) for n in (1, 2)}
+    launch, finish = torchrun_generate
+    runs = {n: launch(n, "--model", str(tiny_folder), "--prompt", "ab", "--length", "6", "--steps", "6", "--window",
+                      "3", "--num-images", "4", "--batch-size", "2", "--out", str(tmp_path / f"p{n}")) for n in (1, 2)}
     reports = {}
     for n, run in runs.items():
-        stdout, stderr = run.communicate(timeout=300)
-        assert run.returncode == 0, stderr[-2000:]
+        stdout = finish(run)
         assert stdout.count("--- sample") == 4 and stdout.count("wrote ") == 1  # rank 0 alone reports
         reports[n] = json.loads((tmp_path / f"p{n}" / "stats.json").read_text())
     assert reports[2]["processes"] == 2 and {b["process"] for b in reports[2]["speculative"]["batches"]} == {0, 1}
