@@ -71,11 +71,25 @@ def test_a_sample_does_not_depend_on_its_batch_with_one_generator_per_sample():
     assert torch.equal(batch[1:2], alone)
 
 
-def test_each_block_draws_from_its_own_derived_generator():
+def test_each_block_draws_from_its_own_generator_seeded_from_the_callers_which_advances():
     g = torch.Generator().manual_seed(0)
     first, second = block_generators(g, 2, 2)
-    assert g.initial_seed() == 0 and torch.equal(g.get_state(), torch.Generator().manual_seed(0).get_state())
     assert not torch.equal(torch.rand(4, generator=first), torch.rand(4, generator=second))
+    assert not torch.equal(g.get_state(), torch.Generator().manual_seed(0).get_state())  # consumed, as in diffusers
+    again = block_generators(torch.Generator().manual_seed(0), 2, 2)  # the same seed: the same blocks
+    assert torch.equal(torch.rand(4, generator=again[0]), torch.rand(4, generator=block_generators(
+        torch.Generator().manual_seed(0), 2, 2)[0]))
+
+
+def test_a_second_call_with_the_same_generator_gives_new_samples():
+    chain = make_chain(steps=4)
+    x = torch.full((32, LENGTH), chain.mask_token_id)  # the toy law is concentrated: enough rows to differ
+    g = torch.Generator().manual_seed(3)
+    first = sample_blocks(chain, x, block_size=BLOCK, window=2, generator=g).sample
+    second = sample_blocks(chain, x, block_size=BLOCK, window=2, generator=g).sample
+    assert not torch.equal(first, second)
+    assert torch.equal(first, sample_blocks(chain, x, block_size=BLOCK, window=2,
+                                            generator=torch.Generator().manual_seed(3)).sample)
 
 
 def test_block_sampler_rejects_masks_that_are_not_a_common_suffix():

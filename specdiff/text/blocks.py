@@ -7,16 +7,15 @@ grid on the prefix ``x[:, :end_b]``: everything before the block is fixed (copie
 kernel) and the model sees no position after it. The speculative sampler is exact for each
 block given its prefix, so the whole block sampler has exactly the law of the plain one.
 
-Block ``b`` draws only from generators derived from the caller's generator(s) and ``b``
-(a hash of the state on entry), never from what earlier blocks consumed, so the plain,
-cached and speculative block samplers use the same randomness for every block.
+Block ``b`` draws only from a generator seeded by the ``b``-th of ``num_blocks`` seeds drawn from
+the caller's generator(s) on entry, never from what earlier blocks consumed, so the plain,
+cached and speculative block samplers use the same randomness for every block, and the caller's
+generator advances as in diffusers (a second call with it gives new samples).
 """
 
 from __future__ import annotations
 
 import dataclasses
-
-import hashlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -28,21 +27,21 @@ from ..sampler import SpeculativeOutput
 from ..stats import SpeculativeStats
 
 
-def _derive(generator: torch.Generator, block: int) -> torch.Generator:
-    state = generator.get_state().cpu().numpy().tobytes()
-    seed = int.from_bytes(hashlib.sha256(b"specdiff-block-%d" % block + state).digest()[:8], "little") >> 1
-    return torch.Generator(device=generator.device).manual_seed(seed)
+def _block_seeds(generator: torch.Generator, num_blocks: int) -> list[torch.Generator]:
+    seeds = torch.randint(0, 2**62, (num_blocks,), generator=generator, device=generator.device).tolist()
+    return [torch.Generator(device=generator.device).manual_seed(seed) for seed in seeds]
 
 
 def block_generators(generator, batch: int, num_blocks: int) -> list:
-    """Per block: a generator (or a list, one per sample) derived from the caller's."""
+    """Per block: a generator (or a list, one per sample) seeded from the caller's, which advances."""
     if generator is None:  # seeded from torch's global RNG, so torch.manual_seed repeats runs
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
     if isinstance(generator, torch.Generator):
-        return [_derive(generator, b) for b in range(num_blocks)]
+        return _block_seeds(generator, num_blocks)
     if not isinstance(generator, Sequence) or len(generator) != batch:
         raise ValueError(f"generator must be a torch.Generator or a list of {batch} (one per sample)")
-    return [[_derive(g, b) for g in generator] for b in range(num_blocks)]
+    per_sample = [_block_seeds(g, num_blocks) for g in generator]
+    return [[blocks[b] for blocks in per_sample] for b in range(num_blocks)]
 
 
 def _masked_suffix(x: Tensor, mask_id: int) -> int:
@@ -54,7 +53,8 @@ def _masked_suffix(x: Tensor, mask_id: int) -> int:
 
 
 def _add(total: SpeculativeStats, s: SpeculativeStats) -> None:
-    for name in ("target_calls", "target_rows", "draft_calls", "proposed", "accepted", "rounds", "residual_draws"):
+    for name in ("target_calls", "target_rows", "draft_calls", "proposed", "accepted", "rounds", "residual_draws",
+                 "prefix_rows", "prefix_rows_possible"):
         setattr(total, name, getattr(total, name) + getattr(s, name))
     for name in ("committed_per_round", "proposed_by_position", "accepted_by_position",
                  "per_sample_target_calls", "per_sample_proposed", "per_sample_accepted"):
