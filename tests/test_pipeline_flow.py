@@ -106,6 +106,23 @@ def test_window_one_gives_the_diffusers_images_for_a_batch_of_different_prompts(
     assert out.stats.batch_size == 3 and out.stats.target_calls == 4
 
 
+@pytest.mark.parametrize("name", PIPES)
+def test_window_one_with_the_sde_scheduler_is_bit_for_bit_carrying_the_velocity_and_to_rounding_carrying_x0(name):
+    """FlowMatchSDEScheduler (the README's stochastic flow sampler): carrying the network's velocity
+    reproduces its own loop bit for bit; carrying x0 (the default) rebuilds the velocity, to float
+    rounding, as the README says."""
+    make, cls, options = PIPES[name]
+    base = make(FlowMatchSDEScheduler(churn=1.0, shift=3.0))
+    kwargs = dict(num_inference_steps=4, height=8, width=8, output_type="latent", **options,
+                  **embeds(2, seed=1, negative=name == "sd3"))
+    want = base(generator=step_noise_from(base, torch.Generator().manual_seed(0)), **kwargs).images
+    for frozen, tolerance in (("model_output", 0.0), ("sample", 1e-5)):
+        spec = cls.from_pipe(base, frozen_prediction=frozen)
+        spec.set_progress_bar_config(disable=True)
+        got = spec(generator=torch.Generator().manual_seed(0), window=1, **kwargs).images
+        assert float((got - want).abs().max()) <= tolerance, frozen
+
+
 def test_deterministic_flow_scheduler_is_refused_with_the_fix_named():
     with pytest.raises(ValueError, match=r"stochastic_sampling=True.*FlowMatchSDEScheduler"):
         SpeculativeFluxPipeline.from_pipe(flux_pipe(FlowMatchEulerDiscreteScheduler()))
