@@ -132,7 +132,7 @@ class SpeculativeDDPMPipeline(DiffusionPipeline):
         scheduler: a [`SpeculativeScheduler`], or a supported diffusers scheduler (DDPM,
             DDIM with eta > 0, Euler ancestral, DPM-Solver++ SDE), which is wrapped.
         draft_unet ([`UNet2DModel`], *optional*): a cheaper denoiser trained on the same schedule,
-            used as an independent drafter. Without it the frozen-target drafter is used.
+            used as an independent drafter. Without it the scheduler's drafter is used (Picard by default).
     """
 
     model_cpu_offload_seq = "unet"

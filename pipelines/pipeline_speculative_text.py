@@ -69,6 +69,12 @@ class SpeculativeTextDiffusionPipeline(DiffusionPipeline):
     def _prompt_ids(self, prompt, num_samples: int) -> list[list[int]]:
         prompts = [""] if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
         ids = self.tokenizer(prompts, add_special_tokens=False).input_ids
+        unknown = self.tokenizer.unk_token_id
+        if unknown is not None and any(unknown in p for p in ids):
+            bad = sorted({c for text in prompts for c in text
+                          if unknown in self.tokenizer(c, add_special_tokens=False).input_ids})
+            raise ValueError(f"the prompt has characters the tokenizer does not know: {bad}; they would vanish from "
+                             "the text. Remove or replace them")
         return [p for p in ids for _ in range(num_samples)]
 
     @torch.no_grad()

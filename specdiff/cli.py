@@ -4,7 +4,7 @@
   specdiff analytic       exactness and speed on an analytic model (no files, no network)
   specdiff probe          ‖Δ‖ and acceptance per step, predicted calls and speedup per window
   specdiff bench          the benchmarks (results in assets/bench/)
-  specdiff train-digits   retrain the bundled digits models
+  specdiff train-digits   retrain the digits DDPM, draft UNet and classifier
 
 ``generate`` on several devices: ``accelerate launch --num_processes N -m specdiff generate ...``
 splits the batches of seeds between the processes; rank 0 writes one grid and one stats file.
@@ -595,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Listed here for 'specdiff --help'; main() hands their arguments (and --help) to their own parsers.
     sub.add_parser("bench", help="run the benchmarks (results in assets/bench/); see 'specdiff bench --help'")
-    sub.add_parser("train-digits", help="retrain the bundled digits models; see 'specdiff train-digits --help'")
+    sub.add_parser("train-digits", help="retrain the digits DDPM, draft UNet and classifier; see 'specdiff train-digits --help'")
     probe = sub.add_parser("probe", formatter_class=formatter,
                            help="predict acceptance and speedup per window from one short plain run")
     add_probe_arguments(probe).set_defaults(func=run_probe)

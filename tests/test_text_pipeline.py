@@ -77,6 +77,13 @@ def test_model_drafter_and_blocks(tiny_folder):
         pipe(length=10, num_inference_steps=10, block_size=4)
 
 
+def test_a_prompt_with_characters_the_tokenizer_does_not_know_is_refused(tiny_folder):
+    """They would become [UNK], a special token that decoding drops: the text would lose them."""
+    pipe = SpeculativeTextDiffusionPipeline.from_pretrained(tiny_folder)
+    with pytest.raises(ValueError, match=r"does not know: \['x', 'é'\]"):
+        pipe(prompt="abxé", length=4, num_inference_steps=4)
+
+
 def test_cli_prints_texts_and_the_comparison_table(tiny_folder, tmp_path, capsys):
     code = main(["generate", "--model", str(tiny_folder), "--prompt", "ab", "--length", "8", "--steps", "16",
                  "--window", "4", "--num-images", "2", "--compare", "--no-progress", "--out", str(tmp_path)])
