@@ -54,23 +54,23 @@ def speculative_from_pipe(from_pipe: Callable, pipeline, kwargs: dict):
     # diffusers casts every module to one dtype (the pipeline's) in place. Keep each floating tensor
     # it would change (a float32 VAE beside a bf16 transformer, T5's float32 `wo` layers in a float16
     # encoder) and put the very tensors back: no rounding round trip, no dtype flattened.
-    target, kept = pipeline.dtype, []
-    for module in pipeline.components.values():
-        if isinstance(module, torch.nn.Module):
-            for owner in module.modules():
-                for table in (owner._parameters, owner._buffers):
-                    kept += [(owner, table, name, t, t.data) for name, t in table.items()
-                             if t is not None and t.is_floating_point() and t.dtype != target]
+    target = pipeline.dtype
+    cast = lambda t: t is not None and t.is_floating_point() and t.dtype != target  # noqa: E731
+    owners = [owner for module in pipeline.components.values() if isinstance(module, torch.nn.Module)
+              for owner in module.modules()]
+    params = [(owner, name, p, p.data) for owner in owners for name, p in owner._parameters.items() if cast(p)]
+    buffers = [(owner, name, b) for owner in owners for name, b in owner._buffers.items() if cast(b)]
     log = diffusers_logging.get_logger("diffusers.models.modeling_utils")
     level = log.level
     log.setLevel(diffusers_logging.ERROR)  # the cast below is undone at once: its warning is noise
     try:
         new = from_pipe(pipeline, **{DTYPE_KEY: target}, **kwargs)
     finally:
-        for owner, table, name, tensor, data in kept:
-            if table is owner._parameters:
-                tensor.data = data  # the same Parameter object, its original storage
-            table[name] = tensor if table is owner._parameters else data
+        for owner, name, param, data in params:  # the same Parameter object, with its original storage
+            param.data = data
+            owner._parameters[name] = param
+        for owner, name, buffer in buffers:  # a cast buffer is a new tensor: put the original back
+            owner._buffers[name] = buffer
         log.setLevel(level)
     return rewrap(new)
 

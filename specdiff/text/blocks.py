@@ -27,7 +27,8 @@ from ..sampler import SpeculativeOutput
 from ..stats import SpeculativeStats
 
 
-def _block_seeds(generator: torch.Generator, num_blocks: int) -> list[torch.Generator]:
+def _per_block(generator: torch.Generator, num_blocks: int) -> list[torch.Generator]:
+    """``num_blocks`` generators seeded by draws from ``generator`` (which advances)."""
     seeds = torch.randint(0, 2**62, (num_blocks,), generator=generator, device=generator.device).tolist()
     return [torch.Generator(device=generator.device).manual_seed(seed) for seed in seeds]
 
@@ -37,10 +38,10 @@ def block_generators(generator, batch: int, num_blocks: int) -> list:
     if generator is None:  # seeded from torch's global RNG, so torch.manual_seed repeats runs
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
     if isinstance(generator, torch.Generator):
-        return _block_seeds(generator, num_blocks)
+        return _per_block(generator, num_blocks)
     if not isinstance(generator, Sequence) or len(generator) != batch:
         raise ValueError(f"generator must be a torch.Generator or a list of {batch} (one per sample)")
-    per_sample = [_block_seeds(g, num_blocks) for g in generator]
+    per_sample = [_per_block(g, num_blocks) for g in generator]
     return [[blocks[b] for blocks in per_sample] for b in range(num_blocks)]
 
 
