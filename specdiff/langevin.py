@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .drafters import DraftMemory, Drafter
+from .drafters import Drafter, DraftMemory
 from .kernels import GaussianKernel
 from .noise import GeneratorArg
 from .sampler import sample_baseline, speculative_sample
@@ -307,7 +307,7 @@ class LangevinResult:
 
 
 def to_arviz(result: LangevinResult, var_name: str = "x"):
-    """``arviz.from_dict(posterior={var_name: draws})`` with ``stats`` kept as attributes."""
+    """``arviz.from_dict(posterior={var_name: draws})``, with the run's cost in the posterior's attributes."""
     try:
         import arviz
     except ImportError as error:
@@ -315,7 +315,12 @@ def to_arviz(result: LangevinResult, var_name: str = "x"):
     s = result.stats
     attrs = {"sampler": "specdiff ULA (speculative)" if s.window > 1 else "specdiff ULA (plain)",
              "sequential_gradient_evaluations": s.target_calls, "num_steps": s.num_steps, "window": s.window}
-    return arviz.from_dict(posterior=result.to_dict(var_name), attrs=attrs)
+    try:
+        data = arviz.from_dict(posterior=result.to_dict(var_name))
+    except TypeError:  # ArviZ 1.x: from_dict takes one dict of groups
+        data = arviz.from_dict({"posterior": result.to_dict(var_name)})
+    data.posterior.attrs.update(attrs)
+    return data
 
 
 def sample(
@@ -380,7 +385,7 @@ def batch_means_ess(draws: Tensor, batches: int | None = None) -> Tensor:
     if draws.ndim < 2 or draws.shape[1] < 4:
         raise ValueError(f"draws must be [chains, draws, *dims] with at least 4 draws; got {tuple(draws.shape)}")
     chains, n = draws.shape[:2]
-    a = batches or max(int(math.isqrt(n)), 2)
+    a = batches or max(math.isqrt(n), 2)
     b = n // a
     x = draws[:, : a * b].double().flatten(2)
     var = x.var(dim=(0, 1))
