@@ -7,6 +7,7 @@ is imported on first use.
 
 from importlib import import_module
 
+from . import langevin  # noqa: F401  (specdiff.langevin: ULA for unnormalized densities)
 from .chains import CategoricalChain, GaussianChain
 from .drafters import DraftMemory, Drafter, FrozenTargetDrafter, ModelDrafter, PicardDrafter
 from .kernels.gaussian import acceptance_probability, reflection_coupling
