@@ -293,3 +293,18 @@ def test_an_unbound_surrogate_drafter_says_how_to_bind_it():
     chain = LangevinChain(quadratic(1.0), step_size=0.1, num_steps=10)
     with pytest.raises(RuntimeError, match=r"bind\(chain\)"):
         speculative_sample(chain, torch.zeros(2, 2), window=4, drafter=SurrogateDrafter(quadratic(1.0)))
+
+
+def test_the_benchmark_runs_at_a_tiny_size_and_writes_its_table(tmp_path):
+    from specdiff.workbench import bench_langevin
+
+    doc = tmp_path / "langevin.md"
+    doc.write_text(f"# title\n\n{bench_langevin.MARK_START}\nold\n{bench_langevin.MARK_END}\n\nafter\n")
+    results = bench_langevin.main(["--steps", "40", "--width", "8", "--dim", "2", "--step-sizes", "0.1",
+                                   "--chains", "2", "--out", str(tmp_path / "r.json"), "--doc", str(doc)])
+    text = doc.read_text()
+    assert "old" not in text and text.startswith("# title") and text.endswith("after\n")
+    assert text.count("| plain ULA |") == 2 and "Laplace surrogate" in text
+    mlp_rows = results["workloads"][0]["rows"]
+    assert mlp_rows[0]["sequential_gradient_evaluations"] == 40
+    assert all(r["sequential_gradient_evaluations"] <= 40 for r in mlp_rows)
