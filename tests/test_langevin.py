@@ -157,6 +157,35 @@ def test_the_law_check_detects_resampling_on_rejection(resample_on_reject):
         assert_gaussian_law(out.draws, out.draw_steps, laws, checked=[0, 5, 15, STEPS - 1])
 
 
+def test_nan_gradients_at_discarded_drafts_neither_stop_the_run_nor_change_the_law():
+    """The score is NaN beyond |x| = 6 (never reached by the chain: its sd is about 1), and the
+    surrogate pushes every draft there: the verify calls meet NaN at discarded drafts only."""
+    h, nan_rows = 0.12, []
+
+    def grad_log_prob(x):
+        far = (x.abs() > 6).any(1, keepdim=True)
+        nan_rows.append(int(far.sum()))
+        return torch.where(far, math.nan, -x * torch.diagonal(A).to(x))
+
+    out = langevin.sample(grad_log_prob=grad_log_prob, init=X0.expand(CHAINS, 2).clone(), step_size=h,
+                          num_steps=STEPS, window=4, drafter=SurrogateDrafter(draft_grad=lambda x: torch.full_like(x, 40.0)),
+                          generator=torch.Generator().manual_seed(9))
+    assert sum(nan_rows) > 1000
+    laws = ula_gaussian_law([A] * STEPS, [h] * STEPS, torch.eye(2, dtype=torch.float64), X0)
+    assert_gaussian_law(out.draws, out.draw_steps, laws, checked=[0, 5, 15, STEPS - 1])
+    assert out.stats.proposed - out.stats.accepted >= MIN_REJECTED, out.stats.summary()
+
+
+@pytest.mark.parametrize("window", [1, 8])
+def test_a_nan_gradient_on_the_chain_itself_is_an_error(window):
+    def grad_log_prob(x):  # finite only on (-1, 1): the chain leaves it within a few steps
+        return torch.where(x.abs() < 1, -x, math.nan)
+
+    with pytest.raises(FloatingPointError, match="ULA diverged or left the density's support"):
+        langevin.sample(grad_log_prob=grad_log_prob, init=torch.zeros(4, 2), step_size=0.5, num_steps=30,
+                        window=window, generator=torch.Generator().manual_seed(0))
+
+
 # --- a non-Gaussian target: the plain loop's law --------------------------------------------
 
 MEANS = torch.tensor([[-1.5, 0.0], [1.5, 0.5], [0.0, 2.0]])
