@@ -409,6 +409,75 @@ def sample(
                           chain.unwhiten(out.sample), out.stats)
 
 
+class ScoreSdeVeChain:
+    """The sampler of diffusers' ``ScoreSdeVePipeline`` as a GaussianChain: per noise level ``i``,
+    ``corrector_steps`` annealed-Langevin corrector steps with a *fixed* step size, then one
+    predictor step (``ScoreSdeVeScheduler.step_pred``: ``x + d_i² s(x, σ_i) + d_i z`` with
+    ``d_i² = σ_i² - σ_{i-1}²``).
+
+    The corrector is Song & Ermon's (2019) annealed Langevin step ``x + (α_i/2) s(x, σ_i) + √α_i z``
+    with ``α_i = corrector_step_size · σ_i² / σ_min²``, not diffusers' ``step_correct``: that one sets
+    its step size from the norms of the score and of the very noise it adds, averaged over the batch,
+    so its step is not a per-sample Gaussian with a fixed std and cannot be verified exactly.
+
+    ``score_model(x, sigma)`` returns the score (``.sample`` of a diffusers ``UNet2DModel`` output is
+    taken); ``scheduler`` must have ``set_timesteps``/``set_sigmas`` run for ``num_inference_steps``
+    (this constructor runs them). With ``corrector_steps=0`` and ``window=1`` the chain draws the
+    very numbers of a loop of ``step_pred`` calls (its ``prev_sample``) from the same generator.
+    """
+
+    kernel = GaussianKernel
+    affine = True
+
+    def __init__(self, scheduler, score_model: Callable, num_inference_steps: int, *, corrector_steps: int = 0,
+                 corrector_step_size: float | None = None):
+        if not isinstance(corrector_steps, int) or corrector_steps < 0:
+            raise ValueError(f"corrector_steps must be an integer >= 0; got {corrector_steps!r}")
+        if corrector_steps and not (isinstance(corrector_step_size, float | int) and corrector_step_size > 0):
+            raise ValueError(
+                "the corrector needs a fixed corrector_step_size > 0 (α_i = corrector_step_size · σ_i²/σ_min²); "
+                "diffusers' step_correct sizes its step from the batch's score and noise norms, which no exact "
+                "verification can follow")
+        scheduler.set_timesteps(num_inference_steps)
+        scheduler.set_sigmas(num_inference_steps)
+        self.model, self.num_levels, self.corrector_steps = score_model, num_inference_steps, corrector_steps
+        per_level = corrector_steps + 1
+        self.num_steps = num_inference_steps * per_level
+        coef, std, sigma_in = [], [], []
+        sigma_min = float(scheduler.config.sigma_min)
+        for i, t in enumerate(scheduler.timesteps):
+            sigma_i = scheduler.sigmas[i]  # the model's input at this level (as the pipeline passes it)
+            if corrector_steps:
+                alpha = torch.tensor(corrector_step_size * float(sigma_i) ** 2 / sigma_min**2, dtype=torch.float32)
+                coef += [alpha / 2] * corrector_steps
+                std += [alpha.sqrt()] * corrector_steps
+            # step_pred's own arithmetic, for a batch of one: the discrete sigma and the one before it
+            timestep = t * torch.ones(1)
+            index = (timestep * (len(scheduler.timesteps) - 1)).long()
+            sigma = scheduler.discrete_sigmas[index]
+            adjacent = scheduler.get_adjacent_sigma(index, timestep)
+            diffusion = (sigma**2 - adjacent**2) ** 0.5
+            coef.append(diffusion[0] ** 2)
+            std.append(diffusion[0])
+            sigma_in += [sigma_i] * per_level
+        self.coef, self.std = torch.stack(coef), torch.stack(std)
+        self.sigma_in = torch.stack([torch.as_tensor(v) for v in sigma_in])
+
+    def predict(self, x: Tensor, step: Tensor) -> Tensor:
+        out = self.model(x, self.sigma_in[step.cpu()].to(x.device))
+        return getattr(out, "sample", out)
+
+    def _per_row(self, table: Tensor, step: Tensor, like: Tensor) -> Tensor:
+        return table[step.cpu()].to(like.device).view(-1, *[1] * (like.ndim - 1))
+
+    def transition(self, x: Tensor, step: Tensor, prediction: Tensor) -> tuple[Tensor, Tensor]:
+        return x + self._per_row(self.coef, step, x) * prediction, self.std[step.cpu()].to(x.device)
+
+    def transition_affine(self, step: Tensor, prediction: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        coef = self._per_row(self.coef, step, prediction)
+        return coef * prediction, torch.ones_like(coef), self.std[step.cpu()].to(prediction.device)
+
+
 def batch_means_ess(draws: Tensor, batches: int | None = None) -> Tensor:
     """Effective sample size per coordinate of ``draws`` ``[chains, draws, *dims]`` by batch means:
     ``n · var / (b · var(batch means))`` pooled over chains, with ``b = n / batches`` draws per batch
@@ -426,5 +495,5 @@ def batch_means_ess(draws: Tensor, batches: int | None = None) -> Tensor:
     return ess.view(draws.shape[2:])
 
 
-__all__ = ["LangevinChain", "LangevinResult", "SurrogateDrafter", "batch_means_ess", "sample", "takes_step",
+__all__ = ["LangevinChain", "LangevinResult", "ScoreSdeVeChain", "SurrogateDrafter", "batch_means_ess", "sample", "takes_step",
            "to_arviz"]
