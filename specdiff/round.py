@@ -112,7 +112,7 @@ def speculative_round(chain, kernel, drafter, noise, target, c: Carry, ids: Tens
     if len(asked):
         tally.called(ids, need.any(0))
         at = _to(asked, dev)
-        out = target(y.flatten(0, 1)[at], k.flatten()[asked], ids[asked % m], copy=False)
+        out = target(y.flatten(0, 1)[at], k.flatten()[asked], ids[asked % m], copy=False, check=False)
         pred_T.flatten(0, 1).index_copy_(0, at, out if out.dtype == pred_T.dtype else out.to(pred_T.dtype))
     if same is not None:  # an unchanged state takes the prediction of the last verified one (same[0] is False)
         pred_T.copy_(pred_T[_to(torch.where(same, 0, j).cummax(0).values, dev), _samples(m, dev)])
@@ -125,6 +125,9 @@ def speculative_round(chain, kernel, drafter, noise, target, c: Carry, ids: Tens
     n_acc = torch.where(accept.all(0), L, (~accept).int().argmax(0))  # length of the accepted prefix
     whole = n_acc == L
     committed = torch.where(whole, L, n_acc + 1)
+    # Only the predictions at committed states (y_0..y_{n_acc}) are the plain sampler's: a non-finite
+    # one stops the run; one at a discarded draft is never used (a NaN there fails its test, above).
+    _check_finite_where(pred_T, need & (j <= n_acc), k, c.x)
 
     # 4. Commit: y_L if all accepted, else the first rejected step corrected to a target draw.
     i, L_dev = _samples(m, dev), _to(L, dev)
@@ -143,7 +146,9 @@ def speculative_round(chain, kernel, drafter, noise, target, c: Carry, ids: Tens
     if rejected.numel() and not getattr(chain, "time_conditioned", True):  # an unchanged state keeps its prediction
         fresh |= ~whole & (c.n + committed < N) & (x_new == y[_to(n_acc, dev), i]).flatten(1).all(1).cpu()
     pred_new = pred_T[_to(n_acc, dev), i]  # at y_L if all accepted, else where the rejected step left from
-    prev_new = torch.where(_rows(_to(fresh, dev), c.pred), before[L_dev, i], pred_new)
+    # The prediction one step before the new state: at y_{L-1} after a whole window, at the state the
+    # rejected step left from otherwise (also when the correction stayed there, making the sample fresh).
+    prev_new = before[_to(committed, dev), i]
     after = n_acc + 1 + j[:span]  # the positions after the rejection, as the next round's 0, 1, ...
     ahead = pred_T[_to(after.clamp(max=span), dev), i]
     ahead_len = torch.where(whole, 0, ((after <= L) & (c.n + after < N)).sum(0))
@@ -218,10 +223,29 @@ def _draft(drafter, x: Tensor | None, step: Tensor, memory: DraftMemory, tally, 
             f"{type(drafter).__name__}.predict returned shape {tuple(guess.shape)}; expected "
             f"{tuple(memory.prediction.shape)} (one prediction per drafted row, like the chain's predict)"
         )
-    if not drafter.reuses_target:  # target predictions were checked when the target made them
-        _check_finite(guess, step, "draft", like)
     dtype = memory.prediction.dtype
-    return guess if guess.dtype == dtype else guess.to(dtype)
+    guess = guess if guess.dtype == dtype else guess.to(dtype)
+    if guess is memory.prediction:
+        return guess
+    # A non-finite guess (a broken drafter, or the target's prediction at a draft that a rejection
+    # discarded) is replaced by the frozen one: a drafter is any function of the past, so this is exact.
+    usable = _usable(guess, like).flatten(1).all(1).view(-1, *[1] * (guess.ndim - 1))
+    return torch.where(usable, guess, memory.prediction)
+
+
+def _usable(prediction: Tensor, x: Tensor) -> Tensor:
+    """Finite entries (continuous states); entries that are not NaN (logits: -inf rules a token out)."""
+    return torch.isfinite(prediction) if x.is_floating_point() else ~torch.isnan(prediction)
+
+
+def _check_finite_where(pred: Tensor, used: Tensor, steps: Tensor, x: Tensor) -> None:
+    """Refuse a NaN/inf prediction among the ``used`` (position, sample) pairs of a ``[position,
+    sample, ...]`` grid (one host sync)."""
+    if not pred.is_floating_point():
+        return
+    bad = ~_usable(pred[: len(used)], x).flatten(2).all(2) & _to(used, pred.device)
+    if bool(bad.any()):
+        _check_finite(pred[: len(used)][bad], steps[bad.cpu()], "target", x)
 
 
 def _check_finite(prediction: Tensor, steps: Tensor, who: str, x: Tensor) -> Tensor:
