@@ -19,13 +19,9 @@ from .. import sample_baseline, speculative_sample
 from ..paths import asset
 from ..testing import GaussianMixtureDDPM, two_sample_test
 from ..window import AutoWindow
+from .results import environment, write_result
 
 ASSETS = asset()
-
-
-def _environment() -> dict:
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-            "processor": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d")}
 
 
 def bench_analytic(out: Path, quick: bool = False) -> dict:
@@ -51,8 +47,8 @@ def bench_analytic(out: Path, quick: bool = False) -> dict:
                          "baseline_wall_clock_s": base_wall, "two_sample_min_p": check.min_p,
                          "same_law": check.passed})
     result = {"benchmark": "analytic", "command": "python -m specdiff.workbench.bench analytic", "num_steps": 1000,
-              "environment": _environment(), "rows": rows}
-    _write(out / "analytic.json", result)
+              "environment": environment(), "rows": rows}
+    write_result(out / "analytic.json", result)
     _plot_analytic(rows, out / "analytic.png")
     return result
 
@@ -228,10 +224,10 @@ def bench_digits(out: Path, quick: bool = False, samples: int = 64, repeats: int
         quality = json.loads(saved[0].read_text())["quality"]
     meter.handle.remove()
     result = {"benchmark": "digits", "command": command, "num_steps": 1000,
-              "environment": _environment(), "repeats": 1 if quick else repeats, "latency_batch1": latency,
+              "environment": environment(), "repeats": 1 if quick else repeats, "latency_batch1": latency,
               "unet_latency_s": {str(b): t for b, t in sorted(calibration.latency.points.items())},
               "summary": summary, "quality": quality}
-    _write(out / f"{name}.json", result)
+    write_result(out / f"{name}.json", result)
     _plot_digits(summary, out / f"{name}.png", torch.get_num_threads())
     return result
 
@@ -344,8 +340,8 @@ def bench_churn(out: Path, quick: bool = False) -> dict:
     result = {"benchmark": "churn", "command": "python -m specdiff.workbench.bench churn",
               "protocol": "Gaussian mixture d=512, 5 components, flow-matching churn sampler T=30 (28 stochastic "
                           "steps), eps=0.06; peer figure: 1.27 drafted steps per target call (frozen)",
-              "environment": _environment(), "rows": rows}
-    _write(out / "churn.json", result)
+              "environment": environment(), "rows": rows}
+    write_result(out / "churn.json", result)
     return result
 
 
@@ -426,11 +422,11 @@ def bench_discrete_latency(out: Path, quick: bool = False, repeats: int = 3) -> 
     breakdown = [_round_breakdown(chain, inside, batch, length, 1 if quick else repeats) for batch in (1, 64)]
     result = {"benchmark": "discrete_latency",
               "command": _threaded("python -m specdiff.workbench.bench discrete-latency", " --threads "),
-              "num_steps": steps, "environment": _environment(),
+              "num_steps": steps, "environment": environment(),
               "latency_s": {str(b): t for b, t in curve.items()}, "latency_statistic": f"fastest of {sweeps} sweeps",
               "runs": rows, "summary": summary,
               "round_breakdown": breakdown}
-    _write(out / f"{_threaded('discrete_latency')}.json", result)
+    write_result(out / f"{_threaded('discrete_latency')}.json", result)
     return result
 
 
@@ -635,11 +631,6 @@ def report(out: Path) -> str:
                          f"| {r['speedup_calls_vs_plain']:.2f}x | {vs_cached} | {acc} | {same} |")
         lines.append("")
     return "\n".join(lines)
-
-
-def _write(path: Path, result: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:
