@@ -62,7 +62,9 @@ class Carry:
             new.x, new.n, new.pred, new.prev, new.fresh
         )
         if len(new.ahead) > len(self.ahead):  # a round of every sample may have left a shorter one
-            self.ahead = torch.cat([self.ahead, self.ahead.new_zeros((len(new.ahead) - len(self.ahead), *self.ahead.shape[1:]))])
+            self.ahead = torch.cat(
+                [self.ahead, self.ahead.new_zeros((len(new.ahead) - len(self.ahead), *self.ahead.shape[1:]))]
+            )
         self.ahead[: len(new.ahead), dev], self.ahead_len[ids] = new.ahead, new.ahead_len
 
 
@@ -73,10 +75,12 @@ def speculative_round(chain, kernel, drafter, noise, target, c: Carry, ids: Tens
     y, law_D = _drafts(chain, kernel, drafter, c, ids, w.k, z, w.span, tally)  # 1. draft
     pred_T, before, need, repeats = _verify(chain, target, c, ids, w, y, tally)  # 2. verify
     t = _Tested.of(chain, kernel, noise, ids, w, y, z, law_D, pred_T, before, sample_major=repeats)
-    accepted, n_acc = _accept(kernel, w, c, t)  # 3. accept
+    accepted, n_acc, broken = _accept(kernel, w, c, t, pred_T)  # 3. accept
     # Only the predictions at committed states (y_0..y_{n_acc}) are the plain sampler's: a non-finite
     # one stops the run; one at a discarded draft is never used (a NaN there fails its test, above).
-    _check_finite_where(pred_T, need & (w.j <= n_acc), w.k, c.x)
+    bad = broken & need & (w.j <= n_acc)
+    if bool(bad.any()):
+        _check_finite(pred_T[_to(bad, c.x.device)], w.k[bad], "target", c.x)
     new = _commit(chain, kernel, noise, c, ids, w, t, y, pred_T, before, n_acc, tally)  # 4. commit
     # The rows of positions up to n_acc + 1 depend on the randomness of committed steps only (later
     # drafts hold the noise of steps a later round redrafts): those are the rows a window policy sees.
@@ -179,13 +183,19 @@ class _Tested:
                 self.y_next[at], self.z[at])
 
 
-def _accept(kernel, w: _Window, c: Carry, t: _Tested) -> tuple[Tensor, Tensor]:
+def _accept(kernel, w: _Window, c: Carry, t: _Tested, pred_T: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The coupling test of every drafted step (only the prefix up to the first rejection is used);
-    returns the ``[position, sample]`` grid of outcomes and each sample's accepted prefix length."""
+    returns the ``[position, sample]`` grid of outcomes, each sample's accepted prefix length, and
+    the grid of non-finite target predictions (on the host with the outcomes: one transfer a round)."""
+    decisions = kernel.accept(t.law_D, t.law_T, t.y_next, t.z, t.u)
+    broken = ~_usable(pred_T, c.x).flatten(2).all(2) if pred_T.is_floating_point() else None
+    host = (decisions if broken is None else torch.cat([decisions, broken.flatten().to(decisions.device)])).cpu()
     accepted = ~w.drafted  # positions past L never stop a sample
-    accepted[t.jr, t.ir] = kernel.accept(t.law_D, t.law_T, t.y_next, t.z, t.u).cpu()
+    accepted[t.jr, t.ir] = host[: len(decisions)]
     accepted[0] |= c.fresh  # the first step of a fresh sample has J = K: accepted without a test
-    return accepted, torch.where(accepted.all(0), w.L, (~accepted).int().argmax(0))
+    n_acc = torch.where(accepted.all(0), w.L, (~accepted).int().argmax(0))
+    broken = torch.zeros_like(w.possible) if broken is None else host[len(decisions) :].view(w.possible.shape)
+    return accepted, n_acc, broken
 
 
 def _commit(chain, kernel, noise, c: Carry, ids, w: _Window, t: _Tested, y, pred_T, before, n_acc, tally) -> Carry:
@@ -294,16 +304,6 @@ def _draft(drafter, x: Tensor | None, step: Tensor, memory: DraftMemory, tally, 
 def _usable(prediction: Tensor, x: Tensor) -> Tensor:
     """Finite entries (continuous states); entries that are not NaN (logits: -inf rules a token out)."""
     return torch.isfinite(prediction) if x.is_floating_point() else ~torch.isnan(prediction)
-
-
-def _check_finite_where(pred: Tensor, used: Tensor, steps: Tensor, x: Tensor) -> None:
-    """Refuse a NaN/inf prediction among the ``used`` (position, sample) pairs of a ``[position,
-    sample, ...]`` grid (one host sync)."""
-    if not pred.is_floating_point():
-        return
-    bad = ~_usable(pred[: len(used)], x).flatten(2).all(2) & _to(used, pred.device)
-    if bool(bad.any()):
-        _check_finite(pred[: len(used)][bad], steps[bad.cpu()], "target", x)
 
 
 def _check_finite(prediction: Tensor, steps: Tensor, who: str, x: Tensor) -> Tensor:
