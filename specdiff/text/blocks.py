@@ -21,9 +21,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..sampler import sample_baseline_discrete, speculative_sample_discrete
 from ..drafters import Drafter
-from ..sampler import SpeculativeOutput
+from ..sampler import SpeculativeOutput, sample_baseline_discrete, speculative_sample_discrete
 from ..stats import SpeculativeStats
 
 
