@@ -12,16 +12,16 @@ verification call as rows (unconditional, conditional).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from specdiff.pipelines.speculative_utils import SpeculativeFlowPipelineOutput, run_speculative, speculative_from_pipe
+from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from specdiff.pipelines.speculative_utils import SpeculativeFlowPipelineOutput, speculative_from_pipe, run_speculative
 from specdiff.schedulers import SpeculativeScheduler
 
 
@@ -32,7 +32,7 @@ class SpeculativeFluxPipeline(FluxPipeline):
     supported stochastic flow scheduler, which is wrapped.
     """
 
-    _callback_tensor_inputs = ["latents", "steps"]
+    _callback_tensor_inputs: ClassVar[list[str]] = ["latents", "steps"]
 
     def __init__(
         self,
@@ -68,7 +68,7 @@ class SpeculativeFluxPipeline(FluxPipeline):
                 joint_attention_kwargs=self.joint_attention_kwargs, return_dict=False, **static,
             )[0]  # fmt: skip
 
-        return dict(network=network, cond=cond, uncond=uncond, guidance_scale=true_cfg_scale)
+        return {"network": network, "cond": cond, "uncond": uncond, "guidance_scale": true_cfg_scale}
 
     @torch.no_grad()
     def __call__(
@@ -132,8 +132,8 @@ class SpeculativeFluxPipeline(FluxPipeline):
 
         # 1. Text conditioning, as the parent computes it, kept per sample.
         lora_scale = self.joint_attention_kwargs.get("scale", None)
-        encode = dict(device=device, num_images_per_prompt=num_images_per_prompt,
-                      max_sequence_length=max_sequence_length, lora_scale=lora_scale)  # fmt: skip
+        encode = {"device": device, "num_images_per_prompt": num_images_per_prompt,
+                  "max_sequence_length": max_sequence_length, "lora_scale": lora_scale}
         prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(
             prompt=prompt, prompt_2=prompt_2, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
             **encode,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import PIL.Image
@@ -23,9 +23,9 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
+from specdiff.pipelines.speculative_utils import run_speculative, speculative_from_pipe
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
 
-from specdiff.pipelines.speculative_utils import speculative_from_pipe, run_speculative
 from specdiff.schedulers import SpeculativeScheduler
 from specdiff.stats import SpeculativeStats
 
@@ -48,8 +48,8 @@ class SpeculativeStableDiffusionPipeline(StableDiffusionPipeline):
     eta > 0, Euler ancestral, DPM-Solver++ SDE), which is wrapped.
     """
 
-    _optional_components = ["safety_checker", "feature_extractor", "image_encoder", "draft_unet"]
-    _callback_tensor_inputs = ["latents", "steps"]
+    _optional_components: ClassVar[list[str]] = ["safety_checker", "feature_extractor", "image_encoder", "draft_unet"]
+    _callback_tensor_inputs: ClassVar[list[str]] = ["latents", "steps"]
 
     def __init__(
         self,
@@ -105,7 +105,8 @@ class SpeculativeStableDiffusionPipeline(StableDiffusionPipeline):
         uncond = None
         if self.do_classifier_free_guidance:
             uncond = {"encoder_hidden_states": negative_prompt_embeds, "timestep_cond": timestep_cond}
-        return dict(network=network, cond=cond, uncond=uncond, guidance_scale=self.guidance_scale, combine=rescale)
+        return {"network": network, "cond": cond, "uncond": uncond, "guidance_scale": self.guidance_scale,
+                "combine": rescale}
 
     @torch.no_grad()
     def __call__(

@@ -12,15 +12,15 @@ verification call is conditioned on its own sample (``prompt_embeds``,
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from specdiff.pipelines.speculative_utils import SpeculativeFlowPipelineOutput, run_speculative, speculative_from_pipe
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from specdiff.pipelines.speculative_utils import SpeculativeFlowPipelineOutput, speculative_from_pipe, run_speculative
 from specdiff.schedulers import SpeculativeScheduler
 
 
@@ -31,7 +31,7 @@ class SpeculativeStableDiffusion3Pipeline(StableDiffusion3Pipeline):
     or a supported stochastic flow scheduler, which is wrapped.
     """
 
-    _callback_tensor_inputs = ["latents", "steps"]
+    _callback_tensor_inputs: ClassVar[list[str]] = ["latents", "steps"]
 
     def __init__(
         self,
@@ -69,7 +69,7 @@ class SpeculativeStableDiffusion3Pipeline(StableDiffusion3Pipeline):
                 return_dict=False,
             )[0]  # fmt: skip
 
-        return dict(network=network, cond=cond, uncond=uncond, guidance_scale=self.guidance_scale)
+        return {"network": network, "cond": cond, "uncond": uncond, "guidance_scale": self.guidance_scale}
 
     @torch.no_grad()
     def __call__(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import PIL.Image
@@ -23,9 +23,9 @@ from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionM
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import rescale_noise_cfg, retrieve_timesteps
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
+from specdiff.pipelines.speculative_utils import run_speculative, speculative_from_pipe
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from specdiff.pipelines.speculative_utils import speculative_from_pipe, run_speculative
 from specdiff.schedulers import SpeculativeScheduler
 from specdiff.stats import SpeculativeStats
 
@@ -47,7 +47,7 @@ class SpeculativeStableDiffusionXLPipeline(StableDiffusionXLPipeline):
     """
 
     _optional_components = StableDiffusionXLPipeline._optional_components + ["draft_unet"]
-    _callback_tensor_inputs = ["latents", "steps"]
+    _callback_tensor_inputs: ClassVar[list[str]] = ["latents", "steps"]
 
     def __init__(
         self,
@@ -98,7 +98,8 @@ class SpeculativeStableDiffusionXLPipeline(StableDiffusionXLPipeline):
 
         cond = {**cond, "timestep_cond": timestep_cond}
         uncond = None if uncond is None else {**uncond, "timestep_cond": timestep_cond}
-        return dict(network=network, cond=cond, uncond=uncond, guidance_scale=self.guidance_scale, combine=rescale)
+        return {"network": network, "cond": cond, "uncond": uncond, "guidance_scale": self.guidance_scale,
+                "combine": rescale}
 
     def latents_to_images(self, latents: torch.Tensor, output_type: str):
         """Latents to images, as ``StableDiffusionXLPipeline`` decodes them (fp16 VAE upcast,

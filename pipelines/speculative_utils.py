@@ -1,4 +1,6 @@
-"""What the speculative text-to-image pipelines share: per-sample conditioning, guidance, from_pipe.
+"""What the speculative pipelines share: from_pipe, the progress bar, the round callback, image
+output, and for the text-to-image pipelines per-sample conditioning and guidance. No pipeline file
+imports another: each imports what it shares from here.
 
 A speculative verification call holds rows of several samples, each at its own step. The
 sampler tells a model function which sample each row belongs to (``sample=``, a
@@ -17,9 +19,11 @@ from dataclasses import dataclass
 import numpy as np
 import PIL.Image
 import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 from diffusers.utils import logging as diffusers_logging
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from specdiff.schedulers import SpeculativeScheduler
 from specdiff.stats import SpeculativeStats
@@ -55,7 +59,7 @@ def speculative_from_pipe(from_pipe: Callable, pipeline, kwargs: dict):
     # it would change (a float32 VAE beside a bf16 transformer, T5's float32 `wo` layers in a float16
     # encoder) and put the very tensors back: no rounding round trip, no dtype flattened.
     target = pipeline.dtype
-    cast = lambda t: t is not None and t.is_floating_point() and t.dtype != target  # noqa: E731
+    cast = lambda t: t is not None and t.is_floating_point() and t.dtype != target
     owners = [owner for module in pipeline.components.values() if isinstance(module, torch.nn.Module)
               for owner in module.modules()]
     params = [(owner, name, p, p.data) for owner in owners for name, p in owner._parameters.items() if cast(p)]
@@ -147,6 +151,94 @@ def draft_model(
     return guided_model(network, cond, uncond, guidance_scale, combine)
 
 
+def round_callback(pipe, callback_on_step_end, tensor_inputs, timesteps):
+    """Adapt diffusers' ``callback_on_step_end(pipe, step_index, timestep, kwargs)`` to the
+    speculative sampler's per-round callback. It runs after every round (one sequential
+    network call) with the slowest sample's last committed step; ``latents`` are the
+    committed states and ``steps`` each sample's committed step count. Changing tensors
+    from the callback is refused: it would break exactness."""
+    if callback_on_step_end is None:
+        return None
+    if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+        tensor_inputs = callback_on_step_end.tensor_inputs
+    tensor_inputs = tensor_inputs or ["latents"]
+    unknown = [k for k in tensor_inputs if k not in pipe._callback_tensor_inputs]
+    if unknown:
+        raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} not in {pipe._callback_tensor_inputs}")
+
+    def callback(info: dict) -> None:
+        index = max(int(info["step"].min()) - 1, 0)
+        available = {"latents": info["x"], "steps": info["step"]}
+        # Copies: ``info["x"]`` is the sampler's own state, so an in-place edit would slip past the check.
+        kwargs = {k: available[k].clone() for k in tensor_inputs}
+        returned = callback_on_step_end(pipe, index, timesteps[index], kwargs) or {}
+        for name, given in kwargs.items():
+            if not torch.equal(returned.get(name, given), available[name]):
+                raise ValueError(
+                    f"callback_on_step_end changed {name!r}: speculative sampling cannot take modified tensors "
+                    "mid-trajectory (the drafted and verified steps would no longer be the sampler's)"
+                )
+
+    return callback
+
+
+class _StepBar:
+    """A tqdm bar counting denoising steps per image: the samplers report sample-steps
+    (``batch x steps`` in all), which would count differently from a plain loop's bar."""
+
+    def __init__(self, bar, per_step: float):
+        self.bar, self.per_step, self.done = bar, per_step, 0
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        self.bar.update(int(self.done // self.per_step) - self.bar.n)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+    def __getattr__(self, name):
+        return getattr(self.bar, name)
+
+
+def progress_for(pipe, num_steps: int | None = None, desc: str = "speculative sampling") -> Callable:
+    """The pipeline's tqdm bar (honours ``set_progress_bar_config``, including ``disable`` and
+    ``desc``), labelled, counting denoising steps per image (the batch's mean) out of
+    ``num_steps``, as a plain sampler's bar does."""
+
+    def open_bar(total: int):
+        steps = num_steps or total
+        config = {"desc": desc, "unit": "step", **getattr(pipe, "_progress_bar_config", {})}
+        return _StepBar(tqdm(total=steps, **config), per_step=total / steps)
+
+    return open_bar
+
+
+def check_generators(generator, batch_size: int) -> None:
+    """One clear error for a generator list that does not give one generator per image."""
+    if isinstance(generator, list) and len(generator) != batch_size:
+        raise ValueError(
+            f"got a list of {len(generator)} generators for a batch of {batch_size} images: pass one "
+            "torch.Generator per image, or a single generator for the whole batch"
+        )
+
+
+def images_from_samples(
+    samples: torch.Tensor, output_type: str, pipe
+) -> list[PIL.Image.Image] | np.ndarray | torch.Tensor:
+    """Samples in [-1, 1] (NCHW) to ``output_type``: ``"pt"`` (NCHW in [0, 1], the samples' dtype),
+    ``"np"`` (NHWC float32: numpy has no bfloat16) or ``"pil"``."""
+    if output_type not in ("pil", "np", "pt"):
+        raise ValueError(f"output_type must be 'pil', 'np' or 'pt'; got {output_type!r}")
+    images = (samples / 2 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return images
+    images = images.cpu().permute(0, 2, 3, 1).float().numpy()
+    return pipe.numpy_to_pil(images) if output_type == "pil" else images
+
+
 def run_speculative(
     pipe,
     guidance: Callable[..., dict],
@@ -166,8 +258,6 @@ def run_speculative(
     for the whole batch. ``guidance(network)`` returns :func:`guided_model`'s arguments for the
     target ``network`` or a ``draft_network`` (an independent drafter; exclusive with ``drafter``,
     a draft model function or ``"frozen"``). Returns ``SpeculativeOutput(sample, stats)``."""
-    from specdiff.pipelines.pipeline_speculative_ddpm import progress_for, round_callback
-
     if draft_network is not None and drafter is not None:
         raise ValueError("pass either drafter= or a draft network (draft_unet= / draft_transformer=), not both")
     if draft_network is not None:

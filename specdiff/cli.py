@@ -232,7 +232,7 @@ class ImageJob:
         from diffusers.utils.torch_utils import randn_tensor
         from tqdm.auto import tqdm
 
-        from .pipelines.pipeline_speculative_ddpm import images_from_samples
+        from .pipelines.speculative_utils import images_from_samples
 
         pipe, scheduler = self.pipe, self.pipe.scheduler  # step() is the wrapped scheduler's (with its eta)
         unet, generator = pipe.unet, _generators(seeds)
