@@ -26,8 +26,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from specdiff.pipelines.speculative_utils import (
     check_generators,
     images_from_samples,
-    progress_for,
-    round_callback,
+    sample_rounds,
     speculative_from_pipe,
 )
 
@@ -93,6 +92,7 @@ class SpeculativeDDPMPipeline(DiffusionPipeline):
         draft_unet: UNet2DModel | None = None,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        max_rows: int | str | None = "auto",
     ) -> SpeculativeImagePipelineOutput | tuple:
         r"""Generate images.
 
@@ -106,7 +106,12 @@ class SpeculativeDDPMPipeline(DiffusionPipeline):
             draft_unet: a smaller ``UNet2DModel`` on the same schedule, as an independent drafter
                 (defaults to the pipeline's ``draft_unet`` component, if any).
             callback_on_step_end: called after every speculative round as
-                ``callback(pipe, step_index, timestep, {"latents": ..., "steps": ...})``.
+                ``callback(pipe, step_index, timestep, {"latents": ..., "steps": ...})``; setting
+                ``pipe._interrupt = True`` there stops the run after the round (the images are then
+                the states committed so far, each sample at its own step).
+            max_rows: the most states per network call (a verify call holds up to batch x window);
+                larger calls run as exact micro-batches: the same images, less memory. ``"auto"``
+                (the default): no cap on CPU, fitted to free memory on CUDA; ``None``: no cap.
 
         Returns:
             ``SpeculativeImagePipelineOutput(images, stats)``, or ``(images, stats)``.
@@ -131,17 +136,12 @@ class SpeculativeDDPMPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps)
         # DDPMPipeline omits this; it is 1.0 for DDPM/DDIM (a no-op) and makes Euler-type schedulers correct.
         image = image * self.scheduler.init_noise_sigma
-        output = self.scheduler.sample(
-            lambda x, t: self.unet(x, t).sample,
-            image,
-            generator=generator,
-            window=window,
-            drafter=self._drafter(drafter, draft_unet),
-            progress=progress_for(self, len(self.scheduler.timesteps)),
-            callback=round_callback(
-                self, callback_on_step_end, callback_on_step_end_tensor_inputs, self.scheduler.timesteps
-            ),
-        )
+        output = sample_rounds(
+            self, lambda x, t: self.unet(x, t).sample, image, timesteps=self.scheduler.timesteps,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, generator=generator,
+            window=window, drafter=self._drafter(drafter, draft_unet), max_rows=max_rows,
+        )  # fmt: skip
 
         image = images_from_samples(output.sample, output_type, self)
         self.maybe_free_model_hooks()

@@ -99,10 +99,11 @@ class SpeculativeFluxPipeline(FluxPipeline):
         window: int | None = None,
         drafter: str | Callable | None = None,
         draft_transformer=None,
+        max_rows: int | str | None = "auto",
     ) -> SpeculativeFlowPipelineOutput | tuple:
         r"""Generate images from text. Arguments as in ``FluxPipeline.__call__`` (IP-Adapter inputs
-        are not supported), plus ``window``, ``drafter`` and ``draft_transformer`` as in
-        ``SpeculativeStableDiffusion3Pipeline``.
+        are not supported), plus ``window``, ``drafter``, ``draft_transformer`` and ``max_rows`` as in
+        ``SpeculativeStableDiffusion3Pipeline``; so is ``pipe._interrupt``.
 
         With ``true_cfg_scale > 1`` the conditional and unconditional rows share one network call
         (diffusers makes two), so ``window=1`` matches ``FluxPipeline`` to float rounding there and
@@ -177,7 +178,7 @@ class SpeculativeFluxPipeline(FluxPipeline):
             self, lambda transformer: self.guidance_inputs(transformer, cond, uncond, true_cfg_scale, static),
             self.transformer, latents, generator=generator, window=window, drafter=drafter,
             draft_network=draft_transformer, callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, timesteps=timesteps,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, timesteps=timesteps, max_rows=max_rows,
         )  # fmt: skip
 
         # 4. Unpack and decode, as the parent does.

@@ -135,6 +135,7 @@ class SpeculativeStableDiffusionPipeline(StableDiffusionPipeline):
         window: int | None = None,
         drafter: str | Callable | None = None,
         draft_unet: UNet2DConditionModel | None = None,
+        max_rows: int | str | None = "auto",
     ) -> SpeculativeStableDiffusionPipelineOutput | tuple:
         r"""Generate images from text. Arguments as in ``StableDiffusionPipeline.__call__``
         (IP-Adapter inputs are not supported), plus:
@@ -147,7 +148,13 @@ class SpeculativeStableDiffusionPipeline(StableDiffusionPipeline):
             draft_unet: a cheaper ``UNet2DConditionModel`` as independent drafter (guided like
                 the target; defaults to the pipeline's ``draft_unet`` component, if any).
             callback_on_step_end: called after every speculative round as
-                ``callback(pipe, step_index, timestep, {"latents": ..., "steps": ...})``.
+                ``callback(pipe, step_index, timestep, {"latents": ..., "steps": ...})``; setting
+                ``pipe._interrupt = True`` there stops the run after the round (the latents are then
+                the states committed so far, each sample at its own step).
+            max_rows: the most states per network call (a verify call holds up to batch x window
+                states, each doubled inside the call for classifier-free guidance); larger calls run
+                as exact micro-batches: the same images, less memory. ``"auto"``: no cap on CPU,
+                fitted to free memory on CUDA; ``None``: no cap.
 
         Returns:
             ``SpeculativeStableDiffusionPipelineOutput(images, nsfw_content_detected, stats)``
@@ -211,6 +218,7 @@ class SpeculativeStableDiffusionPipeline(StableDiffusionPipeline):
             self.unet, latents, generator=generator, window=window, drafter=drafter, draft_network=draft_unet,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, timesteps=timesteps, eta=eta,
+            max_rows=max_rows,
         )  # fmt: skip
         latents, stats = output.sample, output.stats
 

@@ -103,11 +103,15 @@ class SpeculativeStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         window: int | None = None,
         drafter: str | Callable | None = None,
         draft_transformer=None,
+        max_rows: int | str | None = "auto",
     ) -> SpeculativeFlowPipelineOutput | tuple:
         r"""Generate images from text. Arguments as in ``StableDiffusion3Pipeline.__call__``
         (IP-Adapter and skip-layer guidance are not supported), plus ``window``, ``drafter``
-        (``"frozen"`` or a guided draft model function) and ``draft_transformer`` (an independent
-        draft transformer on the same schedule and conditioning).
+        (``"frozen"`` or a guided draft model function), ``draft_transformer`` (an independent
+        draft transformer on the same schedule and conditioning) and ``max_rows`` (the most states
+        per network call: larger calls run as exact micro-batches, the same images); as in
+        ``SpeculativeStableDiffusionPipeline``, ``pipe._interrupt`` set from ``callback_on_step_end``
+        stops the run after the round.
 
         Returns ``SpeculativeFlowPipelineOutput(images, stats)`` or ``(images, stats)``.
         """
@@ -170,7 +174,7 @@ class SpeculativeStableDiffusion3Pipeline(StableDiffusion3Pipeline):
             self, lambda transformer: self.guidance_inputs(transformer, cond, uncond), self.transformer, latents,
             generator=generator, window=window, drafter=drafter, draft_network=draft_transformer,
             callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, timesteps=timesteps,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, timesteps=timesteps, max_rows=max_rows,
         )  # fmt: skip
 
         # 4. Decode, as the parent does.

@@ -161,11 +161,14 @@ class SpeculativeStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         window: int | None = None,
         drafter: str | Callable | None = None,
         draft_unet: UNet2DConditionModel | None = None,
+        max_rows: int | str | None = "auto",
     ) -> SpeculativeStableDiffusionXLPipelineOutput | tuple:
         r"""Generate images from text. Arguments as in ``StableDiffusionXLPipeline.__call__``
         (IP-Adapter inputs and ``denoising_end`` are not supported), plus ``window``, ``drafter``
-        (``"frozen"`` or a guided draft model function) and ``draft_unet`` (an independent
-        draft UNet), as in ``SpeculativeStableDiffusionPipeline``.
+        (``"frozen"`` or a guided draft model function), ``draft_unet`` (an independent draft
+        UNet) and ``max_rows`` (the most states per network call), as in
+        ``SpeculativeStableDiffusionPipeline``; ``pipe._interrupt`` set from
+        ``callback_on_step_end`` stops the run after the round.
 
         Returns ``SpeculativeStableDiffusionXLPipelineOutput(images, stats)`` or ``(images, stats)``.
         """
@@ -246,6 +249,7 @@ class SpeculativeStableDiffusionXLPipeline(StableDiffusionXLPipeline):
             generator=generator, window=window, drafter=drafter, draft_network=draft_unet,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, timesteps=timesteps, eta=eta,
+            max_rows=max_rows,
         )  # fmt: skip
 
         # 4. Decode and post-process, as the parent does.

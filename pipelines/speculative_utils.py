@@ -13,6 +13,7 @@ pipelines do for their batch, and guided per row.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from diffusers.utils import logging as diffusers_logging
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from specdiff.sampler import SpeculativeOutput
 from specdiff.schedulers import SpeculativeScheduler
 from specdiff.stats import SpeculativeStats
 
@@ -84,6 +86,14 @@ def check_cache_option(cache: bool, window) -> None:
     if cache and window is not None:
         raise ValueError("cache=True is an option of the plain sampler: pass window=None with it (the speculative "
                          "sampler already skips the network for unchanged states)")
+
+
+def check_max_rows_option(max_rows, window) -> None:
+    """``max_rows`` caps the speculative sampler's network calls; refuse a cap beside the plain loop."""
+    if window is None and max_rows not in ("auto", None):
+        raise ValueError(f"max_rows={max_rows!r} caps the speculative sampler's network calls; the plain sampler "
+                         "(window=None) calls the network once per step on the whole batch: pass a smaller batch, "
+                         "or a window with max_rows")
 
 
 Conditioning = Mapping[str, "Tensor | Conditioning | None"]
@@ -151,12 +161,21 @@ def draft_model(
     return guided_model(network, cond, uncond, guidance_scale, combine)
 
 
+class _Interrupted(Exception):
+    """Raised after a round whose callback set ``pipe._interrupt``; carries the round's ``info``."""
+
+    def __init__(self, info: dict):
+        super().__init__("interrupted from callback_on_step_end")
+        self.info = info
+
+
 def round_callback(pipe, callback_on_step_end, tensor_inputs, timesteps):
     """Adapt diffusers' ``callback_on_step_end(pipe, step_index, timestep, kwargs)`` to the
     speculative sampler's per-round callback. It runs after every round (one sequential
     network call) with the slowest sample's last committed step; ``latents`` are the
     committed states and ``steps`` each sample's committed step count. Changing tensors
-    from the callback is refused: it would break exactness."""
+    from the callback is refused: it would break exactness. Setting ``pipe._interrupt = True``
+    stops the run after the round (:func:`sample_rounds`)."""
     if callback_on_step_end is None:
         return None
     if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
@@ -178,8 +197,40 @@ def round_callback(pipe, callback_on_step_end, tensor_inputs, timesteps):
                     f"callback_on_step_end changed {name!r}: speculative sampling cannot take modified tensors "
                     "mid-trajectory (the drafted and verified steps would no longer be the sampler's)"
                 )
+        if getattr(pipe, "_interrupt", False):
+            raise _Interrupted(info)
 
     return callback
+
+
+def sample_rounds(
+    pipe,
+    model_fn: Callable,
+    latents: Tensor,
+    *,
+    timesteps,
+    callback_on_step_end=None,
+    callback_on_step_end_tensor_inputs=None,
+    **options,
+) -> SpeculativeOutput:
+    """``pipe.scheduler.sample(model_fn, latents, **options)`` under the pipeline's progress bar
+    (steps per image out of ``len(timesteps)``) and its ``callback_on_step_end``.
+
+    A callback that sets ``pipe._interrupt = True`` stops the run after its round, as diffusers'
+    loops skip the steps left once it is set: the output is the states the run had committed
+    (each sample at its own step, ``info["step"]``; what the callback saw as ``latents``) and the
+    stats of the rounds that ran."""
+    pipe._interrupt = False
+    started = time.perf_counter()
+    callback = round_callback(pipe, callback_on_step_end, callback_on_step_end_tensor_inputs, timesteps)
+    try:
+        return pipe.scheduler.sample(
+            model_fn, latents, progress=progress_for(pipe, len(timesteps)), callback=callback, **options
+        )
+    except _Interrupted as stop:
+        stats = stop.info["stats"]
+        stats.wall_clock = time.perf_counter() - started
+        return SpeculativeOutput(sample=stop.info["x"], stats=stats)
 
 
 class _StepBar:
@@ -252,24 +303,19 @@ def run_speculative(
     callback_on_step_end=None,
     callback_on_step_end_tensor_inputs=None,
     timesteps=None,
-    **step_options,
-):
+    **options,
+) -> SpeculativeOutput:
     """The speculative denoising loop of a text-to-image pipeline: ONE run of ``pipe.scheduler``
-    for the whole batch. ``guidance(network)`` returns :func:`guided_model`'s arguments for the
-    target ``network`` or a ``draft_network`` (an independent drafter; exclusive with ``drafter``,
-    a draft model function or ``"frozen"``). Returns ``SpeculativeOutput(sample, stats)``."""
+    for the whole batch (:func:`sample_rounds`). ``guidance(network)`` returns :func:`guided_model`'s
+    arguments for the target ``network`` or a ``draft_network`` (an independent drafter; exclusive
+    with ``drafter``, a draft model function or ``"frozen"``). ``options``: the rest of
+    :meth:`SpeculativeScheduler.sample`'s (``max_rows``, DDIM's ``eta``)."""
     if draft_network is not None and drafter is not None:
         raise ValueError("pass either drafter= or a draft network (draft_unet= / draft_transformer=), not both")
     if draft_network is not None:
         drafter = draft_model(**guidance(draft_network))
-    callback = round_callback(pipe, callback_on_step_end, callback_on_step_end_tensor_inputs, timesteps)
-    return pipe.scheduler.sample(
-        guided_model(**guidance(network)),
-        latents,
-        generator=generator,
-        window=window,
-        drafter=drafter,
-        progress=progress_for(pipe),
-        callback=callback,
-        **step_options,
-    )
+    return sample_rounds(
+        pipe, guided_model(**guidance(network)), latents, timesteps=timesteps, generator=generator, window=window,
+        drafter=drafter, callback_on_step_end=callback_on_step_end,
+        callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, **options,
+    )  # fmt: skip
