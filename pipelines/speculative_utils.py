@@ -197,8 +197,8 @@ def round_callback(pipe, callback_on_step_end, tensor_inputs, timesteps):
                     f"callback_on_step_end changed {name!r}: speculative sampling cannot take modified tensors "
                     "mid-trajectory (the drafted and verified steps would no longer be the sampler's)"
                 )
-        if getattr(pipe, "_interrupt", False):
-            raise _Interrupted(info)
+        if getattr(pipe, "_interrupt", False) and int(info["step"].min()) < len(timesteps):
+            raise _Interrupted(info)  # (after the last round the run ends as it would anyway)
 
     return callback
 

@@ -35,3 +35,21 @@ def test_interrupt_from_the_callback_stops_after_its_round(name):
     assert torch.equal(out.images, want), "the output is the committed states of the last round run"
     full = pipe(generator=torch.Generator().manual_seed(0), window=2, drafter="frozen", **call)
     assert full.stats.rounds > STOP_AFTER, "the next call starts uninterrupted"
+
+
+def test_an_interrupt_after_the_last_round_ends_the_run_as_usual():
+    pipe, call = PIPELINES["ddpm"]()
+    pipe.set_progress_bar_config(disable=True)
+    steps = call["num_inference_steps"]
+
+    def at_the_end(pipe, step_index, timestep, kwargs):
+        pipe._interrupt = bool((kwargs["steps"] == steps).all())
+        return kwargs
+
+    def run(**kwargs):  # the automatic window: its stats (window_choice) are written when the run ends
+        return pipe(generator=torch.Generator().manual_seed(0), window="auto", **call, **kwargs)
+
+    late = run(callback_on_step_end=at_the_end, callback_on_step_end_tensor_inputs=["latents", "steps"])
+    full = run()
+    assert torch.equal(late.images, full.images) and late.stats.rounds == full.stats.rounds
+    assert (late.stats.window_choice or "").startswith("auto window"), late.stats.window_choice
