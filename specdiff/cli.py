@@ -19,6 +19,7 @@ import re
 import sys
 import textwrap
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -223,7 +224,7 @@ class ImageJob:
 
     def speculative(self, seeds, args, progress):
         out = self.pipe(batch_size=len(seeds), generator=_generators(seeds), num_inference_steps=args.steps,
-                        window=args.window, output_type="pt", **self.draft)
+                        window=args.window, max_rows=args.max_rows, output_type="pt", **self.draft)
         return out.images, out.stats.to_dict()
 
     def plain(self, name, seeds, args, progress):
@@ -232,14 +233,16 @@ class ImageJob:
         from diffusers.utils.torch_utils import randn_tensor
         from tqdm.auto import tqdm
 
-        from .pipelines.pipeline_speculative_ddpm import images_from_samples
+        from .pipelines.speculative_utils import images_from_samples
+        from .schedulers import PlainStepWarning
 
         pipe, scheduler = self.pipe, self.pipe.scheduler  # step() is the wrapped scheduler's (with its eta)
         unet, generator = pipe.unet, _generators(seeds)
         size = unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         scheduler.set_timesteps(args.steps)
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", PlainStepWarning)  # the plain loop is the point here
             x = randn_tensor((len(seeds), unet.config.in_channels, *size), generator=generator,
                              device=pipe._execution_device, dtype=unet.dtype) * scheduler.init_noise_sigma
             for t in tqdm(scheduler.timesteps, desc=progress, unit="step", disable=progress is None):
@@ -281,7 +284,7 @@ class MaskedJob:
 
     def speculative(self, seeds, args, progress):
         out = self.pipe(batch_size=len(seeds), generator=_generators(seeds), num_inference_steps=args.steps,
-                        window=args.window, output_type="pt", **self.draft)
+                        window=args.window, max_rows=args.max_rows, output_type="pt", **self.draft)
         return out.images, out.stats.to_dict()
 
     def plain(self, name, seeds, args, progress):
@@ -556,6 +559,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--window", type=_window, metavar="L", default="auto",
                      help="steps guessed ahead per network call: an integer (1 = plain sampler), or auto (chosen "
                           "before every call from the measured cost of a batch and the acceptance so far)")
+    gen.add_argument("--max-rows", type=_window, metavar="N", default="auto",
+                     help="the most states per network call of the speculative sampler (larger calls run as exact "
+                          "micro-batches: the same images, less memory); auto: no cap on CPU, fitted to free memory "
+                          "on CUDA")
     gen.add_argument("--drafter", choices=["picard", "frozen", "model"], default="picard",
                      help="who guesses: picard reuses the network's prediction of the same step from the last call "
                           "where there is one, else its last prediction (free); frozen only the last prediction "

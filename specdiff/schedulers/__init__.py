@@ -20,7 +20,7 @@ from .ddpm import DDPMAdapter
 from .dpmsolver_sde import DPMSolverSDEAdapter
 from .euler_ancestral import EulerAncestralAdapter
 from .flow_match import FlowMatchEulerAdapter, FlowMatchSDEAdapter, FlowMatchSDEScheduler, LTXEulerAncestralAdapter
-from .speculative import SpeculativeScheduler
+from .speculative import PlainStepWarning, SpeculativeScheduler
 
 __all__ = [
     "DDIMAdapter",
@@ -31,6 +31,7 @@ __all__ = [
     "FlowMatchSDEAdapter",
     "FlowMatchSDEScheduler",
     "LTXEulerAncestralAdapter",
+    "PlainStepWarning",
     "SchedulerAdapter",
     "SchedulerChain",
     "SpeculativeScheduler",

@@ -40,7 +40,7 @@ def generate_text(args, state) -> int:
     seeds = list(range(args.seed, args.seed + args.num_images))
     batches = [seeds[i:i + args.batch_size] for i in range(0, len(seeds), args.batch_size)]
     options = {"plain": {"window": None}, "cached": {"window": None, "cache": True},
-               "speculative": {"window": args.window, "drafter": drafter}}
+               "speculative": {"window": args.window, "drafter": drafter, "max_rows": args.max_rows}}
     samplers = (["plain", "cached"] if args.compare else []) + ["speculative"]
 
     def run(batch, **kwargs):
