@@ -144,6 +144,16 @@ def resolve_model(model: str) -> str:
     return model
 
 
+def _check_name(name: str) -> None:
+    """``--scheduler NAME`` checked before anything is loaded."""
+    from .schedulers.names import sampler
+
+    try:
+        sampler(name)
+    except ValueError as err:
+        raise CLIError(f"--scheduler {name}: {_first_line(err)}") from None
+
+
 def _chosen_scheduler(scheduler, args):
     """The scheduler that ``--scheduler NAME`` or ``--stochastic`` asks for (default: ``scheduler``, the
     model's own), the step options to run it with (DDIM's eta) and a note on the change (or None)."""
@@ -193,6 +203,31 @@ def _quiet_diffusers():
         yield
     finally:
         logging.set_verbosity(level)
+
+
+@contextmanager
+def loading_bars(shown: bool):
+    """diffusers' and transformers' loading bars ("Loading pipeline components", "Loading weights"): off
+    inside unless ``shown``."""
+    from importlib.util import find_spec
+
+    from diffusers.utils import logging as diffusers_logging
+
+    libraries = [diffusers_logging]
+    if find_spec("transformers") is not None:
+        from transformers.utils import logging as transformers_logging
+
+        libraries.append(transformers_logging)
+    states = [(lib, lib.is_progress_bar_enabled()) for lib in libraries]
+    if not shown:
+        for lib, _ in states:
+            lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, was_on in states:
+            if was_on:
+                lib.enable_progress_bar()
 
 
 def _load_from_hub(model: str, **kwargs):
@@ -533,6 +568,8 @@ def cmd_generate(args) -> int:
     args.model = resolve_model(args.model)
     if args.draft_model:
         args.draft_model = resolve_model(args.draft_model)
+    if args.scheduler is not None:
+        _check_name(args.scheduler)
     if is_text_model(args.model):
         if args.dtype != "float32":
             raise CLIError(f"--dtype {args.dtype}: text models run in float32 here; drop --dtype")
@@ -752,8 +789,11 @@ def run_probe(args) -> int:
     if args.steps < 1 or args.batch_size < 1 or args.every < 1 or min(windows) < 1:
         raise SystemExit("specdiff probe: error: --steps, --batch-size, --every and every window must be positive")
     args.model = resolve_model(args.model)
+    if args.scheduler is not None:
+        _check_name(args.scheduler)
     try:
-        loaded = _load_pipeline(args.model)
+        with loading_bars(shown=False):
+            loaded = _load_pipeline(args.model)
     except CLIError as err:
         said = err.message if err.message.startswith("could not load") else f"could not load {args.model}: {err.message}"
         raise CLIError(f"probe: {said}") from None

@@ -25,13 +25,17 @@ def _drafter(args):
     return AutoModelForMaskedLM.from_pretrained(path).eval().to(args.device)
 
 
-def _length(pipe, prompt: str | None, length: int | None) -> int:
+def _length(model: Path, prompt: str | None, length: int | None) -> int:
     """``--length``, by default what the model's positions leave after the prompt; a prompt and length the
-    model has no positions for stop with the fix (a rotary-position network accepts them silently)."""
+    model has no positions for stop with the fix (a rotary-position network accepts them silently).
+    Read from the folder's tokenizer and network config, before the network is loaded."""
+    from transformers import AutoConfig, AutoTokenizer
+
     from specdiff.cli import CLIError
 
-    positions = getattr(pipe.transformer.config, "max_position_embeddings", None)
-    used = len(pipe.tokenizer(prompt, add_special_tokens=False).input_ids) if prompt else 0
+    positions = getattr(AutoConfig.from_pretrained(model / "transformer"), "max_position_embeddings", None)
+    tokenizer = AutoTokenizer.from_pretrained(model / "tokenizer")
+    used = len(tokenizer(prompt, add_special_tokens=False).input_ids) if prompt else 0
     if positions is None:
         return length or 128
     if used >= positions:
@@ -50,12 +54,14 @@ def generate_text(args, state) -> int:
     import torch
     from accelerate.utils import gather_object
 
-    from specdiff.cli import _combine
+    from specdiff.cli import _combine, loading_bars
     from specdiff.pipelines import SpeculativeTextDiffusionPipeline
 
-    pipe = SpeculativeTextDiffusionPipeline.from_pretrained(args.model).to(args.device)
-    pipe.set_progress_bar_config(disable=args.no_progress or not state.is_main_process)
-    args.length = _length(pipe, args.prompt, args.length)
+    args.length = _length(Path(args.model), args.prompt, args.length)
+    quiet = args.no_progress or not state.is_main_process
+    with loading_bars(shown=not quiet):
+        pipe = SpeculativeTextDiffusionPipeline.from_pretrained(args.model).to(args.device)
+    pipe.set_progress_bar_config(disable=quiet)
     drafter = _drafter(args)
     seeds = list(range(args.seed, args.seed + args.num_images))
     batches = [seeds[i:i + args.batch_size] for i in range(0, len(seeds), args.batch_size)]
