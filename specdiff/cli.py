@@ -144,28 +144,32 @@ def resolve_model(model: str) -> str:
     return model
 
 
-def _check_name(name: str) -> None:
-    """``--scheduler NAME`` checked before anything is loaded."""
+def _check_name(name: str):
+    """The sampler of ``--scheduler NAME`` (checked before anything is loaded)."""
     from .schedulers.names import sampler
 
     try:
-        sampler(name)
+        return sampler(name)
     except ValueError as err:
         raise CLIError(f"--scheduler {name}: {_first_line(err)}") from None
+
+
+# The sampler's config options on the command line (config entry -> flag).
+SAMPLER_FLAGS = {"use_karras_sigmas": "--karras-sigmas", "churn": "--churn"}
 
 
 def _chosen_scheduler(scheduler, args):
     """The scheduler that ``--scheduler NAME`` or ``--stochastic`` asks for (default: ``scheduler``, the
     model's own), the step options to run it with (DDIM's eta) and a note on the change (or None)."""
-    from .schedulers.names import config_options, sampler, scheduler_from_name, stochastic_sibling
+    from .schedulers.names import config_options, scheduler_from_name, stochastic_sibling
 
-    flags = {"--karras-sigmas": ("use_karras_sigmas", True if args.karras_sigmas else None),
-             "--churn": ("churn", args.churn)}
-    given = [flag for flag, (_, value) in flags.items() if value is not None]
+    given = {key: value for key, value in (("use_karras_sigmas", args.karras_sigmas or None), ("churn", args.churn))
+             if value is not None}
     eta = {} if args.eta is None else {"eta": args.eta}
     if args.scheduler is None:
         if given:
-            raise CLIError(f"{', '.join(given)}: an option of a sampler chosen by name; add --scheduler NAME")
+            raise CLIError(f"{', '.join(SAMPLER_FLAGS[k] for k in given)}: an option of a sampler chosen by name; "
+                           "add --scheduler NAME")
         if not args.stochastic:
             return scheduler, eta, None
         try:
@@ -175,18 +179,18 @@ def _chosen_scheduler(scheduler, args):
             raise CLIError(f"--stochastic: {_first_line(err)}") from None
         return sibling.scheduler, sibling.options, sibling.note
     name = args.scheduler
+    entry = _check_name(name)
+    takes = config_options(name)
+    bad = [SAMPLER_FLAGS[k] for k in given if k not in takes]
+    if bad:
+        options = f"; it takes {', '.join(SAMPLER_FLAGS[k] for k in takes)}" if takes else ""
+        raise CLIError(f"{', '.join(bad)} does not apply to --scheduler {name} ({entry.class_name}{options})")
+    if "eta" in entry.step_options and args.eta is None:
+        raise CLIError(f"--scheduler {name} needs --eta in (0, 1]: at eta = 0 DDIM is deterministic, with nothing "
+                       "to speculate on (--eta 1.0 is DDPM's posterior noise on the DDIM timesteps)")
     try:
-        entry = sampler(name)
-        bad = [flag for flag in given if flags[flag][0] not in config_options(name)]
-        if bad:
-            takes = [n for n in config_options(name)]
-            raise CLIError(f"{', '.join(bad)} does not apply to --scheduler {name} ({entry.class_name}"
-                           f"{'; it takes ' + ', '.join(takes) if takes else ''})")
-        if "eta" in entry.step_options and args.eta is None:
-            raise CLIError(f"--scheduler {name} needs --eta in (0, 1]: at eta = 0 DDIM is deterministic, with nothing "
-                           "to speculate on (--eta 1.0 is DDPM's posterior noise on the DDIM timesteps)")
         with _quiet_diffusers():
-            chosen = scheduler_from_name(name, scheduler, **{key: value for key, value in flags.values()})
+            chosen = scheduler_from_name(name, scheduler, **given)
     except ValueError as err:
         raise CLIError(f"--scheduler {name}: {_first_line(err)}") from None
     return chosen, eta, f"{type(chosen).__name__} ({entry.title}), chosen with --scheduler {name}"
@@ -520,7 +524,8 @@ def summary(report: dict) -> str:
     ran = [n for n in names if n != "speculative" and n in report]
     best = min(ran, key=lambda n: report[n]["wall_clock_s"], default="plain")
     against = {"plain": "the plain sampler", "cached": "the cached plain sampler (the fastest baseline here)"}[best]
-    verdict = f"Speculative sampling made {_ratio_text(calls[best], spec['target_calls'], 'fewer network calls', 'more network calls')}"
+    made = _ratio_text(calls[best], spec["target_calls"], "fewer network calls", "more network calls")
+    verdict = f"Speculative sampling made {made}"
     if ran:
         faster = _ratio_text(report[best]["wall_clock_s"], spec["wall_clock_s"], "faster")
         verdict += f" and was {faster} than {against} in wall-clock time."
@@ -741,7 +746,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_sampler_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Which sampler runs an image model (generate and probe): docs/cli-schedulers.md."""
-    from .schedulers.names import SAMPLERS
+    from .schedulers.names import SAMPLERS, config_options
 
     group = parser.add_argument_group("sampler", "which sampler runs an image model (default: the model's own "
                                       "scheduler); the names and their options: docs/cli-schedulers.md")
@@ -756,10 +761,12 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                              "deterministic sampler's law")
     group.add_argument("--eta", type=_eta, default=None,
                        help="DDIM's noise level in (0, 1] (DDIM only; 1.0 = DDPM's posterior noise)")
+    takes = {key: [n for n in SAMPLERS if key in config_options(n)] for key in SAMPLER_FLAGS}
     group.add_argument("--karras-sigmas", action="store_true",
-                       help="Karras sigmas (with --scheduler dpmpp-2m-sde, flow-euler-stochastic or flow-sde)")
+                       help=f"Karras sigmas (with --scheduler {' or '.join(takes['use_karras_sigmas'])})")
     group.add_argument("--churn", type=_positive(float), default=None,
-                       help="flow-sde's noise level (with --scheduler flow-sde; default 0.5)")
+                       help=f"noise level of specdiff's flow SDE (with --scheduler {' or '.join(takes['churn'])}; "
+                            "default 0.5)")
     return parser
 
 

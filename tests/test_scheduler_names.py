@@ -165,3 +165,14 @@ def test_the_sibling_of_a_third_order_solver_is_second_order_and_karras_sigmas_a
     assert dpm.config.solver_order == 2 and dpm.config.use_karras_sigmas
     euler = stochastic_sibling(EulerDiscreteScheduler(use_karras_sigmas=True))
     assert "not carried over: Karras sigmas" in euler.note
+
+
+def test_the_docs_page_lists_the_samplers_and_siblings_of_the_code():
+    from pathlib import Path
+
+    from specdiff.schedulers.names import sampler_table, sibling_table
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "cli-schedulers.md").read_text()
+    for marker, table in (("samplers", sampler_table()), ("siblings", sibling_table())):
+        start, end = page.index(f"<!-- {marker}:start -->"), page.index(f"<!-- {marker}:end -->")
+        assert page[start:end].split("\n", 1)[1].strip() == table, f"regenerate the {marker} table"

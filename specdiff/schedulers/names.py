@@ -23,7 +23,17 @@ import diffusers
 
 from .base import SWITCH, adapter_class_for
 
-__all__ = ["SAMPLERS", "SWITCH", "Sampler", "StochasticSibling", "sampler", "scheduler_from_name", "stochastic_sibling"]
+__all__ = [
+    "SAMPLERS",
+    "SWITCH",
+    "Sampler",
+    "StochasticSibling",
+    "sampler",
+    "sampler_table",
+    "scheduler_from_name",
+    "sibling_table",
+    "stochastic_sibling",
+]
 
 
 @dataclass(frozen=True)
@@ -160,6 +170,29 @@ def scheduler_from_name(name: str, scheduler, **options):
     if "clip_sample" in params and "clip_sample" not in base.config:
         overrides["clip_sample"] = False
     return entry.scheduler_class.from_config(base.config, **overrides, **given)
+
+
+def sampler_table() -> str:
+    """The samplers as a markdown table (docs/cli-schedulers.md; a test keeps the page equal to it)."""
+    rows = ["| `--scheduler` | sampler | built as | options | models |", "| --- | --- | --- | --- | --- |"]
+    flags = {"eta": "`--eta` (required, in (0, 1])", "use_karras_sigmas": "`--karras-sigmas`", "churn": "`--churn`"}
+    for name, entry in SAMPLERS.items():
+        overrides = "".join(f", {k}={v!r}" for k, v in entry.overrides.items())
+        options = [flags[o] for o in (*entry.step_options, *config_options(name))]
+        models = "flow matching (SD3, FLUX)" if entry.family == "flow" else "noise-level (DDPM, SD, SDXL)"
+        rows.append(f"| `{name}` | {entry.title} | `{entry.class_name}.from_config(config{overrides})` | "
+                    f"{', '.join(options) or '-'} | {models} |")
+    return "\n".join(rows)
+
+
+def sibling_table() -> str:
+    """The stochastic siblings as a markdown table (docs/cli-schedulers.md)."""
+    rows = ["| deterministic scheduler | `--stochastic` runs |", "| --- | --- |"]
+    for name, target in _SIBLINGS.items():
+        runs = "the same scheduler with `eta=1.0` (or `--eta`)" if target == "ddim" else (
+            f"`{target}`: `{SAMPLERS[target].class_name}`")
+        rows.append(f"| `{name}` | {runs} |")
+    return "\n".join(rows)
 
 
 @dataclass(frozen=True)
