@@ -409,7 +409,8 @@ class MaskedJob:
 
 def _refuse_sampler_choice(args, kind: str) -> None:
     given = [flag for flag, value in (("--scheduler", args.scheduler), ("--stochastic", args.stochastic),
-                                      ("--karras-sigmas", args.karras_sigmas), ("--churn", args.churn)) if value]
+                                      ("--eta", args.eta), ("--karras-sigmas", args.karras_sigmas),
+                                      ("--churn", args.churn)) if value]
     if given:
         raise CLIError(f"{', '.join(given)}: for image models (a diffusers scheduler); {kind} models sample with "
                        "their masked-diffusion scheduler: drop them")

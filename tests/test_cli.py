@@ -348,9 +348,11 @@ def test_stochastic_ddim_takes_eta_one_or_the_eta_given(tmp_path):
     assert "eta=0.4" in json.loads((tmp_path / "b" / "stats.json").read_text())["scheduler_note"]
 
 
-def test_sampler_options_on_a_masked_model_are_refused(tmp_path, capsys):
+def test_sampler_options_on_masked_and_text_models_are_refused(tmp_path, capsys):
     fails_with(capsys, ["generate", "--model", "digits-mdm", "--scheduler", "ddpm", "--out", str(tmp_path),
                         "--no-progress"], "--scheduler", "masked-diffusion", "drop them")
+    fails_with(capsys, ["generate", "--model", "text", "--stochastic", "--eta", "0.5", "--out", str(tmp_path),
+                        "--no-progress"], "--stochastic, --eta", "text models", "drop them")
 
 
 # -- new-user rough edges (issue 20, item 6) ----------------------------------------------------------
