@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from test_cli import fails_with, tiny_pipeline
 
 from specdiff import ModelDrafter, acceptance_probability, speculative_sample
 from specdiff.cli import main as cli_main
@@ -115,33 +116,19 @@ def test_probe_command_rejects_bad_windows():
         cli_main(["probe", "--windows", "4,x"])
 
 
-def fails_in_one_line(capsys, argv, *expected):
-    with pytest.raises(SystemExit) as err:
-        cli_main(argv)
-    assert err.value.code == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("specdiff: error:"), lines
-    for text in expected:
-        assert text in lines[0], lines[0]
-
-
 def test_probe_takes_the_sampler_options_of_generate(capsys):
     assert cli_main(["probe", "--steps", "10", "--windows", "1,4", "--scheduler", "euler-a"]) == 0
     assert "chosen with --scheduler euler-a" in capsys.readouterr().out
     assert cli_main(["probe", "--steps", "10", "--windows", "1,4", "--scheduler", "ddim", "--eta", "1.0"]) == 0
-    fails_in_one_line(capsys, ["probe", "--steps", "10", "--scheduler", "nope"], "unknown sampler", "euler-a")
+    fails_with(capsys, ["probe", "--steps", "10", "--scheduler", "nope"], "unknown sampler", "euler-a")
 
 
 def test_probe_runs_a_deterministic_model_through_the_stochastic_switch(tmp_path, capsys):
-    from diffusers import DDPMPipeline, PNDMScheduler, UNet2DModel
+    from diffusers import PNDMScheduler
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4)
-    DDPMPipeline(unet=unet, scheduler=PNDMScheduler(num_train_timesteps=100)).save_pretrained(tmp_path / "m")
+    tiny_pipeline(tmp_path / "m", PNDMScheduler)
     argv = ["probe", "--model", str(tmp_path / "m"), "--steps", "8", "--windows", "1,2"]
-    fails_in_one_line(capsys, argv, "deterministic", "--stochastic")
+    fails_with(capsys, argv, "deterministic", "--stochastic")
     assert cli_main([*argv, "--stochastic"]) == 0
     assert "stochastic sibling of PNDMScheduler" in capsys.readouterr().out
 
@@ -152,5 +139,5 @@ def test_probe_on_a_text_to_image_folder_is_one_paragraph_not_a_traceback(tmp_pa
 
     sd_pipe(PNDMScheduler()).save_pretrained(tmp_path / "sd")
     capsys.readouterr()  # saving shows transformers' "Writing model shards" bar
-    fails_in_one_line(capsys, ["probe", "--model", str(tmp_path / "sd"), "--steps", "4"],
+    fails_with(capsys, ["probe", "--model", str(tmp_path / "sd"), "--steps", "4"],
                       "is a StableDiffusionPipeline", "specdiff probe takes unconditional image pipelines")
