@@ -49,7 +49,9 @@ class Sampler:
 
     @property
     def scheduler_class(self):
-        return scheduler_class(self.class_name)
+        from .speculative import _scheduler_class  # diffusers' classes and specdiff's own
+
+        return _scheduler_class(self.class_name)
 
 
 SAMPLERS: dict[str, Sampler] = {
@@ -106,11 +108,8 @@ _SIBLINGS = {
     "FlowMatchHeunDiscreteScheduler": "flow-euler-stochastic",
 }
 
-def scheduler_class(name: str):
-    """A scheduler class by name: diffusers' own, or one that specdiff ships (FlowMatchSDEScheduler)."""
-    from . import flow_match
-
-    return getattr(diffusers, name, None) or getattr(flow_match, name, None)
+# Flow-matching schedulers (the network predicts a velocity) by class-name prefix.
+_FLOW_PREFIXES = ("FlowMatch", "LTXEulerAncestralRF")
 
 
 def sampler(name: str) -> Sampler:
@@ -130,7 +129,7 @@ def family_of(scheduler) -> str:
     """``"flow"`` for a flow-matching scheduler (the model predicts a velocity), else ``"diffusion"``."""
     scheduler = _unwrapped(scheduler)
     name = type(scheduler).__name__
-    if name.startswith("FlowMatch") or "RF" in name or scheduler.config.get("use_flow_sigmas", False):
+    if name.startswith(_FLOW_PREFIXES) or scheduler.config.get("use_flow_sigmas", False):
         return "flow"
     return "diffusion"
 
