@@ -23,6 +23,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from .cli_support import CLIError, combine_records, loading_bars
 from .paths import asset
 
 DEFAULT_MODEL = asset("models", "digits-ddpm")
@@ -32,14 +33,6 @@ BUNDLED = {"digits": "digits-ddpm", "digits-draft": "digits-draft", "digits-mdm"
            "digits-ddpm": "digits-ddpm", "text": "stdlib-text", "stdlib-text": "stdlib-text"}
 PASSTHROUGH = {"bench": "specdiff.workbench.bench", "train-digits": "specdiff.workbench.train_digits"}
 DTYPES = ("float32", "float16", "bfloat16")
-
-
-class CLIError(SystemExit):
-    """A user error: one clear line on stderr (printed by :func:`main`), exit status 2, no traceback."""
-
-    def __init__(self, message: str):
-        super().__init__(2)
-        self.message = message
 
 
 # -- argument types ---------------------------------------------------------------------------
@@ -210,29 +203,6 @@ def _quiet_diffusers():
         logging.set_verbosity(level)
 
 
-@contextmanager
-def loading_bars(shown: bool):
-    """diffusers' and transformers' loading bars ("Loading pipeline components", "Loading weights"): off
-    inside unless ``shown``."""
-    from importlib.util import find_spec
-
-    from diffusers.utils import logging as diffusers_logging
-
-    libraries = [diffusers_logging]
-    if find_spec("transformers") is not None:
-        from transformers.utils import logging as transformers_logging
-
-        libraries.append(transformers_logging)
-    states = [(lib, lib.is_progress_bar_enabled()) for lib in libraries]
-    if not shown:
-        for lib, _ in states:
-            lib.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for lib, was_on in states:
-            if was_on:
-                lib.enable_progress_bar()
 
 
 def _load_from_hub(model: str, **kwargs):
@@ -477,27 +447,6 @@ def _run(job, sampler: str, batches, args, rank_shows: bool) -> list[dict]:
     return records
 
 
-def _combine(records: list[dict], ranks: list[int]) -> dict:
-    """One sampler's figures over every batch: processes run in parallel, a process's batches in turn."""
-    per_rank = {}
-    for record, rank in zip(records, ranks):
-        calls, wall = per_rank.get(rank, (0, 0.0))
-        per_rank[rank] = (calls + record["stats"]["target_calls"], wall + record["wall_clock_s"])
-    stats = [r["stats"] for r in records]
-    out = {
-        "target_calls": max(c for c, _ in per_rank.values()),
-        "target_rows": sum(s["target_rows"] for s in stats),
-        "wall_clock_s": max(w for _, w in per_rank.values()),
-    }
-    if "proposed" in stats[0]:
-        proposed, accepted = sum(s["proposed"] for s in stats), sum(s["accepted"] for s in stats)
-        out.update(draft_calls=max(sum(s["draft_calls"] for s, r in zip(stats, ranks) if r == k) for k in per_rank),
-                   proposed=proposed, accepted=accepted, acceptance_rate=accepted / proposed if proposed else 1.0)
-    out["batches"] = [dict(s, seeds=r["seeds"], process=k, wall_clock_s=r["wall_clock_s"])
-                      for s, r, k in zip(stats, records, ranks)]
-    return out
-
-
 def _ratio_text(plain: float, spec: float, what: str, worse: str = "slower") -> str:
     if spec <= plain:
         return f"{plain / spec:.1f}x {what}"
@@ -625,7 +574,7 @@ def cmd_generate(args) -> int:
     written = []
     for name in samplers:
         pairs = sorted(gathered[name], key=lambda p: p[1]["seeds"][0])
-        report[name] = _combine([r for _, r in pairs], [k for k, _ in pairs])
+        report[name] = combine_records([r for _, r in pairs], [k for k, _ in pairs])
         images = np.concatenate([r["images"] for _, r in pairs])
         if name in ("speculative", "plain"):
             stem = "speculative" if name == "speculative" else "baseline"

@@ -31,7 +31,7 @@ def _length(model: Path, prompt: str | None, length: int | None) -> int:
     Read from the folder's tokenizer and network config, before the network is loaded."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from specdiff.cli import CLIError
+    from specdiff.cli_support import CLIError
 
     positions = getattr(AutoConfig.from_pretrained(model / "transformer"), "max_position_embeddings", None)
     tokenizer = AutoTokenizer.from_pretrained(model / "tokenizer")
@@ -54,7 +54,7 @@ def generate_text(args, state) -> int:
     import torch
     from accelerate.utils import gather_object
 
-    from specdiff.cli import _combine, loading_bars
+    from specdiff.cli_support import combine_records, loading_bars
     from specdiff.pipelines import SpeculativeTextDiffusionPipeline
 
     args.length = _length(Path(args.model), args.prompt, args.length)
@@ -92,7 +92,7 @@ def generate_text(args, state) -> int:
               "processes": state.num_processes,
               "texts": [text for _, r in gathered["speculative"] for text in r["texts"]]}
     for name in samplers:
-        report[name] = _combine([r for _, r in gathered[name]], [k for k, _ in gathered[name]])
+        report[name] = combine_records([r for _, r in gathered[name]], [k for k, _ in gathered[name]])
     for seed, text in zip(seeds, report["texts"]):
         print(f"--- sample {seed - args.seed} (seed {seed})\n{text}")
     print(f"\n{'sampler':12} {'calls':>6} {'rows':>7} {'wall-clock':>11}")
