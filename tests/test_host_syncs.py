@@ -81,14 +81,18 @@ def generators(batch, ragged):
     return torch.Generator().manual_seed(7)
 
 
-@pytest.fixture
-def prepared_latency(monkeypatch, tmp_path):
+def prepare_latency(monkeypatch, cache_dir) -> None:
     """``window="auto"`` with a prepared latency curve and outside cost (no timing on a shared CPU)."""
-    monkeypatch.setenv("SPECDIFF_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("SPECDIFF_CACHE_DIR", str(cache_dir))
     monkeypatch.setattr(window_module, "_MEMORY_CACHE", {})
     monkeypatch.setattr(window_module, "measure_latency",
                         lambda chain, x, sizes, repeats=5: {b: 1e-3 * (1 + b / 64) for b in sizes})
     monkeypatch.setattr(window_module, "measure_outside", lambda chain, x, drafter=None, **kw: (1e-4, 1e-5))
+
+
+@pytest.fixture
+def prepared_latency(monkeypatch, tmp_path):
+    prepare_latency(monkeypatch, tmp_path)
 
 
 def measure(monkeypatch, kind, window, batch, ragged=False, steps=None):
@@ -231,9 +235,7 @@ def main():  # the table of the report: python tests/test_host_syncs.py
     import tempfile
 
     mp = pytest.MonkeyPatch()
-    mp.setenv("SPECDIFF_CACHE_DIR", tempfile.mkdtemp())
-    mp.setattr(window_module, "measure_latency", lambda chain, x, sizes, repeats=5: {b: 1e-3 * (1 + b / 64) for b in sizes})
-    mp.setattr(window_module, "measure_outside", lambda chain, x, drafter=None, **kw: (1e-4, 1e-5))
+    prepare_latency(mp, tempfile.mkdtemp())
     configs = CONFIGS + [(kind, 8, 16, True) for kind in ("gaussian", "categorical")]
     for kind, window, batch, ragged in configs:
         rounds, outside, _, _, count = measure(mp, kind, window, batch, ragged)
