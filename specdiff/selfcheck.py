@@ -168,18 +168,22 @@ def check_max_rows(device: torch.device, network) -> Check:
 
 class _MLPChain(GaussianMixtureDDPM):
     """The analytic mixture plus a small MLP's (scaled-down) output: a network that costs device
-    time, with the mixture's acceptance (``--quick``'s timing network)."""
+    time, with the mixture's acceptance (``--quick``'s timing network). Its weights are plain
+    tensors on the device."""
 
     def __init__(self, width: int, device: torch.device, **kwargs):
-        means = torch.randn(4, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.5
-        super().__init__(means, **kwargs)
-        torch.manual_seed(0)
-        self.net = torch.nn.Sequential(torch.nn.Linear(9, width), torch.nn.SiLU(), torch.nn.Linear(width, width),
-                                       torch.nn.SiLU(), torch.nn.Linear(width, 8)).to(device)
+        g = torch.Generator().manual_seed(0)
+        super().__init__(torch.randn(4, 8, generator=g, dtype=torch.float64) * 0.5, **kwargs)
+        shapes = [(width, 9), (width, width), (8, width)]
+        self.layers = [((torch.randn(shape, generator=g) / shape[1] ** 0.5).to(device), torch.zeros(shape[0]).to(device))
+                       for shape in shapes]
 
     def predict(self, x, step):
-        features = torch.cat([x.float(), step.to(x.device, torch.float32)[:, None] / self.num_steps], 1)
-        return super().predict(x, step) + 1e-3 * self.net(features).to(x.dtype)
+        h = torch.cat([x.float(), step.to(x.device, torch.float32)[:, None] / self.num_steps], 1)
+        for i, (weight, bias) in enumerate(self.layers):
+            h = torch.nn.functional.linear(h, weight, bias)
+            h = torch.nn.functional.silu(h) if i < len(self.layers) - 1 else h
+        return super().predict(x, step) + 1e-3 * h.to(x.dtype)
 
 
 def _network(device: torch.device, quick: bool):

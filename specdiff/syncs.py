@@ -109,6 +109,7 @@ class SyncCount:
 
 
 _COUNTERS: list[SyncCount] = []
+_SIMULATING: list[bool] = []
 
 
 def _leaves(*trees):
@@ -158,10 +159,13 @@ def _shown(path: str) -> str:
     return path if relative.startswith("..") else relative
 
 
-def _record(kind: str, op: str) -> None:
-    if _COUNTERS:
+def _record(kind: str, op: str, counters: list[SyncCount] | None = None) -> None:
+    """One synchronisation, into ``counters`` (default: every active one: an event the simulated
+    device's Python layer sees, once, whoever counts)."""
+    counters = _COUNTERS if counters is None else counters
+    if counters:
         sync = Sync(kind, op, _site())
-        for counter in _COUNTERS:
+        for counter in counters:
             counter.events.append(sync)
 
 
@@ -221,12 +225,17 @@ def _classify(func, args, kwargs) -> list[tuple[str, str]]:
 
 
 class _Counting(TorchDispatchMode):
-    """Counts the synchronisations of every aten call (see :func:`_classify`)."""
+    """Counts the synchronisations of every aten call (see :func:`_classify`) into its counter
+    (nested counters each see a call once)."""
+
+    def __init__(self, count: SyncCount):
+        super().__init__()
+        self.count = count
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         for kind, op in _classify(func, args, kwargs):
-            _record(kind, op)
+            _record(kind, op, [self.count])
         return func(*args, **kwargs)
 
 
@@ -401,10 +410,16 @@ class _SimulatedFactories(TorchFunctionMode):
         return SimulatedTensor(moved)
 
 
+class _SimulatedProperties:
+    name, total_memory, major, minor, multi_processor_count = "simulated CUDA device", 80 * 2**30, 9, 0, 132
+
+
 def _simulated_cuda_api():
     """``torch.cuda``'s queries the library makes, answered without a GPU (no memory measured)."""
-    free = 80 * 2**30
+    free = _SimulatedProperties.total_memory
     return [
+        mock.patch.object(torch.cuda, "get_device_name", lambda device=None: _SimulatedProperties.name),
+        mock.patch.object(torch.cuda, "get_device_properties", lambda device=None: _SimulatedProperties()),
         mock.patch.object(torch.cuda, "synchronize", lambda device=None: None),
         mock.patch.object(torch.cuda, "reset_peak_memory_stats", lambda device=None: None),
         mock.patch.object(torch.cuda, "max_memory_allocated", lambda device=None: 0),
@@ -421,11 +436,13 @@ def count_syncs(simulate: str | None = None):
         raise ValueError(f"simulate must be None (count on the real device) or 'cuda'; got {simulate!r}")
     count = SyncCount()
     with ExitStack() as stack:
-        if simulate:
+        if simulate and not _SIMULATING:  # nested in a simulation: the outer one serves
             for patch in _simulated_cuda_api():
                 stack.enter_context(patch)
             stack.enter_context(_SimulatedFactories())
-        stack.enter_context(_Counting())
+            _SIMULATING.append(True)
+            stack.callback(_SIMULATING.pop)
+        stack.enter_context(_Counting(count))
         _COUNTERS.append(count)
         stack.callback(_COUNTERS.remove, count)
         yield count

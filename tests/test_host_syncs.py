@@ -223,6 +223,16 @@ def test_the_simulated_device_refuses_what_cuda_refuses():
             x.numpy()
 
 
+def test_nested_counters_each_count_a_synchronisation_once():
+    with count_syncs(simulate="cuda") as outer:
+        x = torch.ones(3).to("cuda")
+        with count_syncs(simulate="cuda") as inner:
+            x.sum().item()
+            x[torch.tensor([0])]
+            torch.ones(2).to("cuda")
+    assert inner.by_kind() == {"d2h": 1, "h2d": 2} and outer.by_kind() == {"d2h": 1, "h2d": 3}
+
+
 def test_count_syncs_without_simulation_counts_nothing_on_the_cpu():
     with count_syncs() as syncs:
         torch.ones(3).sum().item()

@@ -41,3 +41,19 @@ def test_the_half_type_checked_per_device(device, half):
     import torch
 
     assert selfcheck.half_type(torch.device(device)) == getattr(torch, half)
+
+
+def test_the_cuda_only_checks_run_on_the_simulated_cuda_device():
+    """The CUDA branch of max_rows="auto" and the timing's synchronisation, on the simulated device
+    (memory queries answer zeros there: this checks the code path, not the memory)."""
+    import torch
+
+    from specdiff.syncs import count_syncs
+
+    with count_syncs(simulate="cuda"):
+        device = torch.device("cuda")
+        _, make = selfcheck._network(device, quick=True)
+        check = selfcheck.check_max_rows(device, lambda batch: make(batch, steps=12))
+        rows = selfcheck.timing(device, lambda batch: make(batch, steps=12))
+    assert check.status == "ok", check.detail
+    assert [r["sampler"] for r in rows] == ["plain", "speculative"] and rows[0]["calls"] == 12
