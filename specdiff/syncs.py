@@ -178,6 +178,11 @@ def _host_array(t) -> bool:
     return isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dim() > 0
 
 
+def _asynchronous(source: torch.Tensor, kwargs) -> bool:
+    """A copy to the device that does not wait: ``non_blocking=True`` from pinned host memory."""
+    return bool(kwargs.get("non_blocking")) and source.is_pinned()
+
+
 def _classify(func, args, kwargs) -> list[tuple[str, str]]:
     """The synchronisations one aten call makes (on real or simulated device tensors)."""
     if func not in _WATCHED:
@@ -192,23 +197,22 @@ def _classify(func, args, kwargs) -> list[tuple[str, str]]:
         return [("shape", _DATA_DEPENDENT[func])] if on_device else []
     if func is aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
         return [("shape", "repeat_interleave")] if on_device else []
-    if func in _COPIES:
-        source, target = args[0], (args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) else None)
-        if func is aten._to_copy.default:
-            device = kwargs.get("device")
-            to_host = device is not None and torch.device(device).type == "cpu"
-            to_device = device is not None and torch.device(device).type != "cpu"
-            if _on_device(source) and to_host:
-                return [("d2h", "to(cpu)")]
-            if not _on_device(source) and to_device:
-                return [("h2d", "to(device)")]
+    if func is aten._to_copy.default:
+        device = kwargs.get("device")
+        if device is None:
             return []
-        if target is None:
+        if _on_device(args[0]) and torch.device(device).type == "cpu":
+            return [("d2h", "to(cpu)")]
+        if not _on_device(args[0]) and torch.device(device).type != "cpu" and not _asynchronous(args[0], kwargs):
+            return [("h2d", "to(device)")]
+        return []
+    if func in _COPIES:
+        if len(args) < 2 or not isinstance(args[1], torch.Tensor):
             return []
         dst, src = args[0], args[1]
         if _on_device(src) and not _on_device(dst):
             return [("d2h", "copy_")]
-        if _on_device(dst) and _host_array(src):
+        if _on_device(dst) and _host_array(src) and not _asynchronous(src, kwargs):
             return [("h2d", "copy_")]
         return []
     if func in _INDEXING and _on_device(args[0]):
@@ -388,6 +392,7 @@ class _SimulatedFactories(TorchFunctionMode):
     @staticmethod
     def _move(func, args, kwargs):
         self = args[0]
+        non_blocking = bool(kwargs.get("non_blocking"))
         if func is torch.Tensor.cuda:
             device, dtype = _SIMULATED, None
         elif func is torch.Tensor.cpu:
@@ -396,7 +401,7 @@ class _SimulatedFactories(TorchFunctionMode):
             if args[1:] and isinstance(args[1], torch.Tensor):
                 device, dtype = args[1].device, args[1].dtype
             else:
-                device, dtype, _, _ = torch._C._nn._parse_to(*args[1:], **kwargs)
+                device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args[1:], **kwargs)
         if not _is_simulated(device):
             if device is None or not isinstance(self, SimulatedTensor):
                 return func(*args, **kwargs)  # a dtype change (the dispatch level sees it), or host to host
@@ -405,7 +410,8 @@ class _SimulatedFactories(TorchFunctionMode):
         dtype = self.dtype if dtype is None else dtype
         if isinstance(self, SimulatedTensor):
             return self if dtype == self.dtype else self.to(dtype)
-        _record("h2d", "to(device)")
+        if not (non_blocking and self.is_pinned()):
+            _record("h2d", "to(device)")
         moved = self.to(dtype=dtype, copy=True)
         return SimulatedTensor(moved)
 
