@@ -697,7 +697,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Listed here for 'specdiff --help'; main() hands their arguments (and --help) to their own parsers.
     sub.add_parser("bench", help="run the benchmarks (results in assets/bench/); see 'specdiff bench --help'")
     sub.add_parser("train-digits", help="retrain the digits DDPM, draft UNet and classifier; see 'specdiff train-digits --help'")
-    sub.add_parser("selfcheck", help="check exactness, syncs, memory and timing on this device; see 'specdiff selfcheck --help'")
+    sub.add_parser("selfcheck",
+                   help="check exactness, syncs, memory and timing on this device; see 'specdiff selfcheck --help'")
     probe = sub.add_parser("probe", formatter_class=formatter,
                            help="predict acceptance and speedup per window from one short plain run")
     add_probe_arguments(probe).set_defaults(func=run_probe)

@@ -99,8 +99,8 @@ def check_window_one(device: torch.device, dtype: torch.dtype, kind: str, quick:
             x = chain.sample_prior(batch, torch.Generator().manual_seed(0)).to(device, dtype)
         else:
             network = LookupDenoiser(3, 4, seed=1)
-            chain = MaskedDiffusionChain(lambda tokens: network(tokens).to(dtype),
-                                         MaskedDiffusionScheduler(vocab_size=3, num_inference_steps=12 if quick else 32))
+            scheduler = MaskedDiffusionScheduler(vocab_size=3, num_inference_steps=12 if quick else 32)
+            chain = MaskedDiffusionChain(lambda tokens: network(tokens).to(dtype), scheduler)
             x = torch.full((batch, 4), 3, device=device)
         plain = sample_baseline(chain, x, _gens(batch))
         spec = speculative_sample(chain, x, window=1, generator=_gens(batch))
@@ -175,8 +175,8 @@ class _MLPChain(GaussianMixtureDDPM):
         g = torch.Generator().manual_seed(0)
         super().__init__(torch.randn(4, 8, generator=g, dtype=torch.float64) * 0.5, **kwargs)
         shapes = [(width, 9), (width, width), (8, width)]
-        self.layers = [((torch.randn(shape, generator=g) / shape[1] ** 0.5).to(device), torch.zeros(shape[0]).to(device))
-                       for shape in shapes]
+        self.layers = [((torch.randn(shape, generator=g) / shape[1] ** 0.5).to(device),
+                        torch.zeros(shape[0]).to(device)) for shape in shapes]
 
     def predict(self, x, step):
         h = torch.cat([x.float(), step.to(x.device, torch.float32)[:, None] / self.num_steps], 1)
@@ -201,7 +201,8 @@ def _network(device: torch.device, quick: bool):
     from .schedulers.speculative import SpeculativeScheduler
 
     unet = UNet2DModel.from_pretrained(asset("models", "digits-ddpm", "unet")).to(device).eval()
-    scheduler = SpeculativeScheduler.from_scheduler(DDPMScheduler.from_pretrained(asset("models", "digits-ddpm", "scheduler")))
+    ddpm = DDPMScheduler.from_pretrained(asset("models", "digits-ddpm", "scheduler"))
+    scheduler = SpeculativeScheduler.from_scheduler(ddpm)
 
     def make(batch, steps=250):
         scheduler.set_timesteps(steps)
@@ -283,7 +284,8 @@ def _default_device() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="specdiff selfcheck", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: the GPU if there is one)")
-    parser.add_argument("--quick", action="store_true", help="fewer samples, and a small MLP instead of the digits UNet")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer samples, and a small MLP instead of the digits UNet")
     args = parser.parse_args(argv)
     device = args.device or _default_device()
     try:

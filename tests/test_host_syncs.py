@@ -65,7 +65,8 @@ def gaussian(steps=16):
 
 
 def categorical(steps=24):
-    return MaskedDiffusionChain(DeviceLogits(V, LENGTH), MaskedDiffusionScheduler(vocab_size=V, num_inference_steps=steps))
+    scheduler = MaskedDiffusionScheduler(vocab_size=V, num_inference_steps=steps)
+    return MaskedDiffusionChain(DeviceLogits(V, LENGTH), scheduler)
 
 
 def start(kind, chain, batch):
@@ -250,8 +251,8 @@ def main():  # the table of the report: python tests/test_host_syncs.py
     for kind, window, batch, ragged in configs:
         rounds, outside, _, _, count = measure(mp, kind, window, batch, ragged)
         reads, copies, loop_reads, loop_copies, iterations = zip(*(split(r) for r in rounds))
-        print(f"{kind:12} window={window!s:5} batch={batch:3} ragged={ragged!s:5} rounds={len(rounds):3}  reads/round max "
-              f"{max(reads)} mean {sum(reads) / len(rounds):.2f}; copies/round max {max(copies)} mean "
+        print(f"{kind:12} window={window!s:5} batch={batch:3} ragged={ragged!s:5} rounds={len(rounds):3}  "
+              f"reads/round max {max(reads)} mean {sum(reads) / len(rounds):.2f}; copies/round max {max(copies)} mean "
               f"{sum(copies) / len(rounds):.2f}; residual loop: {sum(iterations)} iterations, {sum(loop_reads)} reads, "
               f"{sum(loop_copies)} copies; outside rounds {outside}")
         print(count.table(per=len(rounds), events=[e for r in rounds for e in r]))
