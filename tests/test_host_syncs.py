@@ -30,9 +30,9 @@ from specdiff.testing import GaussianMixtureDDPM
 # configuration below: measured, then asserted (tests fail if a change adds synchronisations).
 # READS: the host reads device values; COPIES: blocking host -> device copies (index tensors the
 # round keeps on the host on purpose, moved when the device needs them).
-# Gaussian: 6 in every round. Categorical: 7 in every round, up to 5 more in a round with a
+# Gaussian: 5 in every round. Categorical: 6 in every round, up to 5 more in a round with a
 # rejection (the residual's built laws and the time-free unchanged-state check).
-MAX_READS = {"gaussian": 6, "categorical": 12}
+MAX_READS = {"gaussian": 5, "categorical": 11}
 MAX_COPIES = {"gaussian": 20, "categorical": 22}
 LOOP_READS, LOOP_COPIES = 3, 6  # per iteration of the categorical residual's rejection loop
 MAX_PER_SITE = 2  # times one call site fires in a round
