@@ -108,7 +108,6 @@ class NoiseStreams:
                     dtype = self.dtype if self.kind == "normal" else torch.float64
                     block = torch.stack([dist(shape, generator=generator, device=generator.device, dtype=dtype)
                                          for _ in range(drawn, step + 1)])
-                block = block if block.device == self.device else block.to(self.device)
             else:  # a companion stream: whole blocks of steps (the same numbers as step by step)
                 count = -(-(step + 1 - drawn) // _BLOCK) * _BLOCK
                 if what == 1:
@@ -126,7 +125,7 @@ class NoiseStreams:
         rows = rows if rows.device.type == "cpu" else rows.cpu()
         steps = steps if steps.device.type == "cpu" else steps.cpu()
         if len(self.groups) == 1:
-            return self._gather(0, what, steps, rows if self._plain else self.slot_of[rows])
+            return self._on_device(what, self._gather(0, what, steps, rows if self._plain else self.slot_of[rows]))
         shape = torch.broadcast_shapes(rows.shape, steps.shape)
         rows, steps = rows.expand(shape).flatten(), steps.expand(shape).flatten()
         groups, out = self.group_of[rows], None
@@ -136,7 +135,13 @@ class NoiseStreams:
             if out is None:
                 out = picked.new_empty((len(rows), *picked.shape[1:]))
             out[at.to(out.device)] = picked
-        return out.view(*shape, *out.shape[1:])
+        return self._on_device(what, out.view(*shape, *out.shape[1:]))
+
+    def _on_device(self, what: int, picked: torch.Tensor) -> torch.Tensor:
+        """The step noise on the states' device: a CPU generator's draws are kept and gathered on
+        the host, and what a lookup picks crosses to the device in one copy (whatever the number of
+        generators); uniforms and residual seeds stay on the host."""
+        return picked if what != 0 or picked.device == self.device else picked.to(self.device)
 
     def _gather(self, gi: int, what: int, steps: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         lo, hi = (int(v) for v in torch.aminmax(steps))

@@ -133,8 +133,7 @@ def _verify(chain, target, c: Carry, ids: Tensor, w: _Window, y: Tensor, tally):
     before = c.pred.new_zeros((w.span + 2, *c.pred.shape))
     before[0] = c.prev
     pred_T = before[1:]
-    fresh_dev = _to(c.fresh, dev)
-    pred_T[0, fresh_dev] = c.pred[fresh_dev]
+    pred_T[0] = torch.where(_rows(_to(c.fresh, dev), c.pred), c.pred, 0)  # a fresh sample's y_0 is predicted
     asked = need.flatten().nonzero().squeeze(1)  # the (position, sample) pairs the call evaluates, row-major
     if len(asked):
         tally.called(ids, need.any(0))
