@@ -144,8 +144,8 @@ class GaussianKernel:
             std = std.reshape(1, *ones).expand(batch, *ones)
         else:
             raise ValueError(
-                f"transition returned std of shape {tuple(std.shape)}; it must hold one value per row "
-                "(an isotropic std fixed by the schedule)"
+                f"transition returned std of shape {tuple(std.shape)}; the reflection coupling needs one value per "
+                "row (an isotropic std fixed by the schedule): use coupling='maximal' for a per-element std"
             )
         wide = torch.promote_types(std.dtype, torch.float32)  # σ z never in half precision
         return mean, std if std.dtype == wide else std.to(wide)
@@ -188,7 +188,8 @@ class GaussianKernel:
         if not torch.equal(std_d, std_t):  # same schedule, same function: bit-identical, or not a shared σ
             raise ValueError(
                 "draft and target kernels have different std (learned variance?); the reflection "
-                "coupling needs a std fixed by the schedule: use a fixed variance_type"
+                "coupling needs a std fixed by the schedule: use coupling='maximal' (exact for unequal std), "
+                "or a fixed variance_type"
             )
         if not bool((std_t >= 0).all()):  # NaN fails too: a σ < 0 or NaN would pass as a deterministic step
             raise ValueError("the chain's transition returned a negative or NaN std; it must be >= 0 (0 = a "
