@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats as sps
+from test_sampler import Shifted  # a deliberately imperfect draft model: the mixture with moved means
 
 from specdiff import sample_baseline, speculative_sample
 from specdiff.kernels import CategoricalKernel, GaussianKernel, MaximalKernel, kernel_for, maximal
@@ -260,17 +261,6 @@ def test_kernel_selection_by_coupling():
 # -- the whole sampler on the analytic mixture ----------------------------------------------------
 
 N_SAMPLES, STEPS, MIN_REJECTED = 1200, 50, 1000
-
-
-class Shifted:
-    """A deliberately imperfect draft model: the mixture's denoiser with moved means."""
-
-    def __init__(self, chain, shift):
-        self.model = GaussianMixtureDDPM(chain.means + shift, chain.scale, chain.weights, chain.num_steps,
-                                         chain.prediction_type)
-
-    def __call__(self, x, step):
-        return self.model.predict(x, step)
 
 
 class LearnedStd(GaussianMixtureDDPM):

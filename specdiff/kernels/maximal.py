@@ -49,7 +49,7 @@ import math
 import torch
 from torch import Tensor
 
-from .gaussian import _as
+from .gaussian import _as, draft_affine
 
 #: The rejection residual (unequal σ) gives up with an error after this many proposals of one
 #: step; the chance that a step reaches it is at most ``1/(e · MAX_RESIDUAL_PROPOSALS)``.
@@ -195,14 +195,7 @@ class MaximalKernel:
         L, batch = z.shape[0], z.shape[1]
         shift, scale, std = chain.transition_affine(steps.flatten(), predictions.flatten(0, 1))
         std = _std_like(std, z.flatten(0, 1), L * batch)
-        std = std.view(L, batch, *std.shape[1:])
-        noise = (std * z).unbind(0)
-        shift, scale = shift.view(L, batch, *shift.shape[1:]).unbind(0), scale.view(L, batch, *scale.shape[1:]).unbind(0)
-        y, means = [x], []
-        for j in range(L):
-            means.append(shift[j] + scale[j] * y[j])
-            y.append(_as(means[-1] + noise[j], x.dtype))
-        return torch.stack(y), (torch.stack(means), std)
+        return draft_affine(x, shift, scale, std.view(L, batch, *std.shape[1:]), z)
 
     @staticmethod
     def draw(law: tuple[Tensor, Tensor], z: Tensor, like: Tensor) -> Tensor:
