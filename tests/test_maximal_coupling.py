@@ -193,13 +193,15 @@ def test_unequal_std_one_step_law_acceptance_and_residual_in_one_dimension(m_d, 
     assert min(p_values) > ALPHA / len(p_values), p_values
 
 
-def test_unequal_per_element_std_one_step_law_in_several_dimensions():
+@pytest.mark.parametrize("per", ["row", "element"])
+def test_unequal_std_one_step_law_in_several_dimensions(per):
     n, dim = 20_000, 6
     g = torch.Generator().manual_seed(21)
     m_t = torch.randn(n, dim, generator=g, dtype=torch.float64)
     m_d = m_t + 0.3 * torch.randn(n, dim, generator=g, dtype=torch.float64)
-    s_t = 0.5 + torch.rand(n, dim, generator=g, dtype=torch.float64)
-    s_d = s_t * torch.exp(0.2 * torch.randn(n, dim, generator=g, dtype=torch.float64))
+    width = dim if per == "element" else 1
+    s_t = 0.5 + torch.rand(n, width, generator=g, dtype=torch.float64)
+    s_d = s_t * torch.exp(0.2 * torch.randn(n, width, generator=g, dtype=torch.float64))
     z = torch.randn(n, dim, generator=g, dtype=torch.float64)
     u = torch.rand(n, generator=g, dtype=torch.float64)
     x, accepted, _ = couple(m_d, m_t, s_d, s_t, z, u, seed=6)

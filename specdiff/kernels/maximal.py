@@ -130,12 +130,16 @@ def _std_like(std: Tensor, x: Tensor, rows: int) -> Tensor:
 
 
 def _flat(t: Tensor, shape: torch.Size) -> Tensor:
-    """``t`` broadcast to ``shape``, as float64 ``[B, d]``."""
-    return _as(t, torch.float64).expand(shape).reshape(shape[0], -1)
+    """``t`` broadcast to ``shape``, as float64 ``[B, d]``; a per-row ``t`` as ``[B, 1]`` (no copy per element)."""
+    t = _as(t, torch.float64)
+    if t.dim() == len(shape) and math.prod(t.shape[1:]) == 1:
+        return t.reshape(t.shape[0], 1).expand(shape[0], 1)
+    return t.expand(shape).reshape(shape[0], -1)
 
 
 class _Laws:
-    """The float64 rows of a draft/target pair, and how each row is coupled."""
+    """The float64 rows of a draft/target pair, and how each row is coupled (``s_d``/``s_t`` are
+    ``[B, 1]`` for a per-row std, ``[B, d]`` per element: every sum over elements broadcasts first)."""
 
     def __init__(self, law_draft, law_target, z: Tensor):
         (m_d, s_d), (m_t, s_t) = law_draft, law_target
