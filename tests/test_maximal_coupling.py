@@ -13,10 +13,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from diffusers import DDPMScheduler
 from scipy import stats as sps
 from test_sampler import Shifted  # a deliberately imperfect draft model: the mixture with moved means
 
-from specdiff import sample_baseline, speculative_sample
+from specdiff import SpeculativeScheduler, sample_baseline, speculative_sample
 from specdiff.kernels import CategoricalKernel, GaussianKernel, MaximalKernel, kernel_for, maximal
 from specdiff.testing import GaussianMixtureDDPM, two_sample_test
 
@@ -251,6 +252,13 @@ def test_kernel_selection_by_coupling():
     assert kernel_for(chain, x, "maximal") is MaximalKernel
     with pytest.raises(ValueError, match="coupling must be one of"):
         kernel_for(chain, x, "Reflection")
+
+    # The reflection kernel itself refuses draft and target std that differ, naming the fix.
+    m, z, u = torch.zeros(2, 3), torch.zeros(2, 3), torch.full((2,), 0.5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="coupling='maximal'"):
+        GaussianKernel.accept((m, torch.ones(2, 1)), (m, torch.full((2, 1), 2.0)), m, z, u)
+    with pytest.raises(ValueError, match="coupling must be one of"):
+        SpeculativeScheduler.from_scheduler(DDPMScheduler(), coupling="gamma")
 
     class Tokens:
         kernel = CategoricalKernel
