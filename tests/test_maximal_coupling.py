@@ -128,6 +128,17 @@ def test_residual_1d_matches_the_closed_form_cdf_at_every_scale():
     assert min(p_values) > ALPHA / len(gaps), p_values
 
 
+def test_residual_1d_of_a_row_does_not_depend_on_the_other_rows():
+    """Each row's Newton iteration stops on its own: bits alone == bits in a mixed batch (gaps from
+    1e-9 to 100, uniforms down to 2**-53 and up to 1)."""
+    g = torch.Generator().manual_seed(7)
+    h = torch.cat([10 ** (torch.rand(60, generator=g, dtype=torch.float64) * 11 - 9), torch.tensor([1.0, 1.0])])
+    u = torch.cat([1 - torch.rand(60, generator=g, dtype=torch.float64), torch.tensor([2.0**-53, 1.0])])
+    together = maximal.residual_1d(h, u)
+    alone = torch.cat([maximal.residual_1d(h[i : i + 1], u[i : i + 1]) for i in range(len(h))])
+    assert torch.equal(together, alone) and torch.isfinite(together).all() and (together <= h).all()
+
+
 def test_per_element_std_shared_by_draft_and_target_uses_the_one_dimensional_residual():
     """A diagonal covariance shared by both: the whitened decomposition; the law is N(m_T, diag σ²)."""
     n, dim = 20_000, 8
