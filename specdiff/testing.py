@@ -133,7 +133,9 @@ class TwoSampleResult:
         )
 
 
-def two_sample_test(a: Tensor, b: Tensor, *, num_projections: int = 16, alpha: float = 1e-3, seed: int = 0) -> TwoSampleResult:
+def two_sample_test(
+    a: Tensor, b: Tensor, *, num_projections: int = 16, alpha: float = 1e-3, seed: int = 0
+) -> TwoSampleResult:
     """Do samples ``a`` and ``b`` (``[n, ...]``) come from the same law?
 
     Two-sample KS tests on the first coordinates, ``num_projections`` random unit
