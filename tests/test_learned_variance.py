@@ -92,7 +92,8 @@ def test_reflection_is_refused_with_a_learned_variance_and_a_wrong_output_is_nam
     x = torch.randn(2, 1, 8, 8)
     with pytest.raises(ValueError, match="coupling='maximal'"):
         spec.sample(model_for(unet, "learned_range"), x, num_inference_steps=5)
+    plain = SpeculativeScheduler.from_scheduler(scheduler("learned_range", 5))
     with pytest.raises(ValueError, match="twice the state's channels"):
-        SpeculativeScheduler.from_scheduler(scheduler("learned_range", 5)).sample(lambda x, t: x, x, num_inference_steps=5)
+        plain.sample(lambda x, t: x, x, num_inference_steps=5)
     with pytest.raises(ValueError, match="frozen_prediction must be 'sample' or 'model_output'"):
-        SpeculativeScheduler.from_scheduler(scheduler("learned_range", 5)).chain(lambda x, t: x, frozen_prediction="v_prediction")
+        plain.chain(lambda x, t: x, frozen_prediction="v_prediction")

@@ -240,6 +240,11 @@ def test_bad_std_is_a_clear_error():
     m, z, u = torch.zeros(2, 3), torch.zeros(2, 3), torch.full((2,), 0.5, dtype=torch.float64)
     with pytest.raises(ValueError, match="negative or NaN"):
         MaximalKernel.accept((m, torch.full((2, 1), -1.0)), (m, torch.ones(2, 1)), m, z, u)
+    # A NaN law (a draft past the first rejection, verified anyway) fails its test; committed, it is an error.
+    nan_std = torch.tensor([[1.0], [float("nan")]])
+    assert MaximalKernel.accept((m, torch.ones(2, 1)), (m, nan_std), m, z, u).tolist() == [True, False]
+    with pytest.raises(ValueError, match="negative or NaN"):
+        MaximalKernel.correct((m, torch.ones(2, 1)), (m + 1, nan_std), m, z, _generators(2, 0))
     mixed = torch.tensor([[0.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
     with pytest.raises(ValueError, match="deterministic"):
         MaximalKernel.accept((m, mixed), (m, mixed), m, z, u)
@@ -347,7 +352,8 @@ def test_whole_sampler_with_unequal_std_has_the_plain_law(mixture, dtype):
     chain = LearnedStd(mixture.means, mixture.scale, mixture.weights, STEPS)
     x = prior(chain, N_SAMPLES, 21, dtype)
     reference = sample_baseline(chain, x, torch.Generator().manual_seed(22))
-    out = speculative_sample(chain, x, window=8, drafter=Shifted(chain, 0.3), generator=torch.Generator().manual_seed(23))
+    out = speculative_sample(chain, x, window=8, drafter=Shifted(chain, 0.3),
+                             generator=torch.Generator().manual_seed(23))
     result = two_sample_test(out.sample, reference, alpha=ALPHA)
     assert result.passed, str(result)
     rejected = out.stats.proposed - out.stats.accepted

@@ -164,14 +164,19 @@ class _Laws:
     """The float64 rows of a draft/target pair, and how each row is coupled (``s_d``/``s_t`` are
     ``[B, 1]`` for a per-row std, ``[B, d]`` per element: every sum over elements broadcasts first)."""
 
-    def __init__(self, law_draft, law_target, z: Tensor):
+    def __init__(self, law_draft, law_target, z: Tensor, committed: bool):
         (m_d, s_d), (m_t, s_t) = law_draft, law_target
         shape = m_t.shape
         self.m_d, self.m_t, self.s_d, self.s_t = (_flat(t, shape) for t in (m_d, m_t, s_d, s_t))
         self.z = _flat(z.to(m_t.device), shape)
         for name, s in (("draft", self.s_d), ("target", self.s_t)):
-            if not bool((s >= 0).all()):  # NaN fails too
-                raise ValueError(f"the {name} kernel has a negative or NaN std; it must be >= 0 (0 = a deterministic step)")
+            # A NaN law may sit at a draft that a rejection discards (the round verifies drafts past the
+            # first rejection): its test fails (NaN log ratio), and only a row that is committed must
+            # be finite. A negative std is a broken chain wherever it shows.
+            bad = (s < 0) | (s.isnan() if committed else False)
+            if bool(bad.any()):
+                raise ValueError(f"the {name} kernel has a negative or NaN std; it must be >= 0 (0 = a deterministic "
+                                 "step; a learned variance must be >= 0)")
         zero_d, zero_t = self.s_d == 0, self.s_t == 0
         self.det_d, self.det_t = zero_d.all(1), zero_t.all(1)
         if bool(((zero_d.any(1) & ~self.det_d) | (zero_t.any(1) & ~self.det_t)).any()):
@@ -234,7 +239,7 @@ class MaximalKernel:
     def accept(law_draft, law_target, y: Tensor, z: Tensor, u: Tensor) -> Tensor:
         """``log u <= min(0, log q(y) - log p(y))`` for the draft ``y = m_D + σ_D z`` (float64).
         Deterministic rows: equal means accept; a deterministic side facing a random one never does."""
-        laws = _Laws(law_draft, law_target, z)
+        laws = _Laws(law_draft, law_target, z, committed=False)
         u = _as(u.to(laws.z.device), torch.float64)
         test = torch.log(u) <= laws.log_ratio().clamp(max=0.0)
         both_det = laws.det_d & laws.det_t
@@ -246,7 +251,7 @@ class MaximalKernel:
         """A draw from the residual ``(q - p)+ / TV`` of each rejected row (module docstring), from the
         row's residual stream; returns ``(x, draws)``: the states and the residual draws per row
         (1 for the one-dimensional residual, the proposals used for the rejection residual)."""
-        laws = _Laws(law_draft, law_target, z)
+        laws = _Laws(law_draft, law_target, z, committed=True)
         rows = laws.m_t.shape[0]
         streams = generators()
         if len(streams) != rows:

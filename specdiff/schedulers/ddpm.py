@@ -141,7 +141,8 @@ class DDPMAdapter(SchedulerAdapter):
             std = v**0.5
         else:
             frac = (v + 1) / 2
-            std = torch.exp(0.5 * (frac * self.rows(self.max_log, step, v) + (1 - frac) * self.rows(self.min_log, step, v)))
+            max_log, min_log = self.rows(self.max_log, step, v), self.rows(self.min_log, step, v)
+            std = torch.exp(0.5 * (frac * max_log + (1 - frac) * min_log))
         return torch.where(noisy.view(-1, *[1] * (v.ndim - 1)) > 0, std, 0.0)
 
     def transition_from_x0(self, x: Tensor, step: Tensor, x0: Tensor) -> tuple[Tensor, Tensor]:
