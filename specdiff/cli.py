@@ -5,6 +5,7 @@
   specdiff probe          ‖Δ‖ and acceptance per step, predicted calls and speedup per window
   specdiff bench          the benchmarks (results in assets/bench/)
   specdiff train-digits   retrain the digits DDPM, draft UNet and classifier
+  specdiff selfcheck      exactness, syncs, memory and timing on this machine's device (run it first on a GPU)
 
 ``generate`` on several devices: ``accelerate launch --num_processes N -m specdiff generate ...``
 splits the batches of seeds between the processes; rank 0 writes one grid and one stats file.
@@ -31,7 +32,8 @@ DEFAULT_DRAFT = asset("models", "digits-draft")
 # --model by name: the bundled models of the installed package (specdiff.assets), from any folder.
 BUNDLED = {"digits": "digits-ddpm", "digits-draft": "digits-draft", "digits-mdm": "digits-mdm", "masked": "digits-mdm",
            "digits-ddpm": "digits-ddpm", "text": "stdlib-text", "stdlib-text": "stdlib-text"}
-PASSTHROUGH = {"bench": "specdiff.workbench.bench", "train-digits": "specdiff.workbench.train_digits"}
+PASSTHROUGH = {"bench": "specdiff.workbench.bench", "train-digits": "specdiff.workbench.train_digits",
+               "selfcheck": "specdiff.selfcheck"}
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -695,6 +697,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Listed here for 'specdiff --help'; main() hands their arguments (and --help) to their own parsers.
     sub.add_parser("bench", help="run the benchmarks (results in assets/bench/); see 'specdiff bench --help'")
     sub.add_parser("train-digits", help="retrain the digits DDPM, draft UNet and classifier; see 'specdiff train-digits --help'")
+    sub.add_parser("selfcheck",
+                   help="check exactness, syncs, memory and timing on this device; see 'specdiff selfcheck --help'")
     probe = sub.add_parser("probe", formatter_class=formatter,
                            help="predict acceptance and speedup per window from one short plain run")
     add_probe_arguments(probe).set_defaults(func=run_probe)

@@ -206,7 +206,7 @@ def test_ddim_with_trailing_spacing_does_not_claim_the_law_of_diffusers_step(tmp
     assert "exactly the plain sampler's distribution" in " ".join(capsys.readouterr().out.split())
 
 
-COMMANDS = ["generate", "analytic", "bench", "train-digits", "probe"]
+COMMANDS = ["generate", "analytic", "bench", "train-digits", "probe", "selfcheck"]
 
 
 def test_the_help_test_covers_every_command():
