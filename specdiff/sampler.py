@@ -92,6 +92,7 @@ def speculative_sample(
     max_rows: int | str | None = "auto",
     progress: bool | Callable = False,
     callback: Callable[[dict], None] | None = None,
+    coupling: str | None = None,
 ) -> SpeculativeOutput:
     """Speculative sampling (De Bortoli et al. 2025), exact in law for any drafter.
 
@@ -109,8 +110,11 @@ def speculative_sample(
             micro-batches. ``"auto"``: no cap on CPU, a cap fitted to free memory on CUDA.
         progress: ``True`` for a tqdm bar (counts sample-steps), or ``progress(total=)`` making one.
         callback: called after every round with ``{"round", "x", "step", "stats"}``.
+        coupling: how a drafted Gaussian step is accepted or corrected: ``"reflection"`` or
+            ``"maximal"`` (see :mod:`specdiff.kernels`); ``None``: the chain's own (reflection, or
+            maximal where the std comes from the network). The law is the same either way.
     """
-    kernel = _check_chain(chain, x_init)
+    kernel = _check_chain(chain, x_init, coupling)
     drafter = as_drafter(drafter)
     policy = _window_policy(window, chain, x_init, drafter)
     started, batch, num_steps, device = time.perf_counter(), x_init.shape[0], chain.num_steps, x_init.device
@@ -278,7 +282,7 @@ class _Tally:
         s.prefix_rows, s.prefix_rows_possible = self.prefix_rows
 
 
-def _check_chain(chain, x_init: Tensor):
+def _check_chain(chain, x_init: Tensor, coupling: str | None = None):
     if not isinstance(chain, GaussianChain):  # the protocols of both kinds have the same three members
         raise TypeError(
             f"{type(chain).__name__} is not a GaussianChain or CategoricalChain (needs num_steps, predict, transition)"
@@ -287,7 +291,7 @@ def _check_chain(chain, x_init: Tensor):
         raise ValueError(f"the chain has {chain.num_steps} steps; it needs at least one")
     if x_init.ndim < 1 or x_init.shape[0] < 1:
         raise ValueError(f"x_init must be a batch [B, ...] with B >= 1; got shape {tuple(x_init.shape)}")
-    kernel = kernel_for(chain, x_init)
+    kernel = kernel_for(chain, x_init, coupling)
     if kernel.noise == "uniform" and (x_init.is_floating_point() or x_init.ndim < 2):
         raise TypeError(
             f"x_init must hold integer tokens [B, ...] for a categorical chain; got {x_init.dtype} "

@@ -122,6 +122,20 @@ def acceptance_probability(mean_draft: Tensor, mean_target: Tensor, std: Tensor 
     return torch.special.erfc(delta / (2 * 2**0.5))
 
 
+def draft_affine(x: Tensor, shift: Tensor, scale: Tensor, std: Tensor, z: Tensor):
+    """``y_0 = x``, ``y_{j+1} = shift_j + scale_j y_j + std_j z_j`` (``shift``/``scale`` rows ``[L * B, ...]``,
+    ``std``/``z`` ``[L, B, ...]``): the drafted window and its laws, as :meth:`GaussianKernel.draft_window`
+    returns them."""
+    L, batch = z.shape[0], z.shape[1]
+    noise = (std * z).unbind(0)
+    shift, scale = shift.view(L, batch, *shift.shape[1:]).unbind(0), scale.view(L, batch, *scale.shape[1:]).unbind(0)
+    y, means = [x], []
+    for j in range(L):
+        means.append(shift[j] + scale[j] * y[j])
+        y.append(_as(means[-1] + noise[j], x.dtype))
+    return torch.stack(y), (torch.stack(means), std)
+
+
 class GaussianKernel:
     """A step ``y = m + σ z`` of a :class:`~specdiff.GaussianChain`; law = ``(mean, std)``.
 
@@ -144,8 +158,8 @@ class GaussianKernel:
             std = std.reshape(1, *ones).expand(batch, *ones)
         else:
             raise ValueError(
-                f"transition returned std of shape {tuple(std.shape)}; it must hold one value per row "
-                "(an isotropic std fixed by the schedule)"
+                f"transition returned std of shape {tuple(std.shape)}; the reflection coupling needs one value per "
+                "row (an isotropic std fixed by the schedule): use coupling='maximal' for a per-element std"
             )
         wide = torch.promote_types(std.dtype, torch.float32)  # σ z never in half precision
         return mean, std if std.dtype == wide else std.to(wide)
@@ -166,13 +180,7 @@ class GaussianKernel:
         if std.numel() != L * batch:
             raise ValueError(f"transition_affine returned std of shape {tuple(std.shape)}; it must hold one value per row")
         std = _as(std.reshape(L, batch, *ones), torch.promote_types(std.dtype, torch.float32))
-        noise = (std * z).unbind(0)
-        shift, scale = shift.view(L, batch, *shift.shape[1:]).unbind(0), scale.view(L, batch, *scale.shape[1:]).unbind(0)
-        y, means = [x], []
-        for j in range(L):
-            means.append(shift[j] + scale[j] * y[j])
-            y.append(_as(means[-1] + noise[j], x.dtype))
-        return torch.stack(y), (torch.stack(means), std)
+        return draft_affine(x, shift, scale, std, z)
 
     @staticmethod
     def draw(law: tuple[Tensor, Tensor], z: Tensor, like: Tensor) -> Tensor:
@@ -194,7 +202,8 @@ class GaussianKernel:
         if not shared:
             raise ValueError(
                 "draft and target kernels have different std (learned variance?); the reflection "
-                "coupling needs a std fixed by the schedule: use a fixed variance_type"
+                "coupling needs a std fixed by the schedule: use coupling='maximal' (exact for unequal std), "
+                "or a fixed variance_type"
             )
         return _accept(_delta(m_d, m_t, std_t), z.flatten(1), std_t, u if u.device == std_t.device else u.to(std_t.device))
 

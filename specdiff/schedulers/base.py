@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..drafters import takes_sample
-from ..kernels import GaussianKernel
+from ..kernels import GaussianKernel, MaximalKernel
 
 ModelFn = Callable[..., Tensor]
 """``model_fn(model_input, timesteps) -> model_output``: the network, batched over rows,
@@ -390,6 +390,13 @@ class SchedulerChain:
             self._mode = "x0"  # the adapter steps from x0 directly: no round trip through the model output
         else:
             self._mode = "convert"
+        if getattr(adapter, "std_from_network", False):  # a learned variance: the Γ-maximal coupling
+            if self._mode == "convert":
+                raise ValueError(
+                    f"{adapter.scheduler_name} with a learned variance carries [prediction, variance] channels; "
+                    f"frozen_prediction must be 'sample' or 'model_output'; got {frozen_prediction!r}"
+                )
+            self.kernel = MaximalKernel
         self.adapter = adapter
         self.model_fn = model_fn
         self.frozen_prediction = frozen_prediction

@@ -35,6 +35,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor
 
 from ..drafters import Drafter
+from ..kernels import COUPLINGS
 from ..noise import GeneratorArg
 from ..sampler import SpeculativeOutput, sample_baseline, speculative_sample
 from .base import FROZEN_PREDICTIONS, ModelFn, SchedulerChain, adapter_class_for, check_scheduler_name, step_options
@@ -121,6 +122,8 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
         eta, use_clipped_model_output: ``step()`` arguments that an adapter declares in its
             ``options`` (DDIM's; ``eta > 0`` required). They are the config's copy of
             :func:`~specdiff.schedulers.base.step_options`; a test keeps the two equal.
+        coupling: ``"reflection"`` or ``"maximal"`` (see :mod:`specdiff.kernels`); ``None``: the chain's
+            own (reflection, or maximal for a learned variance). Changes acceptance only, never the law.
     """
 
     config_name = "scheduler_config.json"
@@ -137,6 +140,7 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
         frozen_prediction: str = "sample",
         eta: float | None = None,
         use_clipped_model_output: bool | None = None,
+        coupling: str | None = None,
     ):
         adapter_cls = check_scheduler_name(base_scheduler_class)  # before instantiating (torchsde etc.)
         base_cls = _scheduler_class(base_scheduler_class)
@@ -151,6 +155,8 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
             )
         if frozen_prediction not in FROZEN_PREDICTIONS:
             raise ValueError(f"frozen_prediction must be one of {FROZEN_PREDICTIONS}; got {frozen_prediction!r}")
+        if coupling not in (None, *COUPLINGS):
+            raise ValueError(f"coupling must be one of {COUPLINGS} or None (the chain's own); got {coupling!r}")
         self._base = base_cls.from_config(dict(base_scheduler_config or {}))
         self._said_plain_step = False
         adapter_cls.check(self._base, **adapter_cls.accepted_options(self._step_options()))
@@ -371,6 +377,7 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
             max_rows=max_rows,
             progress=progress,
             callback=callback,
+            coupling=self.config.coupling,
         )
 
     @torch.no_grad()
