@@ -34,7 +34,8 @@ class DDPMAdapter(SchedulerAdapter):
 
     # README's table is generated from this line (a test keeps them equal): learned / learned_range are
     # supported too (Γ-maximal coupling); the lead adds them here and in the README together.
-    support = "variance `fixed_small`, `fixed_small_log`, `fixed_large`; every prediction type, clipping, thresholding"
+    support = ("variance `fixed_small`, `fixed_small_log`, `fixed_large`, `learned`, `learned_range` (the latter two "
+               "by the Γ-maximal coupling); every prediction type, clipping, thresholding")
 
     @classmethod
     def check(cls, scheduler, **options) -> None:
