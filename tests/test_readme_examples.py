@@ -47,13 +47,12 @@ def test_readme_example_runs_alone_anywhere_and_leaves_no_files(heading, index, 
         assert namespace["out"].stats.target_calls > 0
 
 
-def test_readme_benchmark_tables_are_the_saved_results():
-    """The README's numbers are exactly what `python -m specdiff.workbench.bench report` prints."""
-    from specdiff.workbench.bench import report
+def test_the_benchmark_page_is_the_saved_results():
+    """docs/benchmarks.md is exactly what `python -m specdiff.workbench.bench report --write` writes."""
+    from specdiff.workbench.report import DOCS, render_docs
 
-    text = (ROOT / "README.md").read_text()
-    shown = text.split("<!-- bench-report -->\n", 1)[1].split("\n<!-- /bench-report -->", 1)[0]
-    assert shown.strip() == report(ROOT / "assets" / "bench").strip()
+    assert DOCS == ROOT / "docs" / "benchmarks.md"
+    assert DOCS.read_text() == render_docs(ROOT / "assets" / "bench")
 
 
 def test_the_readme_lists_exactly_the_supported_schedulers():
