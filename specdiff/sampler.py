@@ -21,6 +21,7 @@ from torch import Tensor
 from .chains import GaussianChain
 from .drafters import Drafter, as_drafter
 from .kernels import kernel_for
+from .block import BlockNoise, check_verify
 from .noise import GeneratorArg, NoiseStreams
 from .round import Carry, _check_finite, speculative_round
 from .stats import SpeculativeStats
@@ -92,6 +93,7 @@ def speculative_sample(
     max_rows: int | str | None = "auto",
     progress: bool | Callable = False,
     callback: Callable[[dict], None] | None = None,
+    verify: str = "step",
 ) -> SpeculativeOutput:
     """Speculative sampling (De Bortoli et al. 2025), exact in law for any drafter.
 
@@ -109,13 +111,17 @@ def speculative_sample(
             micro-batches. ``"auto"``: no cap on CPU, a cap fitted to free memory on CUDA.
         progress: ``True`` for a tqdm bar (counts sample-steps), or ``progress(total=)`` making one.
         callback: called after every round with ``{"round", "x", "step", "stats"}``.
+        verify: ``"step"`` (each drafted step tested in order) or ``"block"`` (block verification:
+            the window cut jointly, docs/block-verification.md).
     """
+    verify = check_verify(verify)
     kernel = _check_chain(chain, x_init)
     drafter = as_drafter(drafter)
     policy = _window_policy(window, chain, x_init, drafter)
     started, batch, num_steps, device = time.perf_counter(), x_init.shape[0], chain.num_steps, x_init.device
     stats = SpeculativeStats(num_steps=num_steps, batch_size=batch, window=policy.max_window)
     noise = NoiseStreams(generator, x_init, kernel.noise)
+    noise = BlockNoise(noise, batch) if verify == "block" else noise
     target = _Target(chain, stats, device)
     _track_memory(device, reset=True)
     n = torch.zeros(batch, dtype=torch.long)
@@ -133,9 +139,9 @@ def speculative_sample(
             stats.chosen_windows.append(int(L.max()))
             before = int(c.n.sum()) if bar is not None else 0
             if len(live) == batch:  # every sample runs: the round's carry is the new one, no row copies
-                c = speculative_round(chain, kernel, drafter, noise, target, c, live, L, tally)
+                c = speculative_round(chain, kernel, drafter, noise, target, c, live, L, tally, verify)
             else:
-                c.put(live, speculative_round(chain, kernel, drafter, noise, target, c.take(live), live, L, tally))
+                c.put(live, speculative_round(chain, kernel, drafter, noise, target, c.take(live), live, L, tally, verify))
             noise.forget_before(c.n)
             if bar is not None:
                 bar.update(int(c.n.sum()) - before)
