@@ -52,7 +52,9 @@ class BlockNoise:
 
     ``begin(ids, n, L)`` opens a round of samples ``ids`` at steps ``n`` with windows ``L``; every
     draw of that round for (sample, step k) comes from the base streams when no earlier round of the
-    sample reached k, else from a stream keyed by (sample, k, n)."""
+    sample reached k, else from a fresh stream: the noise and the uniforms of a round's stale steps
+    from one stream per (sample, round start, purpose), drawn in step order (``noise`` and
+    ``uniform`` are called once per round), a residual stream per (sample, k, round start)."""
 
     def __init__(self, base, batch: int):
         self.base = base
@@ -82,29 +84,51 @@ class BlockNoise:
             out.append(torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1))
         return out
 
+    def _per_round(self, rows: Tensor, stale: Tensor, purpose: bytes, draw) -> Tensor:
+        """The stale entries of a ``[..., m]`` grid (sample ``rows[i]`` in column ``i``), drawn in order
+        from one stream per (sample, round start): ``draw(count, generator)`` -> ``[count, ...]``."""
+        cols = stale.reshape(-1, stale.shape[-1]) if stale.ndim > 1 else stale[None]
+        want = cols.any(0).nonzero().squeeze(1)
+        gens = self._generators(rows.cpu()[want], self.start[rows.cpu()[want]], purpose)
+        parts = {i: draw(int(cols[:, i].sum()), g) for i, g in zip(want.tolist(), gens)}
+        order = cols.nonzero()  # (position, column) pairs, row-major: each column's entries in position order
+        taken = dict.fromkeys(parts, 0)
+        out = []
+        for i in order[:, 1].tolist():
+            out.append(parts[i][taken[i]])
+            taken[i] += 1
+        return torch.stack(out)
+
     def noise(self, rows: Tensor, steps: Tensor) -> Tensor:
+        """The step noise ``[span, m, ...]`` of a round's grid (``rows [m]``, ``steps [span, m]``)."""
         out = self.base.noise(rows, steps)
         stale = self._stale(rows, steps)
         if bool(stale.any()):
-            shape = stale.shape
-            r = rows.cpu().expand(shape)[stale]
-            k = steps.cpu().expand(shape)[stale]
-            draw = torch.randn if self.base.kind == "normal" else torch.rand
-            dtype = self.base.dtype if self.base.kind == "normal" else torch.float64
-            fresh = torch.stack([draw(self.base.shape, generator=g, dtype=dtype)
-                                 for g in self._generators(r, k, b"specdiff-block-noise")])
+            normal = self.base.kind == "normal"
+            dtype = self.base.dtype if normal else torch.float64
+
+            def draw(count, g):
+                return (torch.randn if normal else torch.rand)((count, *self.base.shape), generator=g, dtype=dtype)
+
+            fresh = self._per_round(rows, stale, b"specdiff-block-noise", draw)
             out = out.clone()
             out[stale.to(out.device)] = fresh.to(out.device, out.dtype)
         return out
 
     def uniform(self, rows: Tensor, steps: Tensor) -> Tensor:
+        """Acceptance uniforms of the pairs (``rows[i]``, ``steps[i]``), a sample's pairs in step order."""
         out = self.base.uniform(rows, steps)
         stale = self._stale(rows, steps)
         if bool(stale.any()):
-            fresh = [torch.rand((), generator=g, dtype=torch.float64)
-                     for g in self._generators(rows.cpu()[stale], steps.cpu()[stale], b"specdiff-block-uniform")]
+            samples, inverse = rows.cpu().unique(return_inverse=True)
+            grid = torch.zeros(len(rows), len(samples), dtype=torch.bool)
+            grid[torch.arange(len(rows)), inverse] = stale
+            order = torch.argsort(inverse * len(rows) + steps.cpu(), stable=True)  # per sample, in step order
+            fresh = self._per_round(samples, grid[order], b"specdiff-block-uniform",
+                                    lambda count, g: torch.rand(count, generator=g, dtype=torch.float64))
             out = out.clone()
-            out[stale] = torch.stack(fresh)
+            for (r, _), value in zip(grid[order].nonzero().tolist(), fresh.tolist()):  # _per_round's walk
+                out[int(order[r])] = value
         return out
 
     def residual_generators(self, rows: Tensor, steps: Tensor) -> list[torch.Generator]:
@@ -147,7 +171,6 @@ def accept_block(kernel, noise, ids: Tensor, w, c, t):
     last = t.rows.index(w.L - 1, samples).cpu()
     u_last[:] = t.u[last]
     tau = torch.where(torch.log(u_last) < log_p[w.L, samples], w.L, -1)
-    x_fix = t.y_next.new_zeros(t.y_next.shape[:1] + t.y_next.shape[1:])[:0]
     fixes, draws = {}, torch.zeros(m, dtype=torch.long)
     for i in range(w.span - 1, -1, -1):
         at = ((tau < 0) & (i < w.L)).nonzero().squeeze(1)
@@ -164,10 +187,9 @@ def accept_block(kernel, noise, ids: Tensor, w, c, t):
     if bool((tau < 0).any()):
         raise RuntimeError("block verification left a sample without a cut; this is a bug")
     cut = (tau < w.L).nonzero().squeeze(1)
-    if cut.numel():
-        x_fix = torch.stack([fixes[r] for r in cut.tolist()])
+    fixed = (torch.stack([fixes[r] for r in cut.tolist()]), draws[cut]) if cut.numel() else None
     accepted = ~w.drafted | (w.j[: w.span] < tau)
-    return accepted, tau, (x_fix, draws[cut])
+    return accepted, tau, fixed
 
 
 # -- the exact law by enumeration -------------------------------------------------------------

@@ -211,8 +211,10 @@ def _commit(chain, kernel, noise, c: Carry, ids, w: _Window, t: _Tested, y, pred
     x_new = y[_to(w.L, dev), i]
     if rejected.numel():
         j_rej = n_acc[rejected]
-        x_fix, draws = fixed if fixed is not None else kernel.correct(
-            *t.take(t.rows.index(j_rej, rejected)), lambda: noise.residual_generators(ids[rejected], c.n[rejected] + j_rej))
+        if fixed is None:
+            fixed = kernel.correct(*t.take(t.rows.index(j_rej, rejected)),
+                                   lambda: noise.residual_generators(ids[rejected], c.n[rejected] + j_rej))
+        x_fix, draws = fixed
         x_new = x_new.index_put((_to(rejected, dev),), x_fix)
         tally.draws.append(draws)
     going = c.n + committed < w.N

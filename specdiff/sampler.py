@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .block import BlockNoise, check_verify
 from .chains import GaussianChain
 from .drafters import Drafter, as_drafter
 from .kernels import kernel_for
-from .block import BlockNoise, check_verify
 from .noise import GeneratorArg, NoiseStreams
 from .round import Carry, _check_finite, speculative_round
 from .stats import SpeculativeStats
@@ -141,7 +141,8 @@ def speculative_sample(
             if len(live) == batch:  # every sample runs: the round's carry is the new one, no row copies
                 c = speculative_round(chain, kernel, drafter, noise, target, c, live, L, tally, verify)
             else:
-                c.put(live, speculative_round(chain, kernel, drafter, noise, target, c.take(live), live, L, tally, verify))
+                c.put(live, speculative_round(chain, kernel, drafter, noise, target, c.take(live), live, L, tally,
+                                              verify))
             noise.forget_before(c.n)
             if bar is not None:
                 bar.update(int(c.n.sum()) - before)
