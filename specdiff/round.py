@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .block import accept_block
 from .drafters import DraftMemory
 
 
@@ -68,20 +69,31 @@ class Carry:
         self.ahead[: len(new.ahead), dev], self.ahead_len[ids] = new.ahead, new.ahead_len
 
 
-def speculative_round(chain, kernel, drafter, noise, target, c: Carry, ids: Tensor, L: Tensor, tally) -> Carry:
-    """Advance the samples ``ids`` (carry ``c``, windows ``L``) by one round; returns their new carry."""
+def speculative_round(chain, kernel, drafter, noise, target, c: Carry, ids: Tensor, L: Tensor, tally,
+                      verify: str = "step") -> Carry:
+    """Advance the samples ``ids`` (carry ``c``, windows ``L``) by one round; returns their new carry.
+
+    ``verify="block"``: the window is cut by the block rule (:mod:`specdiff.block`; ``noise`` is then
+    a :class:`~specdiff.block.BlockNoise`), the first step after the cut drawn from its scaled residual."""
     w = _Window.of(chain, c, L)
+    if verify == "block":
+        noise.begin(ids, c.n, L)
     z = noise.noise(ids, w.k[: w.span])  # [span, m, ...]: the noise z_{n+j} of each drafted step
     y, law_D = _drafts(chain, kernel, drafter, c, ids, w.k, z, w.span, tally)  # 1. draft
     pred_T, before, need, repeats = _verify(chain, target, c, ids, w, y, tally)  # 2. verify
     t = _Tested.of(chain, kernel, noise, ids, w, y, z, law_D, pred_T, before, sample_major=repeats)
-    accepted, n_acc, broken = _accept(kernel, w, c, t, pred_T)  # 3. accept
+    if verify == "block":  # 3. accept (the cut, and the committed step after it, drawn jointly)
+        accepted, n_acc, fixed = accept_block(kernel, noise, ids, w, c, t)
+        broken = _broken(pred_T, c.x)
+        broken = torch.zeros_like(w.possible) if broken is None else broken.cpu()
+    else:  # 3. accept
+        (accepted, n_acc, broken), fixed = _accept(kernel, w, c, t, pred_T), None
     # Only the predictions at committed states (y_0..y_{n_acc}) are the plain sampler's: a non-finite
     # one stops the run; one at a discarded draft is never used (a NaN there fails its test, above).
     bad = broken & need & (w.j <= n_acc)
     if bool(bad.any()):
         _check_finite(pred_T[_to(bad, c.x.device)], w.k[bad], "target", c.x)
-    new = _commit(chain, kernel, noise, c, ids, w, t, y, pred_T, before, n_acc, tally)  # 4. commit
+    new = _commit(chain, kernel, noise, c, ids, w, t, y, pred_T, before, n_acc, tally, fixed)  # 4. commit
     # The rows of positions up to n_acc + 1 depend on the randomness of committed steps only (later
     # drafts hold the noise of steps a later round redrafts): those are the rows a window policy sees.
     decided = w.j <= n_acc + 1
@@ -187,7 +199,7 @@ def _accept(kernel, w: _Window, c: Carry, t: _Tested, pred_T: Tensor) -> tuple[T
     returns the ``[position, sample]`` grid of outcomes, each sample's accepted prefix length, and
     the grid of non-finite target predictions (on the host with the outcomes: one transfer a round)."""
     decisions = kernel.accept(t.law_D, t.law_T, t.y_next, t.z, t.u)
-    broken = ~_usable(pred_T, c.x).flatten(2).all(2) if pred_T.is_floating_point() else None
+    broken = _broken(pred_T, c.x)
     host = (decisions if broken is None else torch.cat([decisions, broken.flatten().to(decisions.device)])).cpu()
     accepted = ~w.drafted  # positions past L never stop a sample
     accepted[t.jr, t.ir] = host[: len(decisions)]
@@ -197,9 +209,17 @@ def _accept(kernel, w: _Window, c: Carry, t: _Tested, pred_T: Tensor) -> tuple[T
     return accepted, n_acc, broken
 
 
-def _commit(chain, kernel, noise, c: Carry, ids, w: _Window, t: _Tested, y, pred_T, before, n_acc, tally) -> Carry:
+def _broken(pred_T: Tensor, x: Tensor) -> Tensor | None:
+    """The ``[position, sample]`` grid of non-finite target predictions, on their device (``None``
+    for integer predictions)."""
+    return ~_usable(pred_T, x).flatten(2).all(2) if pred_T.is_floating_point() else None
+
+
+def _commit(chain, kernel, noise, c: Carry, ids, w: _Window, t: _Tested, y, pred_T, before, n_acc, tally,
+            fixed=None) -> Carry:
     """y_L where the whole window was accepted, else the first rejected step corrected to a target
-    draw; and what the sample carries to its next round."""
+    draw (``fixed``: those draws already made, ``(x, residual draws)`` of the rejected samples in
+    order); and what the sample carries to its next round."""
     dev, m = c.x.device, len(ids)
     whole = n_acc == w.L
     committed = torch.where(whole, w.L, n_acc + 1)
@@ -208,8 +228,10 @@ def _commit(chain, kernel, noise, c: Carry, ids, w: _Window, t: _Tested, y, pred
     x_new = y[_to(w.L, dev), i]
     if rejected.numel():
         j_rej = n_acc[rejected]
-        x_fix, draws = kernel.correct(*t.take(t.rows.index(j_rej, rejected)),
-                                      lambda: noise.residual_generators(ids[rejected], c.n[rejected] + j_rej))
+        if fixed is None:
+            fixed = kernel.correct(*t.take(t.rows.index(j_rej, rejected)),
+                                   lambda: noise.residual_generators(ids[rejected], c.n[rejected] + j_rej))
+        x_fix, draws = fixed
         x_new = x_new.index_put((_to(rejected, dev),), x_fix)
         tally.draws.append(draws)
     going = c.n + committed < w.N

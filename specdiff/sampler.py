@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .block import BlockNoise, check_verify
 from .chains import GaussianChain
 from .drafters import Drafter, as_drafter
 from .kernels import kernel_for
@@ -93,6 +94,7 @@ def speculative_sample(
     progress: bool | Callable = False,
     callback: Callable[[dict], None] | None = None,
     coupling: str | None = None,
+    verify: str = "step",
 ) -> SpeculativeOutput:
     """Speculative sampling (De Bortoli et al. 2025), exact in law for any drafter.
 
@@ -113,13 +115,17 @@ def speculative_sample(
         coupling: how a drafted Gaussian step is accepted or corrected: ``"reflection"`` or
             ``"maximal"`` (see :mod:`specdiff.kernels`); ``None``: the chain's own (reflection, or
             maximal where the std comes from the network). The law is the same either way.
+        verify: ``"step"`` (each drafted step tested in order) or ``"block"`` (block verification,
+            the window cut jointly: the README's block-verification page).
     """
+    verify = check_verify(verify)
     kernel = _check_chain(chain, x_init, coupling)
     drafter = as_drafter(drafter)
     policy = _window_policy(window, chain, x_init, drafter)
     started, batch, num_steps, device = time.perf_counter(), x_init.shape[0], chain.num_steps, x_init.device
     stats = SpeculativeStats(num_steps=num_steps, batch_size=batch, window=policy.max_window)
     noise = NoiseStreams(generator, x_init, kernel.noise)
+    noise = BlockNoise(noise, batch) if verify == "block" else noise
     target = _Target(chain, stats, device)
     _track_memory(device, reset=True)
     n = torch.zeros(batch, dtype=torch.long)
@@ -137,9 +143,10 @@ def speculative_sample(
             stats.chosen_windows.append(int(L.max()))
             before = int(c.n.sum()) if bar is not None else 0
             if len(live) == batch:  # every sample runs: the round's carry is the new one, no row copies
-                c = speculative_round(chain, kernel, drafter, noise, target, c, live, L, tally)
+                c = speculative_round(chain, kernel, drafter, noise, target, c, live, L, tally, verify)
             else:
-                c.put(live, speculative_round(chain, kernel, drafter, noise, target, c.take(live), live, L, tally))
+                c.put(live, speculative_round(chain, kernel, drafter, noise, target, c.take(live), live, L, tally,
+                                              verify))
             noise.forget_before(c.n)
             if bar is not None:
                 bar.update(int(c.n.sum()) - before)

@@ -79,8 +79,8 @@ def test_a_correction_that_stays_put_carries_the_prediction_of_the_state_it_left
     seen = []
     original = sampler_module.speculative_round
 
-    def spy(chain, kernel, drafter, noise, target, c, ids, L, tally):
-        new = original(chain, kernel, drafter, noise, target, c, ids, L, tally)
+    def spy(chain, kernel, drafter, noise, target, c, ids, L, tally, *rule):
+        new = original(chain, kernel, drafter, noise, target, c, ids, L, tally, *rule)
         seen.append((new.n - c.n, L.clone(), new.fresh.clone(), new.pred.clone(), new.prev.clone()))
         return new
 
