@@ -24,6 +24,7 @@ from .kernels import kernel_for
 from .noise import GeneratorArg, NoiseStreams
 from .round import Carry, _check_finite, speculative_round
 from .stats import SpeculativeStats
+from .window import resolve_window
 
 
 @dataclass
@@ -110,11 +111,14 @@ def speculative_sample(
         progress: ``True`` for a tqdm bar (counts sample-steps), or ``progress(total=)`` making one.
         callback: called after every round with ``{"round", "x", "step", "stats"}``.
     """
+    started = time.perf_counter()  # wall_clock includes the window's calibration, if it measures one
     kernel = _check_chain(chain, x_init)
     drafter = as_drafter(drafter)
-    policy = _window_policy(window, chain, x_init, drafter)
-    started, batch, num_steps, device = time.perf_counter(), x_init.shape[0], chain.num_steps, x_init.device
-    stats = SpeculativeStats(num_steps=num_steps, batch_size=batch, window=policy.max_window)
+    policy = _window_policy(window, chain, x_init, drafter, max_rows)
+    batch, num_steps, device = x_init.shape[0], chain.num_steps, x_init.device
+    stats = SpeculativeStats(num_steps=num_steps, batch_size=batch, window=policy.max_window,
+                             calibration_seconds=getattr(policy, "calibration_seconds", 0.0),
+                             calibration_rows=getattr(policy, "calibration_rows", 0))
     noise = NoiseStreams(generator, x_init, kernel.noise)
     target = _Target(chain, stats, device)
     _track_memory(device, reset=True)
@@ -143,6 +147,8 @@ def speculative_sample(
                 tally.write()
                 callback({"round": stats.rounds, "x": c.x.clone(), "step": c.n.clone(), "stats": stats})
     tally.write()
+    if hasattr(policy, "finish"):  # a replayed schedule checks it was used whole
+        policy.finish(stats)
     stats.window_choice = policy.describe() if hasattr(policy, "describe") else None
     stats.peak_memory = _track_memory(device)
     stats.wall_clock = time.perf_counter() - started
@@ -208,23 +214,21 @@ class _Target:
 
 
 class _Fixed:
-    """A fixed window (the window policy of an integer ``window``)."""
+    """A fixed window (the window policy of an integer ``window``, checked by ``resolve_window``)."""
 
     def __init__(self, window: int):
-        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-            raise ValueError(f"window must be a positive integer (1 = plain sampler) or 'auto'; got {window!r}")
         self.max_window = window
 
     def choose(self, stats: SpeculativeStats, live: int) -> int:
         return self.max_window
 
 
-def _window_policy(window, chain, x_init: Tensor, drafter: Drafter):
-    if isinstance(window, str) or hasattr(window, "choose"):
-        from .window import resolve_window
-
-        window = resolve_window(window, chain, x_init, drafter)
-    return window if hasattr(window, "choose") else _Fixed(window)
+def _window_policy(window, chain, x_init: Tensor, drafter: Drafter, max_rows):
+    """The run's window policy. An automatic window calibrates here, before the run: its dry run
+    re-enters this sampler with an integer window (see :func:`specdiff.calibration.measure_outside`)."""
+    cap = max_rows if isinstance(max_rows, int) and not isinstance(max_rows, bool) else None
+    window = resolve_window(window, chain, x_init, drafter, cap, predict=predict, sample=speculative_sample)
+    return _Fixed(window) if isinstance(window, int) else window
 
 
 class _Tally:

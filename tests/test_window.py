@@ -1,12 +1,14 @@
 """Window policies (specdiff.window): AutoWindow's choice on synthetic latency curves and
 acceptance, its latency cache, and exactness of the sampler when the window follows the past."""
 
+import itertools
 import json
 import math
 
 import pytest
 import torch
 
+import specdiff.calibration as calibration_module
 import specdiff.window as window_module
 from specdiff import sample_baseline, speculative_sample
 from specdiff.stats import SpeculativeStats
@@ -20,7 +22,7 @@ ALPHA = 1e-3  # each two-sample test: family-wise over its projections (Bonferro
 def private_cache(tmp_path, monkeypatch):
     """Never touch the user's cache (or the repo) from tests."""
     monkeypatch.setenv("SPECDIFF_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(window_module, "_MEMORY_CACHE", {})
+    monkeypatch.setattr(calibration_module, "_MEMORY_CACHE", {})
 
 
 def stats_with(acceptance_by_position, proposed=1000, window=32):
@@ -181,7 +183,7 @@ def test_latency_curve_interpolates_and_stays_non_decreasing():
     spike = LatencyCurve({1: 1.0, 9: 5.0, 17: 3.0, 33: 6.0})  # one slow call at 9 rows
     assert spike(17) == pytest.approx(4.0)  # averaged with its neighbour, not carried up to 17 rows
     grid = [spike(b / 4) for b in range(1, 200)]
-    assert all(a <= b for a, b in zip(grid, grid[1:]))
+    assert all(a <= b for a, b in itertools.pairwise(grid))
 
 
 def test_resolve_window_accepts_ints_auto_and_policies_and_names_the_fix():
@@ -266,7 +268,7 @@ def test_auto_window_measures_latency_once_and_reuses_the_disk_cache(tmp_path, m
     assert key.startswith("analytic-mixture-test|cpu|torch.float64|2|") and {"2", "18"} <= set(curve)
 
     # A new process: the curve comes from disk after a two-point check (here made deterministic).
-    monkeypatch.setattr(window_module, "_MEMORY_CACHE", {})
+    monkeypatch.setattr(calibration_module, "_MEMORY_CACHE", {})
     scale = 1.0 if machine == "same" else 3.0
     asked = []
 
@@ -300,9 +302,9 @@ def test_latency_is_the_fastest_sweep_so_bursts_of_load_do_not_bend_the_curve(mo
         return real(rows, step)
 
     monkeypatch.setattr(chain, "predict", predict)
-    monkeypatch.setattr(window_module.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(calibration_module.time, "perf_counter", lambda: clock[0])
     sizes = [1, 2, 4, 8]
-    assert window_module.measure_latency(chain, x, sizes) == {b: pytest.approx(1.0 + 0.1 * b) for b in sizes}
+    assert calibration_module.measure_latency(chain, x, sizes) == {b: pytest.approx(1.0 + 0.1 * b) for b in sizes}
     assert calls[0] == 1 + 5 * len(sizes)  # a warm-up call, then five sweeps
 
 
@@ -420,8 +422,8 @@ def test_the_automatic_window_gives_the_same_samples_run_after_run(monkeypatch):
     first = speculative_sample(chain, x, window="auto", drafter="picard", generator=torch.Generator().manual_seed(5))
     assert first.stats.accepted < first.stats.proposed and len(set(first.stats.chosen_windows)) > 1
     jitter = random.Random(0)
-    clock = window_module.time.perf_counter
-    monkeypatch.setattr(window_module.time, "perf_counter", lambda: clock() + jitter.random())
+    clock = calibration_module.time.perf_counter
+    monkeypatch.setattr(calibration_module.time, "perf_counter", lambda: clock() + jitter.random())
     for _ in range(2):
         again = speculative_sample(chain, x, window="auto", drafter="picard", generator=torch.Generator().manual_seed(5))
         assert torch.equal(again.sample, first.sample) and again.stats.chosen_windows == first.stats.chosen_windows
