@@ -65,7 +65,7 @@ def plan(batch: int, max_window: int, num_steps: int, max_rows: int | None = Non
     sizes = sorted({batch * k for k in GRID if k < top} | {batch * top})
     if max_rows is not None:  # calls are split at max_rows: larger sizes cost proportionally
         sizes = [b for b in sizes if b <= max_rows]
-    budget = share * batch * num_steps
+    budget = share * batch * num_steps - 1  # less the one row of the dry run (measure_outside)
     chosen: list[int] = []
     for b in sizes:
         if sizes[0] + sum(chosen) + b > budget:  # the warm-up call counts
@@ -97,7 +97,7 @@ def calibrate(chain, x_init: Tensor, drafter=None, *, max_window: int = 32, max_
         if missing:
             known = dict(known)
             known.update(measure_latency(chain, x_init, missing, sweeps, predict=predict))
-            out.rows += sizes[0] + sweeps * sum(missing)
+            out.rows += missing[0] + sweeps * sum(missing)
             out.source = "measured"
             _store(key, known, persist, replace=recalibrate)
         _MEMORY_CACHE.setdefault(key, {}).update({b: known[b] for b in sizes})

@@ -1,7 +1,7 @@
 """Choosing the window L: a fixed integer, or a policy that looks at the past only.
 
-``speculative_sample(chain, x_init, window=...)`` takes an int, ``"auto"`` or a
-:class:`WindowPolicy`. The driver calls :func:`resolve_window` once, then
+``speculative_sample(chain, x_init, window=...)`` takes an int, ``"auto"``, a past run's schedule
+(``stats.windows``, replayed by :class:`ReplayWindow`) or a :class:`WindowPolicy`. The driver calls :func:`resolve_window` once, then
 ``policy.choose(stats, live)`` before every round. The law of the output never depends on the
 policy as long as L is a function of the randomness of committed steps only: the noise of step
 k is keyed by (sample, k) and reused when a later round redrafts step k, so L must not read the
@@ -33,12 +33,15 @@ the rate of ``L = 1``,
 where ``t(b)`` is the measured latency of one target call on ``b`` rows and ``c + h L`` the
 time of a round outside the target call (drafting, coupling, bookkeeping), measured by a short
 dry run of the sampler with a free target.
-``t``, ``c`` and ``h`` are measured once per model, device, dtype and row shape (and drafter,
-for ``c, h``), cached in memory and in a small JSON file under the user's cache directory, and
-never changed during a run; ``a_j`` and ``f`` are estimated from the run's own accept/reject
-and row counts (exponential forgetting, shrinkage towards a prior). So the windows, hence the
-samples, are a function of the seeds, the batch and that cached calibration: the same seed
-gives the same images run after run on a machine (timings never steer a run).
+``t``, ``c`` and ``h`` come from :mod:`specdiff.calibration` (this module only does the arithmetic):
+each measured once per model, device, dtype and row shape (and drafter, for ``c, h``), within a
+budget bounded by the run, cached in memory and in a small JSON file under the user's cache
+directory, and never re-measured unless asked (``recalibrate=True``); ``a_j`` and ``f`` are
+estimated from the run's own accept/reject and row counts (exponential forgetting, shrinkage
+towards a prior), starting from the prior in every run. So the windows, hence the samples, are a
+function of the seeds, the batch and that cached calibration: the same seed gives the same images
+run after run and process after process on a machine (timings never steer a run), and
+``stats.windows`` replays them on any machine.
 """
 
 from __future__ import annotations
@@ -218,6 +221,13 @@ class AutoWindow:
         tolerance: take the largest window whose expected rate is within this fraction of the
             best. The rate is flat near its maximum, flatter than the noise of a measured
             latency curve, and a larger window makes fewer sequential calls; 0 = the argmax.
+        recalibrate: measure this run's calibration again and replace the cached one (a cached
+            calibration is otherwise never re-measured: :mod:`specdiff.calibration`).
+        share: the most rows the calibration may measure, as a share of the plain sampler's
+            ``batch * steps`` (a run that cannot afford three batch sizes measures none and runs ``L = 1``).
+
+    Every run starts from the same state (``bind`` forgets the last run), so an object reused across
+    runs gives a seed the same windows every time.
     """
 
     def __init__(self, max_window: int = 32, *, prior_acceptance: float = 0.9, prior_weight: float = 4.0,
@@ -352,7 +362,8 @@ class AutoWindow:
                 f"latency t(B)={t1 * 1e3:.1f} ms for B={b} live rows and t(kB)/t(B): {curve} ({self.source}), "
                 f"verified rows {self.row_fraction():.0%} of L + 1 per sample, "
                 f"outside the network {self.per_round * 1e3:.2f} ms per round + {self.per_step * 1e3:.2f} ms per "
-                f"drafted step (dry run)")
+                f"drafted step (dry run); calibration this run: {self.calibration_rows} rows, "
+                f"{self.calibration_seconds:.2f} s")
 
     def __repr__(self) -> str:
         return f"AutoWindow(max_window={self.max_window})"
