@@ -310,7 +310,7 @@ def test_an_unwritable_cache_folder_falls_back_to_memory(tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("SPECDIFF_CACHE_DIR", str(blocker / "cache"))
-    chain = GaussianMixtureDDPM.random(dim=2, num_steps=30)
+    chain = GaussianMixtureDDPM.random(dim=2, num_steps=40)  # long enough to afford a calibration
     chain.latency_key = "unwritable-test"
     x = chain.sample_prior(1, torch.Generator().manual_seed(0))
     policy = AutoWindow(max_window=4)
