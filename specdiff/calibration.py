@@ -11,9 +11,10 @@ The policy (:mod:`specdiff.window`) is arithmetic on these numbers; this module 
   (or :func:`calibrate` with ``recalibrate=True``) measures the run's points again and replaces them.
 * **Bounded by the run it serves.** A run measures only the points of its own :func:`plan`: batch sizes
   ``B * k`` no larger than its own largest verify call (``B * (min(max_window, steps) + 1)``, and
-  ``max_rows``), with at most ``share`` (25%) of the rows the plain sampler would evaluate
-  (``B * steps``), warm-up call included. Since a batched call never costs more per row than a
-  smaller one, the time it spends is at most that share of the plain sampler's network time. A run
+  ``max_rows``), with at most ``share`` (30%) of the rows the plain sampler would evaluate
+  (``B * steps``), warm-up call and the dry run (priced as ``DRY_ROWS`` calls on ``B`` rows)
+  included. Since a batched call never costs more per row than a smaller one, the time it spends
+  is at most about that share of the plain sampler's network time. A run
   too short to afford three points measures nothing, and its window prices every row at the cost of
   one (so it takes ``L = 1``: the plain sampler's cost). The plan depends on counts only (batch, steps,
   window), so a run uses the same points every time; a longer run of the same model adds the
@@ -37,7 +38,9 @@ import torch
 from torch import Tensor
 
 GRID = (1, 2, 3, 5, 9, 17, 33, 65, 129)  # batch multiples measured (the window's rows are B * (L + 1 - pi))
-SHARE = 0.25  # the most rows a run may measure, as a share of the plain sampler's B * steps
+SHARE = 0.3  # the most rows a run may measure, as a share of the plain sampler's B * steps
+DRY_STEPS, DRY_WINDOWS = 12, (2, 6)  # the dry run: 6 + 2 rounds with a free target, one sweep
+DRY_ROWS = 4  # ... priced as 4 calls on B rows (a round outside the network costs under half a call)
 MIN_POINTS = 3  # fewer points say nothing about a batch's gain: measure none
 MAX_SWEEPS = 3
 
@@ -65,7 +68,7 @@ def plan(batch: int, max_window: int, num_steps: int, max_rows: int | None = Non
     sizes = sorted({batch * k for k in GRID if k < top} | {batch * top})
     if max_rows is not None:  # calls are split at max_rows: larger sizes cost proportionally
         sizes = [b for b in sizes if b <= max_rows]
-    budget = share * batch * num_steps - 1  # less the one row of the dry run (measure_outside)
+    budget = share * batch * num_steps - 1 - DRY_ROWS * batch  # less the dry run (measure_outside)
     chosen: list[int] = []
     for b in sizes:
         if sizes[0] + sum(chosen) + b > budget:  # the warm-up call counts
@@ -111,8 +114,8 @@ def calibrate(chain, x_init: Tensor, drafter=None, *, max_window: int = 32, max_
         okey = f"{key}|outside|{type(drafter).__name__}"
         known = {} if recalibrate else _cached(okey, persist)
         if set(known) != {0, 1}:
-            c, h = measure_outside(chain, x_init, drafter, windows=(2, max(2, min(8, max_window))),
-                                   predict=predict, sample=sample)
+            c, h = measure_outside(chain, x_init, drafter, windows=(2, max(2, min(DRY_WINDOWS[1], max_window))),
+                                   steps=DRY_STEPS, repeats=1, predict=predict, sample=sample)
             known = {0: c, 1: h}
             out.rows += 1
             _store(okey, known, persist, replace=True)

@@ -116,9 +116,12 @@ def speculative_sample(
     drafter = as_drafter(drafter)
     policy = _window_policy(window, chain, x_init, drafter, max_rows)
     batch, num_steps, device = x_init.shape[0], chain.num_steps, x_init.device
-    stats = SpeculativeStats(num_steps=num_steps, batch_size=batch, window=policy.max_window,
-                             calibration_seconds=getattr(policy, "calibration_seconds", 0.0),
-                             calibration_rows=getattr(policy, "calibration_rows", 0))
+    calibrated = {"calibration_seconds": getattr(policy, "calibration_seconds", 0.0),
+                  "calibration_rows": getattr(policy, "calibration_rows", 0)}
+    if callback is None and getattr(policy, "runs_plain", None) and policy.runs_plain(batch) and not (
+            isinstance(max_rows, int) and max_rows < batch):
+        return _plain_run(chain, x_init, generator, progress, policy, started, calibrated)
+    stats = SpeculativeStats(num_steps=num_steps, batch_size=batch, window=policy.max_window, **calibrated)
     noise = NoiseStreams(generator, x_init, kernel.noise)
     target = _Target(chain, stats, device)
     _track_memory(device, reset=True)
@@ -153,6 +156,21 @@ def speculative_sample(
     stats.peak_memory = _track_memory(device)
     stats.wall_clock = time.perf_counter() - started
     return SpeculativeOutput(sample=c.x, stats=stats)
+
+
+def _plain_run(chain, x_init: Tensor, generator, progress, policy, started: float, calibrated: dict):
+    """A run its automatic window keeps at ``L = 1`` throughout (``AutoWindow.runs_plain``): the plain
+    loop, which gives the speculative sampler's ``window=1`` samples bit for bit without a round's
+    bookkeeping, recorded as ``num_steps`` rounds of window 1 (so ``stats.windows`` replays it)."""
+    out = sample_baseline(chain, x_init, generator, progress=progress, return_stats=True)
+    stats = out.stats
+    stats.rounds, stats.chosen_windows = chain.num_steps, [1] * chain.num_steps
+    stats.committed_per_round = [0, x_init.shape[0] * chain.num_steps]
+    stats.calibration_seconds, stats.calibration_rows = calibrated.values()
+    policy.chosen[1] += chain.num_steps
+    stats.window_choice = policy.describe()
+    stats.wall_clock = time.perf_counter() - started
+    return out
 
 
 def predict(chain, x: Tensor, step: Tensor, sample: Tensor) -> Tensor:

@@ -341,6 +341,14 @@ class AutoWindow:
     def expected_rate(self, window: int, live: int, accept: list[float] | None = None) -> float:
         return self.rates(live, accept)[window - 1]
 
+    def runs_plain(self, live: int) -> bool:
+        """Will this run take ``L = 1`` in every round, whatever happens? True on a time-conditioned chain
+        whose first choice is 1: a round of one step from an exact root proposes nothing, so the
+        acceptance stays at the prior, the row share at 1, the live count at ``live``, and the choice
+        at 1. The sampler then runs the plain loop (the same samples bit for bit, without the round's
+        bookkeeping). Call after :meth:`bind`."""
+        return not self.skips_repeats and not self._prop[0] and self.best_window(live) == 1
+
     def best_window(self, live: int) -> int:
         return self._best(self.rates(live))
 

@@ -257,7 +257,7 @@ def test_windows_chosen_from_the_past_keep_the_baseline_law(mixture_reference, p
 
 @pytest.mark.parametrize("machine", ["same", "changed"])
 def test_auto_window_measures_latency_once_and_reuses_the_disk_cache(tmp_path, monkeypatch, machine):
-    chain = GaussianMixtureDDPM.random(dim=2, num_steps=100)  # a run long enough to afford its whole plan
+    chain = GaussianMixtureDDPM.random(dim=2, num_steps=120)  # a run long enough to afford its whole plan
     chain.latency_key = "analytic-mixture-test"
     x = chain.sample_prior(2, torch.Generator().manual_seed(0))
     first = AutoWindow(max_window=8)
@@ -310,7 +310,7 @@ def test_an_unwritable_cache_folder_falls_back_to_memory(tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("SPECDIFF_CACHE_DIR", str(blocker / "cache"))
-    chain = GaussianMixtureDDPM.random(dim=2, num_steps=40)  # long enough to afford a calibration
+    chain = GaussianMixtureDDPM.random(dim=2, num_steps=60)  # long enough to afford a calibration
     chain.latency_key = "unwritable-test"
     x = chain.sample_prior(1, torch.Generator().manual_seed(0))
     policy = AutoWindow(max_window=4)

@@ -145,7 +145,7 @@ def test_a_longer_run_adds_points_without_changing_the_windows_of_a_shorter_one(
                                                       (20, 64, 32)])
 def test_the_calibration_a_run_measures_is_bounded_by_the_run(steps, batch, max_window):
     """Issue 20: the calibration cost 27x the run at batch 256, 20 steps. Every network call of a run
-    (calibration included) is recorded: the calibration's rows are at most a quarter of the plain
+    (calibration included) is recorded: the calibration's rows are at most a share (0.3) of the plain
     sampler's (batch x steps), none of its calls is larger than the run's largest possible verify
     call, stats report them, and a run too short to afford three sizes measures nothing (window 1)."""
     chain, x = mixture(steps=steps, batch=batch, key=f"bounded-{steps}-{batch}")
@@ -153,7 +153,7 @@ def test_the_calibration_a_run_measures_is_bounded_by_the_run(steps, batch, max_
     chain.predict = lambda x, step: rows.append(x.shape[0]) or real(x, step)
     out = speculative_sample(chain, x, window=AutoWindow(max_window=max_window), generator=gens(batch))
     measured = rows[: len(rows) - out.stats.target_calls]  # the run's own calls come last
-    assert sum(measured) == out.stats.calibration_rows <= 0.25 * batch * steps
+    assert sum(measured) == out.stats.calibration_rows <= calibration_module.SHARE * batch * steps
     assert max(measured, default=0) <= batch * (min(max_window, steps) + 1)
     sizes, _ = plan(batch, max_window, steps)
     if not sizes:
@@ -193,3 +193,19 @@ def test_merge_adds_two_batches_stats():
         a.merge(SpeculativeStats(num_steps=10, batch_size=1, window=1))
     with pytest.raises(TypeError, match="SpeculativeStats"):
         a.merge({"target_calls": 1})
+
+
+def test_a_run_its_automatic_window_keeps_at_one_is_the_window_one_run_bit_for_bit():
+    """Too short to calibrate (or priced out of speculation): L = 1 in every round, run as the plain
+    loop; the samples are the speculative sampler's at window 1, and the recorded schedule replays it."""
+    chain, x = mixture(steps=12, batch=3)
+    policy = AutoWindow()
+    auto = speculative_sample(chain, x, window=policy, drafter="picard", generator=gens(3))
+    assert policy.runs_plain(3) and auto.stats.windows == [1] * 12 and auto.stats.target_calls == 12
+    one = speculative_sample(chain, x, window=1, drafter="picard", generator=gens(3))
+    replay = speculative_sample(chain, x, window=auto.stats.windows, drafter="picard", generator=gens(3))
+    assert torch.equal(auto.sample, one.sample) and torch.equal(replay.sample, one.sample)
+    assert auto.stats.committed_per_round == [0, 36] and "L=1 x12" in auto.stats.window_choice
+    calls = []
+    busy = speculative_sample(chain, x, window=AutoWindow(), generator=gens(3), callback=calls.append)
+    assert torch.equal(busy.sample, one.sample) and len(calls) == 12  # a callback needs the rounds: the loop
