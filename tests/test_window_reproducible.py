@@ -209,3 +209,32 @@ def test_a_run_its_automatic_window_keeps_at_one_is_the_window_one_run_bit_for_b
     calls = []
     busy = speculative_sample(chain, x, window=AutoWindow(), generator=gens(3), callback=calls.append)
     assert torch.equal(busy.sample, one.sample) and len(calls) == 12  # a callback needs the rounds: the loop
+
+
+def test_generate_replay_reproduces_a_runs_images_on_another_machines_cache(tmp_path, monkeypatch, capsys):
+    """``specdiff generate --replay stats.json``: each batch runs the schedule it ran in the recorded
+    run, so the images are the same bit for bit even where the calibration differs (here: none)."""
+    import json
+
+    import numpy as np
+
+    from specdiff.cli import CLIError, main
+
+    args = ["generate", "--num-images", "2", "--batch-size", "2", "--steps", "40", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "first")]) == 0
+    recorded = json.loads((tmp_path / "first" / "stats.json").read_text())
+    windows = recorded["speculative"]["batches"][0]["chosen_windows"]
+    assert max(windows) > 1  # a calibrated run: the schedule is not the plain one
+    monkeypatch.setenv("SPECDIFF_CACHE_DIR", str(tmp_path / "other-machine"))
+    monkeypatch.setattr(calibration_module, "_MEMORY_CACHE", {})
+    assert main([*args, "--out", str(tmp_path / "replay"), "--replay", str(tmp_path / "first" / "stats.json")]) == 0
+    replayed = json.loads((tmp_path / "replay" / "stats.json").read_text())["speculative"]["batches"][0]
+    assert replayed["chosen_windows"] == windows and replayed["calibration_rows"] == 0
+    assert np.array_equal(np.load(tmp_path / "first" / "speculative.npy"), np.load(tmp_path / "replay" / "speculative.npy"))
+    capsys.readouterr()
+    bad = [*args, "--seed", "5", "--out", str(tmp_path / "bad"), "--replay", str(tmp_path / "first" / "stats.json")]
+    try:
+        code = main(bad)
+    except CLIError as err:
+        code = err.code
+    assert code == 2 and "no batch of seeds [5, 6]" in capsys.readouterr().err
