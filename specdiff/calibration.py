@@ -111,7 +111,7 @@ def calibrate(chain, x_init: Tensor, drafter=None, *, max_window: int = 32, max_
         from .drafters import as_drafter
 
         drafter = as_drafter(drafter)
-        okey = f"{key}|outside|{type(drafter).__name__}"
+        okey = f"{key}|batch={x_init.shape[0]}|outside|{type(drafter).__name__}"  # a round's cost grows with B
         known = {} if recalibrate else _cached(okey, persist)
         if set(known) != {0, 1}:
             c, h = measure_outside(chain, x_init, drafter, windows=(2, max(2, min(DRY_WINDOWS[1], max_window))),

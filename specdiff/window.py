@@ -34,7 +34,7 @@ where ``t(b)`` is the measured latency of one target call on ``b`` rows and ``c 
 time of a round outside the target call (drafting, coupling, bookkeeping), measured by a short
 dry run of the sampler with a free target.
 ``t``, ``c`` and ``h`` come from :mod:`specdiff.calibration` (this module only does the arithmetic):
-each measured once per model, device, dtype and row shape (and drafter, for ``c, h``), within a
+each measured once per model, device, dtype and row shape (and drafter and batch, for ``c, h``), within a
 budget bounded by the run, cached in memory and in a small JSON file under the user's cache
 directory, and never re-measured unless asked (``recalibrate=True``); ``a_j`` and ``f`` are
 estimated from the run's own accept/reject and row counts (exponential forgetting, shrinkage

@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=asset("bench") / "defaults.json")
     parser.add_argument("--docs", type=Path, default=Path("docs") / "defaults.md")
     parser.add_argument("--table", action="store_true", help="only re-render the table from --out")
+    parser.add_argument("--append", action="store_true",
+                        help="add the measured cells to those already in --out (same cell: replaced)")
     args = parser.parse_args(argv)
     if args.table:
         result = json.loads(args.out.read_text())
@@ -175,6 +177,12 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         result = run_grid(args.steps, args.batches, args.loads, args.repeats, args.load_processes)
         result["command"] = "python -m specdiff.workbench.bench_defaults " + " ".join(argv or sys.argv[1:])
+        if args.append and args.out.exists():
+            old = json.loads(args.out.read_text())
+            fresh = {(c["load"], c["steps"], c["batch"]) for c in result["cells"]}
+            result["cells"] = [c for c in old["cells"] if (c["load"], c["steps"], c["batch"]) not in fresh] + \
+                result["cells"]
+            result["command"] = f"{old['command']}; then {result['command']}"
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
     _write_docs(result, args.docs)
