@@ -12,16 +12,16 @@ verification call as rows (unconditional, conditional).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from specdiff.pipelines.speculative_utils import SpeculativeFlowPipelineOutput, run_speculative, speculative_from_pipe
+from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from specdiff.pipelines.speculative_utils import SpeculativeFlowPipelineOutput, speculative_from_pipe, run_speculative
 from specdiff.schedulers import SpeculativeScheduler
 
 
@@ -32,7 +32,7 @@ class SpeculativeFluxPipeline(FluxPipeline):
     supported stochastic flow scheduler, which is wrapped.
     """
 
-    _callback_tensor_inputs = ["latents", "steps"]
+    _callback_tensor_inputs: ClassVar[list[str]] = ["latents", "steps"]
 
     def __init__(
         self,
@@ -68,7 +68,7 @@ class SpeculativeFluxPipeline(FluxPipeline):
                 joint_attention_kwargs=self.joint_attention_kwargs, return_dict=False, **static,
             )[0]  # fmt: skip
 
-        return dict(network=network, cond=cond, uncond=uncond, guidance_scale=true_cfg_scale)
+        return {"network": network, "cond": cond, "uncond": uncond, "guidance_scale": true_cfg_scale}
 
     @torch.no_grad()
     def __call__(
@@ -99,10 +99,11 @@ class SpeculativeFluxPipeline(FluxPipeline):
         window: int | None = None,
         drafter: str | Callable | None = None,
         draft_transformer=None,
+        max_rows: int | str | None = "auto",
     ) -> SpeculativeFlowPipelineOutput | tuple:
         r"""Generate images from text. Arguments as in ``FluxPipeline.__call__`` (IP-Adapter inputs
-        are not supported), plus ``window``, ``drafter`` and ``draft_transformer`` as in
-        ``SpeculativeStableDiffusion3Pipeline``.
+        are not supported), plus ``window``, ``drafter``, ``draft_transformer`` and ``max_rows`` as in
+        ``SpeculativeStableDiffusion3Pipeline``; so is ``pipe._interrupt``.
 
         With ``true_cfg_scale > 1`` the conditional and unconditional rows share one network call
         (diffusers makes two), so ``window=1`` matches ``FluxPipeline`` to float rounding there and
@@ -132,8 +133,8 @@ class SpeculativeFluxPipeline(FluxPipeline):
 
         # 1. Text conditioning, as the parent computes it, kept per sample.
         lora_scale = self.joint_attention_kwargs.get("scale", None)
-        encode = dict(device=device, num_images_per_prompt=num_images_per_prompt,
-                      max_sequence_length=max_sequence_length, lora_scale=lora_scale)  # fmt: skip
+        encode = {"device": device, "num_images_per_prompt": num_images_per_prompt,
+                  "max_sequence_length": max_sequence_length, "lora_scale": lora_scale}
         prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(
             prompt=prompt, prompt_2=prompt_2, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
             **encode,
@@ -177,7 +178,7 @@ class SpeculativeFluxPipeline(FluxPipeline):
             self, lambda transformer: self.guidance_inputs(transformer, cond, uncond, true_cfg_scale, static),
             self.transformer, latents, generator=generator, window=window, drafter=drafter,
             draft_network=draft_transformer, callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, timesteps=timesteps,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, timesteps=timesteps, max_rows=max_rows,
         )  # fmt: skip
 
         # 4. Unpack and decode, as the parent does.

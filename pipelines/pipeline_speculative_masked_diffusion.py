@@ -22,15 +22,14 @@ import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
-from specdiff.pipelines.pipeline_speculative_ddpm import progress_for
+from specdiff.pipelines.speculative_utils import check_cache_option, check_max_rows_option, progress_for
 from torch import nn
 
 from specdiff.discrete.chain import MaskedDiffusionChain
 from specdiff.discrete.model import MaskedDiffusionTransformer
-from specdiff.sampler import speculative_sample_discrete
 from specdiff.discrete.scheduler import MaskedDiffusionScheduler
 from specdiff.drafters import Drafter, ModelDrafter, as_drafter
-from specdiff.pipelines.speculative_utils import check_cache_option
+from specdiff.sampler import speculative_sample_discrete
 from specdiff.stats import SpeculativeStats
 
 
@@ -97,6 +96,7 @@ class SpeculativeMaskedDiffusionPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         callback: Callable[[dict], None] | None = None,
+        max_rows: int | str | None = "auto",
     ) -> MaskedDiffusionPipelineOutput | tuple:
         """Generate ``batch_size`` token images.
 
@@ -113,8 +113,12 @@ class SpeculativeMaskedDiffusionPipeline(DiffusionPipeline):
                 speculative sampler does this by itself).
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (tokens).
             callback: called with ``{"round", "x", "step", "stats"}`` after every round (or step).
+            max_rows: the most states per network call of the speculative sampler (a verify call
+                holds up to batch x window); larger calls run as exact micro-batches: the same tokens,
+                less memory. ``"auto"``: no cap on CPU, fitted to free memory on CUDA.
         """
         check_cache_option(cache, window)
+        check_max_rows_option(max_rows, window)
         device = self._execution_device
         length = self.transformer.config.sample_size**2
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -131,6 +135,7 @@ class SpeculativeMaskedDiffusionPipeline(DiffusionPipeline):
                 generator=generator,
                 progress=progress_for(self, num_inference_steps),
                 callback=callback,
+                max_rows=max_rows,
             )
             tokens, stats = out.sample, out.stats
         images = self.decode(tokens, output_type)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import PIL.Image
@@ -23,9 +23,9 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
+from specdiff.pipelines.speculative_utils import run_speculative, speculative_from_pipe
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
 
-from specdiff.pipelines.speculative_utils import speculative_from_pipe, run_speculative
 from specdiff.schedulers import SpeculativeScheduler
 from specdiff.stats import SpeculativeStats
 
@@ -48,8 +48,8 @@ class SpeculativeStableDiffusionPipeline(StableDiffusionPipeline):
     eta > 0, Euler ancestral, DPM-Solver++ SDE), which is wrapped.
     """
 
-    _optional_components = ["safety_checker", "feature_extractor", "image_encoder", "draft_unet"]
-    _callback_tensor_inputs = ["latents", "steps"]
+    _optional_components: ClassVar[list[str]] = ["safety_checker", "feature_extractor", "image_encoder", "draft_unet"]
+    _callback_tensor_inputs: ClassVar[list[str]] = ["latents", "steps"]
 
     def __init__(
         self,
@@ -105,7 +105,8 @@ class SpeculativeStableDiffusionPipeline(StableDiffusionPipeline):
         uncond = None
         if self.do_classifier_free_guidance:
             uncond = {"encoder_hidden_states": negative_prompt_embeds, "timestep_cond": timestep_cond}
-        return dict(network=network, cond=cond, uncond=uncond, guidance_scale=self.guidance_scale, combine=rescale)
+        return {"network": network, "cond": cond, "uncond": uncond, "guidance_scale": self.guidance_scale,
+                "combine": rescale}
 
     @torch.no_grad()
     def __call__(
@@ -134,6 +135,7 @@ class SpeculativeStableDiffusionPipeline(StableDiffusionPipeline):
         window: int | None = None,
         drafter: str | Callable | None = None,
         draft_unet: UNet2DConditionModel | None = None,
+        max_rows: int | str | None = "auto",
     ) -> SpeculativeStableDiffusionPipelineOutput | tuple:
         r"""Generate images from text. Arguments as in ``StableDiffusionPipeline.__call__``
         (IP-Adapter inputs are not supported), plus:
@@ -146,7 +148,13 @@ class SpeculativeStableDiffusionPipeline(StableDiffusionPipeline):
             draft_unet: a cheaper ``UNet2DConditionModel`` as independent drafter (guided like
                 the target; defaults to the pipeline's ``draft_unet`` component, if any).
             callback_on_step_end: called after every speculative round as
-                ``callback(pipe, step_index, timestep, {"latents": ..., "steps": ...})``.
+                ``callback(pipe, step_index, timestep, {"latents": ..., "steps": ...})``; setting
+                ``pipe._interrupt = True`` there stops the run after the round (the latents are then
+                the states committed so far, each sample at its own step).
+            max_rows: the most states per network call (a verify call holds up to batch x window
+                states, each doubled inside the call for classifier-free guidance); larger calls run
+                as exact micro-batches: the same images, less memory. ``"auto"``: no cap on CPU,
+                fitted to free memory on CUDA; ``None``: no cap.
 
         Returns:
             ``SpeculativeStableDiffusionPipelineOutput(images, nsfw_content_detected, stats)``
@@ -210,6 +218,7 @@ class SpeculativeStableDiffusionPipeline(StableDiffusionPipeline):
             self.unet, latents, generator=generator, window=window, drafter=drafter, draft_network=draft_unet,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, timesteps=timesteps, eta=eta,
+            max_rows=max_rows,
         )  # fmt: skip
         latents, stats = output.sample, output.stats
 

@@ -12,15 +12,15 @@ verification call is conditioned on its own sample (``prompt_embeds``,
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from specdiff.pipelines.speculative_utils import SpeculativeFlowPipelineOutput, run_speculative, speculative_from_pipe
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from specdiff.pipelines.speculative_utils import SpeculativeFlowPipelineOutput, speculative_from_pipe, run_speculative
 from specdiff.schedulers import SpeculativeScheduler
 
 
@@ -31,7 +31,7 @@ class SpeculativeStableDiffusion3Pipeline(StableDiffusion3Pipeline):
     or a supported stochastic flow scheduler, which is wrapped.
     """
 
-    _callback_tensor_inputs = ["latents", "steps"]
+    _callback_tensor_inputs: ClassVar[list[str]] = ["latents", "steps"]
 
     def __init__(
         self,
@@ -69,7 +69,7 @@ class SpeculativeStableDiffusion3Pipeline(StableDiffusion3Pipeline):
                 return_dict=False,
             )[0]  # fmt: skip
 
-        return dict(network=network, cond=cond, uncond=uncond, guidance_scale=self.guidance_scale)
+        return {"network": network, "cond": cond, "uncond": uncond, "guidance_scale": self.guidance_scale}
 
     @torch.no_grad()
     def __call__(
@@ -103,11 +103,15 @@ class SpeculativeStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         window: int | None = None,
         drafter: str | Callable | None = None,
         draft_transformer=None,
+        max_rows: int | str | None = "auto",
     ) -> SpeculativeFlowPipelineOutput | tuple:
         r"""Generate images from text. Arguments as in ``StableDiffusion3Pipeline.__call__``
         (IP-Adapter and skip-layer guidance are not supported), plus ``window``, ``drafter``
-        (``"frozen"`` or a guided draft model function) and ``draft_transformer`` (an independent
-        draft transformer on the same schedule and conditioning).
+        (``"frozen"`` or a guided draft model function), ``draft_transformer`` (an independent
+        draft transformer on the same schedule and conditioning) and ``max_rows`` (the most states
+        per network call: larger calls run as exact micro-batches, the same images); as in
+        ``SpeculativeStableDiffusionPipeline``, ``pipe._interrupt`` set from ``callback_on_step_end``
+        stops the run after the round.
 
         Returns ``SpeculativeFlowPipelineOutput(images, stats)`` or ``(images, stats)``.
         """
@@ -170,7 +174,7 @@ class SpeculativeStableDiffusion3Pipeline(StableDiffusion3Pipeline):
             self, lambda transformer: self.guidance_inputs(transformer, cond, uncond), self.transformer, latents,
             generator=generator, window=window, drafter=drafter, draft_network=draft_transformer,
             callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, timesteps=timesteps,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, timesteps=timesteps, max_rows=max_rows,
         )  # fmt: skip
 
         # 4. Decode, as the parent does.

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import PIL.Image
@@ -23,9 +23,9 @@ from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionM
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import rescale_noise_cfg, retrieve_timesteps
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
+from specdiff.pipelines.speculative_utils import run_speculative, speculative_from_pipe
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from specdiff.pipelines.speculative_utils import speculative_from_pipe, run_speculative
 from specdiff.schedulers import SpeculativeScheduler
 from specdiff.stats import SpeculativeStats
 
@@ -47,7 +47,7 @@ class SpeculativeStableDiffusionXLPipeline(StableDiffusionXLPipeline):
     """
 
     _optional_components = StableDiffusionXLPipeline._optional_components + ["draft_unet"]
-    _callback_tensor_inputs = ["latents", "steps"]
+    _callback_tensor_inputs: ClassVar[list[str]] = ["latents", "steps"]
 
     def __init__(
         self,
@@ -98,7 +98,8 @@ class SpeculativeStableDiffusionXLPipeline(StableDiffusionXLPipeline):
 
         cond = {**cond, "timestep_cond": timestep_cond}
         uncond = None if uncond is None else {**uncond, "timestep_cond": timestep_cond}
-        return dict(network=network, cond=cond, uncond=uncond, guidance_scale=self.guidance_scale, combine=rescale)
+        return {"network": network, "cond": cond, "uncond": uncond, "guidance_scale": self.guidance_scale,
+                "combine": rescale}
 
     def latents_to_images(self, latents: torch.Tensor, output_type: str):
         """Latents to images, as ``StableDiffusionXLPipeline`` decodes them (fp16 VAE upcast,
@@ -160,11 +161,14 @@ class SpeculativeStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         window: int | None = None,
         drafter: str | Callable | None = None,
         draft_unet: UNet2DConditionModel | None = None,
+        max_rows: int | str | None = "auto",
     ) -> SpeculativeStableDiffusionXLPipelineOutput | tuple:
         r"""Generate images from text. Arguments as in ``StableDiffusionXLPipeline.__call__``
         (IP-Adapter inputs and ``denoising_end`` are not supported), plus ``window``, ``drafter``
-        (``"frozen"`` or a guided draft model function) and ``draft_unet`` (an independent
-        draft UNet), as in ``SpeculativeStableDiffusionPipeline``.
+        (``"frozen"`` or a guided draft model function), ``draft_unet`` (an independent draft
+        UNet) and ``max_rows`` (the most states per network call), as in
+        ``SpeculativeStableDiffusionPipeline``; ``pipe._interrupt`` set from
+        ``callback_on_step_end`` stops the run after the round.
 
         Returns ``SpeculativeStableDiffusionXLPipelineOutput(images, stats)`` or ``(images, stats)``.
         """
@@ -245,6 +249,7 @@ class SpeculativeStableDiffusionXLPipeline(StableDiffusionXLPipeline):
             generator=generator, window=window, drafter=drafter, draft_network=draft_unet,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, timesteps=timesteps, eta=eta,
+            max_rows=max_rows,
         )  # fmt: skip
 
         # 4. Decode and post-process, as the parent does.

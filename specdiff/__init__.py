@@ -7,8 +7,9 @@ is imported on first use.
 
 from importlib import import_module
 
+from . import langevin  # noqa: F401  (specdiff.langevin: ULA for unnormalized densities)
 from .chains import CategoricalChain, GaussianChain
-from .drafters import DraftMemory, Drafter, FrozenTargetDrafter, ModelDrafter, PicardDrafter
+from .drafters import Drafter, DraftMemory, FrozenTargetDrafter, ModelDrafter, PicardDrafter
 from .kernels.gaussian import acceptance_probability, reflection_coupling
 from .sampler import (
     SpeculativeOutput,

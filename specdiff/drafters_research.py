@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .drafters import DraftMemory, Drafter
+from .drafters import Drafter, DraftMemory
 
 
 class ExtrapolatedDrafter(Drafter):

@@ -62,95 +62,168 @@ class Carry:
             new.x, new.n, new.pred, new.prev, new.fresh
         )
         if len(new.ahead) > len(self.ahead):  # a round of every sample may have left a shorter one
-            self.ahead = torch.cat([self.ahead, self.ahead.new_zeros((len(new.ahead) - len(self.ahead), *self.ahead.shape[1:]))])
+            self.ahead = torch.cat(
+                [self.ahead, self.ahead.new_zeros((len(new.ahead) - len(self.ahead), *self.ahead.shape[1:]))]
+            )
         self.ahead[: len(new.ahead), dev], self.ahead_len[ids] = new.ahead, new.ahead_len
 
 
 def speculative_round(chain, kernel, drafter, noise, target, c: Carry, ids: Tensor, L: Tensor, tally) -> Carry:
     """Advance the samples ``ids`` (carry ``c``, windows ``L``) by one round; returns their new carry."""
-    N, m, dev = chain.num_steps, len(ids), c.x.device
-    span = int(L.max())
-    j = _positions(span + 1)
-    k = (c.n + j).clamp(max=N - 1)  # the step of y_j
-    drafted = j[:span] < L
-    tested = drafted & ~((j[:span] == 0) & c.fresh)  # the first step of a fresh sample has J = K: no test
-    z = noise.noise(ids, k[:span])  # [span, m, ...]
+    w = _Window.of(chain, c, L)
+    z = noise.noise(ids, w.k[: w.span])  # [span, m, ...]: the noise z_{n+j} of each drafted step
+    y, law_D = _drafts(chain, kernel, drafter, c, ids, w.k, z, w.span, tally)  # 1. draft
+    pred_T, before, need, repeats = _verify(chain, target, c, ids, w, y, tally)  # 2. verify
+    t = _Tested.of(chain, kernel, noise, ids, w, y, z, law_D, pred_T, before, sample_major=repeats)
+    accepted, n_acc, broken = _accept(kernel, w, c, t, pred_T)  # 3. accept
+    # Only the predictions at committed states (y_0..y_{n_acc}) are the plain sampler's: a non-finite
+    # one stops the run; one at a discarded draft is never used (a NaN there fails its test, above).
+    bad = broken & need & (w.j <= n_acc)
+    if bool(bad.any()):
+        _check_finite(pred_T[_to(bad, c.x.device)], w.k[bad], "target", c.x)
+    new = _commit(chain, kernel, noise, c, ids, w, t, y, pred_T, before, n_acc, tally)  # 4. commit
+    # The rows of positions up to n_acc + 1 depend on the randomness of committed steps only (later
+    # drafts hold the noise of steps a later round redrafts): those are the rows a window policy sees.
+    decided = w.j <= n_acc + 1
+    tally.round(ids, w.tested & (w.j[: w.span] <= n_acc), accepted, new.n - c.n, (need & decided).sum(),
+                (w.possible & decided).sum())
+    return new
 
-    # 1. Draft y_{j+1} ~ J(. | y_j) with the drafter's prediction (the exact one where J = K).
-    y, law_D = _drafts(chain, kernel, drafter, c, ids, k, z, span, tally)
 
-    # 2. Verify: one target call on y_0 (unless fresh) and y_1..y_L (except at the final step, and,
-    #    for a time-free network, except states equal to their predecessor: same prediction).
-    #    pred_T[j] is the target's prediction at y_j; below it sits c.prev, so that before[j] is
-    #    the prediction one step earlier (the ``previous=`` of position j).
-    possible = (j <= L) & (c.n + j < N) & ((j > 0) | ~c.fresh)
-    need, same = possible, None
+@dataclass
+class _Window:
+    """The grid of one round: positions ``j`` (a column), the step ``k`` of each ``y_j`` (clamped past
+    the last step, so every tensor stays rectangular), the ``drafted`` positions (``j < L``), those
+    ``tested`` (the first step of a fresh sample has ``J = K``: no test), and the positions whose
+    target prediction the round may need (``possible``: y_0 unless fresh, .. y_L, before the end)."""
+
+    N: int
+    span: int
+    L: Tensor
+    j: Tensor
+    k: Tensor
+    drafted: Tensor
+    tested: Tensor
+    possible: Tensor
+
+    @classmethod
+    def of(cls, chain, c: Carry, L: Tensor) -> _Window:
+        N, span = chain.num_steps, int(L.max())
+        j = _positions(span + 1)
+        drafted = j[:span] < L
+        return cls(N, span, L, j, (c.n + j).clamp(max=N - 1), drafted, drafted & ~((j[:span] == 0) & c.fresh),
+                   (j <= L) & (c.n + j < N) & ((j > 0) | ~c.fresh))
+
+
+def _verify(chain, target, c: Carry, ids: Tensor, w: _Window, y: Tensor, tally):
+    """ONE target call on y_0 (unless fresh) and y_1..y_L (before the final step; and, for a
+    time-free network, not on a state equal to its predecessor: same prediction).
+
+    Returns ``pred_T`` (``[span + 1, m, ...]``: the target's prediction at each ``y_j``), ``before``
+    (``c.prev`` stacked under it: ``before[j]`` is the prediction one step before position ``j``,
+    the ``previous=`` of multistep chains), ``need`` (the pairs the call evaluated) and whether some
+    drafted state repeated its predecessor."""
+    m, dev = len(ids), c.x.device
+    need, same = w.possible, None
     if not getattr(chain, "time_conditioned", True):
-        same = torch.zeros(span + 1, m, dtype=torch.bool)
+        same = torch.zeros(w.span + 1, m, dtype=torch.bool)
         same[1:] = (y[1:] == y[:-1]).flatten(2).all(2).cpu()
-        need = possible & ~same
+        need = w.possible & ~same
         same = same if bool(same.any()) else None
-    before = c.pred.new_zeros((span + 2, *c.pred.shape))
+    before = c.pred.new_zeros((w.span + 2, *c.pred.shape))
     before[0] = c.prev
     pred_T = before[1:]
     fresh_dev = _to(c.fresh, dev)
     pred_T[0, fresh_dev] = c.pred[fresh_dev]
-    # What step 3 needs besides the target's predictions, gathered before the call (warm caches):
-    # the drafted (position, sample) pairs as rows; sample-major for a time-free chain, so that a
-    # sample's repeated predictions are adjacent rows (a kernel may then evaluate each run once).
-    sample_major = same is not None and m > 1
-    if sample_major:
-        ir, jr = drafted.T.nonzero(as_tuple=True)
-    else:
-        jr, ir = drafted.nonzero(as_tuple=True)
-    rows = _grid_rows(jr, ir, span, m, dev, views=not sample_major)
-    kr = k[jr, ir]
-    step_r, y_r, y_next, z_r = _to(kr, dev), rows(y), rows(y, 1), rows(z)
-    law_Dr = tuple(rows(part) for part in law_D)
-    u = noise.uniform(ids[ir], kr)
     asked = need.flatten().nonzero().squeeze(1)  # the (position, sample) pairs the call evaluates, row-major
     if len(asked):
         tally.called(ids, need.any(0))
         at = _to(asked, dev)
-        out = target(y.flatten(0, 1)[at], k.flatten()[asked], ids[asked % m], copy=False)
+        out = target(y.flatten(0, 1)[at], w.k.flatten()[asked], ids[asked % m], copy=False, check=False)
         pred_T.flatten(0, 1).index_copy_(0, at, out if out.dtype == pred_T.dtype else out.to(pred_T.dtype))
     if same is not None:  # an unchanged state takes the prediction of the last verified one (same[0] is False)
-        pred_T.copy_(pred_T[_to(torch.where(same, 0, j).cummax(0).values, dev), _samples(m, dev)])
+        pred_T.copy_(pred_T[_to(torch.where(same, 0, w.j).cummax(0).values, dev), _samples(m, dev)])
+    return pred_T, before, need, same is not None
 
-    # 3. Accept: the coupling test of every drafted step (only the prefix up to the first rejection is used).
-    law_T = kernel.law(chain, y_r, step_r, rows(pred_T), rows(before))
-    accept = ~drafted  # positions past L never stop a sample
-    accept[jr, ir] = kernel.accept(law_Dr, law_T, y_next, z_r, u).cpu()
-    accept[0] |= c.fresh  # the first step of a fresh sample has J = K: accepted without a test
-    n_acc = torch.where(accept.all(0), L, (~accept).int().argmax(0))  # length of the accepted prefix
-    whole = n_acc == L
-    committed = torch.where(whole, L, n_acc + 1)
 
-    # 4. Commit: y_L if all accepted, else the first rejected step corrected to a target draw.
-    i, L_dev = _samples(m, dev), _to(L, dev)
+@dataclass
+class _Tested:
+    """The drafted ``(position, sample)`` pairs ``(jr, ir)`` as rows, with what the coupling needs
+    of each: both laws, the drafted next state, its noise and acceptance uniform; ``rows`` maps a
+    ``[position, sample, ...]`` grid to these rows. Sample-major when a time-free chain repeated
+    states, so that a sample's repeated predictions are adjacent rows (a kernel may then evaluate
+    each run once); else position-major."""
+
+    jr: Tensor
+    ir: Tensor
+    rows: object
+    law_D: tuple
+    law_T: tuple
+    y_next: Tensor
+    z: Tensor
+    u: Tensor
+
+    @classmethod
+    def of(cls, chain, kernel, noise, ids, w: _Window, y, z, law_D, pred_T, before, sample_major: bool) -> _Tested:
+        m, dev = len(ids), y.device
+        sample_major = sample_major and m > 1
+        if sample_major:
+            ir, jr = w.drafted.T.nonzero(as_tuple=True)
+        else:
+            jr, ir = w.drafted.nonzero(as_tuple=True)
+        rows = _grid_rows(jr, ir, w.span, m, dev, views=not sample_major)
+        kr = w.k[jr, ir]
+        law_T = kernel.law(chain, rows(y), _to(kr, dev), rows(pred_T), rows(before))
+        return cls(jr, ir, rows, tuple(rows(part) for part in law_D), law_T, rows(y, 1), rows(z),
+                   noise.uniform(ids[ir], kr))
+
+    def take(self, at: Tensor) -> tuple:
+        """``(law_D, law_T, y_next, z)`` of the rows ``at``."""
+        return (tuple(part[at] for part in self.law_D), tuple(part[at] for part in self.law_T),
+                self.y_next[at], self.z[at])
+
+
+def _accept(kernel, w: _Window, c: Carry, t: _Tested, pred_T: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The coupling test of every drafted step (only the prefix up to the first rejection is used);
+    returns the ``[position, sample]`` grid of outcomes, each sample's accepted prefix length, and
+    the grid of non-finite target predictions (on the host with the outcomes: one transfer a round)."""
+    decisions = kernel.accept(t.law_D, t.law_T, t.y_next, t.z, t.u)
+    broken = ~_usable(pred_T, c.x).flatten(2).all(2) if pred_T.is_floating_point() else None
+    host = (decisions if broken is None else torch.cat([decisions, broken.flatten().to(decisions.device)])).cpu()
+    accepted = ~w.drafted  # positions past L never stop a sample
+    accepted[t.jr, t.ir] = host[: len(decisions)]
+    accepted[0] |= c.fresh  # the first step of a fresh sample has J = K: accepted without a test
+    n_acc = torch.where(accepted.all(0), w.L, (~accepted).int().argmax(0))
+    broken = torch.zeros_like(w.possible) if broken is None else host[len(decisions) :].view(w.possible.shape)
+    return accepted, n_acc, broken
+
+
+def _commit(chain, kernel, noise, c: Carry, ids, w: _Window, t: _Tested, y, pred_T, before, n_acc, tally) -> Carry:
+    """y_L where the whole window was accepted, else the first rejected step corrected to a target
+    draw; and what the sample carries to its next round."""
+    dev, m = c.x.device, len(ids)
+    whole = n_acc == w.L
+    committed = torch.where(whole, w.L, n_acc + 1)
+    i = _samples(m, dev)
     rejected = (~whole).nonzero().squeeze(1)
-    x_new = y[L_dev, i]
+    x_new = y[_to(w.L, dev), i]
     if rejected.numel():
         j_rej = n_acc[rejected]
-        at = rows.index(j_rej, rejected)
-        x_fix, draws = kernel.correct(
-            tuple(part[at] for part in law_Dr), tuple(part[at] for part in law_T), y_next[at], z_r[at],
-            lambda: noise.residual_generators(ids[rejected], c.n[rejected] + j_rej),
-        )
+        x_fix, draws = kernel.correct(*t.take(t.rows.index(j_rej, rejected)),
+                                      lambda: noise.residual_generators(ids[rejected], c.n[rejected] + j_rej))
         x_new = x_new.index_put((_to(rejected, dev),), x_fix)
         tally.draws.append(draws)
-    fresh = whole & (c.n + committed < N)
+    going = c.n + committed < w.N
+    fresh = whole & going  # the round verified y_L: the next first step needs no draft
     if rejected.numel() and not getattr(chain, "time_conditioned", True):  # an unchanged state keeps its prediction
-        fresh |= ~whole & (c.n + committed < N) & (x_new == y[_to(n_acc, dev), i]).flatten(1).all(1).cpu()
+        fresh |= ~whole & going & (x_new == y[_to(n_acc, dev), i]).flatten(1).all(1).cpu()
     pred_new = pred_T[_to(n_acc, dev), i]  # at y_L if all accepted, else where the rejected step left from
-    prev_new = torch.where(_rows(_to(fresh, dev), c.pred), before[L_dev, i], pred_new)
-    after = n_acc + 1 + j[:span]  # the positions after the rejection, as the next round's 0, 1, ...
-    ahead = pred_T[_to(after.clamp(max=span), dev), i]
-    ahead_len = torch.where(whole, 0, ((after <= L) & (c.n + after < N)).sum(0))
-    # The rows of positions up to n_acc + 1 depend on the randomness of committed steps only (later
-    # drafts hold the noise of steps a later round redrafts): those are the rows a window policy sees.
-    decided = j <= n_acc + 1
-    tally.round(ids, tested & (j[:span] <= n_acc), accept, committed, (need & decided).sum(), (possible & decided).sum())
+    # The prediction one step before the new state: at y_{L-1} after a whole window, at the state the
+    # rejected step left from otherwise (also when the correction stayed there, making the sample fresh).
+    prev_new = before[_to(committed, dev), i]
+    after = n_acc + 1 + w.j[: w.span]  # the positions after the rejection, as the next round's 0, 1, ...
+    ahead = pred_T[_to(after.clamp(max=w.span), dev), i]
+    ahead_len = torch.where(whole, 0, ((after <= w.L) & (c.n + after < w.N)).sum(0))
     return Carry(x_new, c.n + committed, pred_new, prev_new, fresh, ahead, ahead_len)
 
 
@@ -218,10 +291,19 @@ def _draft(drafter, x: Tensor | None, step: Tensor, memory: DraftMemory, tally, 
             f"{type(drafter).__name__}.predict returned shape {tuple(guess.shape)}; expected "
             f"{tuple(memory.prediction.shape)} (one prediction per drafted row, like the chain's predict)"
         )
-    if not drafter.reuses_target:  # target predictions were checked when the target made them
-        _check_finite(guess, step, "draft", like)
     dtype = memory.prediction.dtype
-    return guess if guess.dtype == dtype else guess.to(dtype)
+    guess = guess if guess.dtype == dtype else guess.to(dtype)
+    if guess is memory.prediction:
+        return guess
+    # A non-finite guess (a broken drafter, or the target's prediction at a draft that a rejection
+    # discarded) is replaced by the frozen one: a drafter is any function of the past, so this is exact.
+    usable = _usable(guess, like).flatten(1).all(1).view(-1, *[1] * (guess.ndim - 1))
+    return torch.where(usable, guess, memory.prediction)
+
+
+def _usable(prediction: Tensor, x: Tensor) -> Tensor:
+    """Finite entries (continuous states); entries that are not NaN (logits: -inf rules a token out)."""
+    return torch.isfinite(prediction) if x.is_floating_point() else ~torch.isnan(prediction)
 
 
 def _check_finite(prediction: Tensor, steps: Tensor, who: str, x: Tensor) -> Tensor:

@@ -194,8 +194,10 @@ class _Target:
         self.chain, self.stats, self.max_rows = chain, stats, None
         self.device = torch.device(device)
 
-    def __call__(self, x: Tensor, step: Tensor, sample: Tensor, copy: bool = True) -> Tensor:
-        """``copy=False``: the caller copies the output at once (a network may reuse its buffer)."""
+    def __call__(self, x: Tensor, step: Tensor, sample: Tensor, copy: bool = True, check: bool = True) -> Tensor:
+        """``copy=False``: the caller copies the output at once (a network may reuse its buffer).
+        ``check=False``: the caller checks the rows it uses (a verify call also evaluates drafts that a
+        rejection discards; a NaN there must not stop the run)."""
         rows = x.shape[0]
         cap = self.max_rows or rows
         if cap >= rows:
@@ -204,7 +206,8 @@ class _Target:
         else:
             out = torch.cat([self._predict(x[s : s + cap], step[s : s + cap], sample[s : s + cap])
                              for s in range(0, rows, cap)])
-        _check_finite(out, step, "target", x)
+        if check:
+            _check_finite(out, step, "target", x)
         self.stats.target_calls += 1
         self.stats.target_rows += rows
         self.stats.peak_rows = max(self.stats.peak_rows, min(rows, cap))

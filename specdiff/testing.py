@@ -68,10 +68,22 @@ class GaussianMixtureDDPM:
     def dim(self) -> int:
         return self.means.shape[1]
 
+    def _on(self, device) -> tuple[Tensor, Tensor, Tensor]:
+        """``alphas_cumprod``, ``means``, ``weights`` on ``device``: copied there once, so that a call
+        on a GPU never waits for a copy from the host."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self.alphas_cumprod, self.means, self.weights
+        cache = self.__dict__.setdefault("_device_tables", {})
+        if device not in cache:
+            cache[device] = tuple(t.to(device) for t in (self.alphas_cumprod, self.means, self.weights))
+        return cache[device]
+
     def _coefficients(self, step: Tensor, like: Tensor):
-        t = (self.num_steps - 1 - step).cpu()
-        ab = self.alphas_cumprod[t]
-        ab_prev = torch.where(t > 0, self.alphas_cumprod[(t - 1).clamp(min=0)], torch.ones_like(ab))
+        alphas_cumprod = self._on(like.device)[0]
+        t = self.num_steps - 1 - (step if step.device == like.device else step.to(like.device))
+        ab = alphas_cumprod[t]
+        ab_prev = torch.where(t > 0, alphas_cumprod[(t - 1).clamp(min=0)], torch.ones_like(ab))
         shape = (-1, *[1] * (like.ndim - 1))
         work = torch.promote_types(like.dtype, torch.float32)  # half-precision latents, float32 maths
         return [c.to(device=like.device, dtype=work).view(shape) for c in (ab, ab_prev)]
@@ -79,12 +91,13 @@ class GaussianMixtureDDPM:
     def predict(self, x: Tensor, step: Tensor) -> Tensor:
         self.predict_calls += 1
         ab, _ = self._coefficients(step, x)
+        _, means, weights = self._on(x.device)
         flat, root = x.to(torch.float64).flatten(1), ab.flatten().to(torch.float64)[:, None, None]
         var = root.square() * self.scale**2 + 1 - root.square()  # marginal variance at t
-        centred = flat[:, None, :] - root * self.means[None]  # [B, K, d]
-        logits = self.weights.log() - centred.square().sum(-1) / (2 * var[..., 0])
+        centred = flat[:, None, :] - root * means[None]  # [B, K, d]
+        logits = weights.log() - centred.square().sum(-1) / (2 * var[..., 0])
         resp = torch.softmax(logits, dim=1)
-        x0 = (resp[..., None] * (self.means[None] + root * self.scale**2 / var * centred)).sum(1)
+        x0 = (resp[..., None] * (means[None] + root * self.scale**2 / var * centred)).sum(1)
         x0 = x0.view_as(x).to(x.dtype)
         if self.prediction_type == "sample":
             return x0
@@ -133,7 +146,9 @@ class TwoSampleResult:
         )
 
 
-def two_sample_test(a: Tensor, b: Tensor, *, num_projections: int = 16, alpha: float = 1e-3, seed: int = 0) -> TwoSampleResult:
+def two_sample_test(
+    a: Tensor, b: Tensor, *, num_projections: int = 16, alpha: float = 1e-3, seed: int = 0
+) -> TwoSampleResult:
     """Do samples ``a`` and ``b`` (``[n, ...]``) come from the same law?
 
     Two-sample KS tests on the first coordinates, ``num_projections`` random unit

@@ -122,5 +122,6 @@ def test_the_churn_chain_carrying_x0_has_the_same_steps():
     v_chain, x0_chain = ChurnMixtureChain(), ChurnX0Chain()
     x = v_chain.initial_state(3, gen(0))
     step = torch.full((3,), 5)
-    for a, b in zip(v_chain.transition(x, step, v_chain.predict(x, step)), x0_chain.transition(x, step, x0_chain.predict(x, step))):
+    for a, b in zip(v_chain.transition(x, step, v_chain.predict(x, step)),
+                    x0_chain.transition(x, step, x0_chain.predict(x, step))):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from diffusers import DDPMPipeline
 
-from specdiff.workbench.digits import DigitClassifier, classifier_features
 from specdiff.pipelines import SpeculativeDDPMPipeline
 from specdiff.testing import two_sample_test
+from specdiff.workbench.digits import DigitClassifier, classifier_features
 
 MODELS = Path(__file__).resolve().parent.parent / "assets" / "models"
 ALPHA = 1e-3  # family-wise level of the projection KS tests

@@ -3,6 +3,7 @@ the summary a newcomer reads, and multi-process generation (issue 11 §2, §4)."
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -205,7 +206,7 @@ def test_ddim_with_trailing_spacing_does_not_claim_the_law_of_diffusers_step(tmp
     assert "exactly the plain sampler's distribution" in " ".join(capsys.readouterr().out.split())
 
 
-COMMANDS = ["generate", "analytic", "bench", "train-digits", "probe"]
+COMMANDS = ["generate", "analytic", "bench", "train-digits", "probe", "selfcheck"]
 
 
 def test_the_help_test_covers_every_command():
@@ -238,7 +239,8 @@ def test_generate_help_shows_defaults_and_explains_every_option(capsys):
         return " ".join(text[start:end if end > 0 else None].split())
 
     expected = {"--window L": "auto", "--num-images N": "16", "--batch-size N": "16", "--steps N": "1000",
-                "--drafter {picard,frozen,model}": "picard", "--seed SEED": "0", "--length N": "128"}
+                "--drafter {picard,frozen,model}": "picard", "--seed SEED": "0",
+                "--length N": "the model's positions left after the prompt; 128 without one"}
     for flag, default in expected.items():
         assert option_help(flag).endswith(f"(default: {default})"), option_help(flag)
     for flag in ("--eta", "--dtype", "--batch-size", "--device"):
@@ -273,3 +275,173 @@ def test_two_processes_make_exactly_the_images_of_one(tmp_path, torchrun_generat
     assert one["processes"] == 1 and two["processes"] == 2
     assert {b["process"] for b in two["speculative"]["batches"]} == {0, 1}
     np.testing.assert_array_equal(images_one, images_two)
+
+
+# -- the sampler on the command line (issue 20, item 1) and the stochastic switch (item 6) -------------
+
+
+def test_scheduler_by_name_runs_that_sampler_and_compares_with_its_own_plain_loop(tmp_path, capsys):
+    """--scheduler euler-a on a DDPM model: with --window 1 the speculative run IS diffusers' plain loop
+    of the chosen scheduler, so both arrays are the same images; stats.json says which scheduler ran."""
+    model = tiny_pipeline(tmp_path / "model")
+    out = tmp_path / "out"
+    assert main(["generate", "--model", str(model), "--scheduler", "euler-a", "--num-images", "2", "--steps", "8",
+                 "--window", "1", "--out", str(out), "--compare", "--no-progress"]) == 0
+    np.testing.assert_array_equal(np.load(out / "speculative.npy"), np.load(out / "baseline.npy"))
+    report = json.loads((out / "stats.json").read_text())
+    assert report["scheduler"] == "EulerAncestralDiscreteScheduler" and report["scheduler_choice"] == "euler-a"
+    assert "chosen with --scheduler euler-a" in " ".join(capsys.readouterr().out.split())
+    # The default is the model's own scheduler, and it differs: another sampler, other images.
+    assert main(["generate", "--model", str(model), "--num-images", "2", "--steps", "8", "--window", "1",
+                 "--out", str(tmp_path / "own"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "own" / "stats.json").read_text())["scheduler"] == "DDPMScheduler"
+    assert not np.array_equal(np.load(out / "speculative.npy"), np.load(tmp_path / "own" / "speculative.npy"))
+
+
+def test_scheduler_options_reach_the_scheduler(tmp_path):
+    model = tiny_pipeline(tmp_path / "model")
+    out = tmp_path / "out"
+    assert main(["generate", "--model", str(model), "--scheduler", "dpmpp-2m-sde", "--karras-sigmas",
+                 "--num-images", "1", "--steps", "6", "--window", "3", "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "stats.json").read_text())["scheduler"] == "DPMSolverMultistepScheduler"
+    from specdiff.cli import _chosen_scheduler, build_parser
+
+    args = build_parser().parse_args(["generate", "--scheduler", "dpmpp-2m-sde", "--karras-sigmas"])
+    chosen, options, _ = _chosen_scheduler(DDPMScheduler(num_train_timesteps=100), args)
+    assert chosen.config.use_karras_sigmas and chosen.config.algorithm_type == "sde-dpmsolver++"
+    assert chosen.config.num_train_timesteps == 100 and options == {}
+    args = build_parser().parse_args(["generate", "--scheduler", "ddim", "--eta", "0.5"])
+    chosen, options, _ = _chosen_scheduler(DDPMScheduler(), args)
+    assert type(chosen) is DDIMScheduler and options == {"eta": 0.5}
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["--scheduler", "k-lms"], ("--scheduler k-lms", "unknown sampler", "ddpm, ddim, euler-a, dpmpp-2m-sde")),
+    (["--scheduler", "euler"], ("--scheduler euler", "deterministic", "euler-a")),
+    (["--scheduler", "flow-sde"], ("flow-matching models", "DDPMScheduler", "euler-a")),
+    (["--scheduler", "ddim"], ("--scheduler ddim needs --eta",)),
+    (["--scheduler", "ddpm", "--karras-sigmas"], ("--karras-sigmas does not apply to --scheduler ddpm",)),
+    (["--karras-sigmas"], ("--karras-sigmas", "add --scheduler NAME")),
+    (["--scheduler", "euler-a", "--eta", "1.0"], ("--eta", "chosen scheduler is EulerAncestralDiscreteScheduler")),
+])
+def test_a_bad_sampler_choice_is_one_line_naming_the_fix(tmp_path, capsys, argv, expected):
+    fails_with(capsys, ["generate", *argv, "--steps", "4", "--out", str(tmp_path), "--no-progress"], *expected)
+
+
+def test_a_refused_deterministic_scheduler_runs_through_the_stochastic_switch(tmp_path, capsys):
+    model = tiny_pipeline(tmp_path / "model", PNDMScheduler)
+    argv = ["generate", "--model", str(model), "--num-images", "2", "--steps", "8", "--window", "2", "--no-progress"]
+    fails_with(capsys, [*argv, "--out", str(tmp_path / "o")], "deterministic", "--stochastic")
+    assert main([*argv, "--stochastic", "--out", str(tmp_path / "ok"), "--compare"]) == 0
+    report = json.loads((tmp_path / "ok" / "stats.json").read_text())
+    assert report["scheduler"] == "DDPMScheduler" and report["scheduler_choice"] == "stochastic"
+    text = " ".join(capsys.readouterr().out.split())
+    assert "stochastic sibling of PNDMScheduler" in text and "a different sampler" in text
+
+
+def test_stochastic_ddim_takes_eta_one_or_the_eta_given(tmp_path):
+    model = tiny_pipeline(tmp_path / "model", DDIMScheduler)
+    argv = ["generate", "--model", str(model), "--num-images", "1", "--steps", "6", "--no-progress", "--stochastic"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert "eta=1.0" in json.loads((tmp_path / "a" / "stats.json").read_text())["scheduler_note"]
+    assert main([*argv, "--eta", "0.4", "--out", str(tmp_path / "b")]) == 0
+    assert "eta=0.4" in json.loads((tmp_path / "b" / "stats.json").read_text())["scheduler_note"]
+
+
+def test_sampler_options_on_masked_and_text_models_are_refused(tmp_path, capsys):
+    fails_with(capsys, ["generate", "--model", "digits-mdm", "--scheduler", "ddpm", "--out", str(tmp_path),
+                        "--no-progress"], "--scheduler", "masked-diffusion", "drop them")
+    fails_with(capsys, ["generate", "--model", "text", "--stochastic", "--eta", "0.5", "--out", str(tmp_path),
+                        "--no-progress"], "--stochastic, --eta", "text models", "drop them")
+
+
+# -- new-user rough edges (issue 20, item 6) ----------------------------------------------------------
+
+
+def test_bundled_models_resolve_by_name_or_checkout_path_from_any_folder(tmp_path, monkeypatch):
+    from specdiff.cli import resolve_model
+    from specdiff.paths import asset
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model("text") == resolve_model("assets/models/stdlib-text") == str(asset("models", "stdlib-text"))
+    assert resolve_model("digits") == str(asset("models", "digits-ddpm"))
+    assert resolve_model("digits-mdm") == str(asset("models", "digits-mdm"))
+    (tmp_path / "text").mkdir()
+    assert resolve_model("text") == "text"  # a folder here wins
+    assert resolve_model("assets/models/nope") == "assets/models/nope"
+
+
+def test_the_masked_model_runs_by_its_readme_path_from_another_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--model", "assets/models/digits-mdm", "--num-images", "1", "--steps", "4",
+                 "--window", "2", "--out", "o", "--no-progress"]) == 0
+    assert (tmp_path / "o" / "speculative.npy").exists()
+
+
+def test_a_text_model_without_the_text_extra_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed: import raises ImportError
+    fails_with(capsys, ["generate", "--model", "text", "--out", str(tmp_path), "--no-progress"],
+               "pip install 'specdiff[text]'")
+
+
+def test_a_prompt_longer_than_the_text_models_positions_is_refused(tmp_path, capsys):
+    fails_with(capsys, ["generate", "--model", "text", "--prompt", "Return the ", "--length", "120", "--steps", "4",
+                        "--out", str(tmp_path), "--no-progress"], "need 131 positions", "has 128",
+               "--length 117 or less")
+    fails_with(capsys, ["generate", "--model", "text", "--prompt", "x" * 128, "--steps", "4", "--out", str(tmp_path),
+                        "--no-progress"], "128 tokens", "shorten --prompt")
+
+
+def test_the_text_length_defaults_to_the_positions_left_after_the_prompt(tmp_path):
+    out = tmp_path / "out"
+    assert main(["generate", "--model", "text", "--prompt", "Return the ", "--steps", "4", "--window", "2",
+                 "--num-images", "1", "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "stats.json").read_text())["length"] == 117
+
+
+def test_the_masked_verdict_is_against_the_cached_sampler_when_it_is_faster():
+    from specdiff.cli import summary
+
+    def run(calls, wall):
+        return {"target_calls": calls, "wall_clock_s": wall}
+
+    report = {"num_steps": 16, "num_images": 2, "batch_size": 2, "processes": 1, "device": "cpu", "drafter": "frozen",
+              "window": 4, "plain": run(16, 7.0), "cached": run(10, 1.0),
+              "speculative": {**run(8, 2.0), "acceptance_rate": 0.9}}
+    text = " ".join(summary(report).split())
+    assert "2.0x slower than the cached plain sampler" in text and "1.2x fewer network calls" in text
+    report["cached"] = run(6, 3.0)  # slower than speculative, fewer calls
+    text = " ".join(summary(report).split())
+    assert "1.3x more network calls and was 1.5x faster than the cached plain sampler" in text
+    report["cached"] = run(10, 9.0)  # the plain sampler is the fastest baseline
+    assert "3.5x faster than the plain sampler" in " ".join(summary(report).split())
+
+
+def test_bench_from_a_wheel_writes_under_outputs_and_needs_the_bench_extra(monkeypatch, capsys):
+    from specdiff import cli
+    from specdiff.workbench import bench
+
+    seen = []
+    monkeypatch.setattr(bench, "main", lambda argv: seen.append(argv) or 0)
+    monkeypatch.setattr(cli, "_installed", lambda: True)
+    assert main(["bench", "analytic", "--quick"]) == 0
+    assert main(["bench", "analytic", "--out", "mine"]) == 0
+    assert main(["bench", "report"]) == 0
+    assert seen == [["analytic", "--quick", "--out", str(Path("outputs") / "bench")], ["analytic", "--out", "mine"],
+                    ["report"]]
+    monkeypatch.setattr(cli, "_installed", lambda: False)  # a checkout: the results stay in assets/bench
+    assert main(["bench", "analytic"]) == 0 and seen[-1] == ["analytic"]
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    fails_with(capsys, ["bench", "analytic"], "matplotlib", "pip install 'specdiff[bench]'")
+
+
+def test_torch_is_not_capped():
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dep in deps:
+        if dep.startswith(("torch", "torchvision")):
+            assert "<" not in dep, dep

@@ -164,7 +164,9 @@ def test_a_negative_or_nan_std_is_an_error_not_a_deterministic_step(bad):
 
     chain = GaussianMixtureDDPM.random(dim=2, num_steps=20)
     transition = chain.transition
-    chain.transition = lambda x, step, prediction: (transition(x, step, prediction)[0], torch.full((len(x),), bad, dtype=torch.float64))
+    chain.transition = lambda x, step, prediction: (
+        transition(x, step, prediction)[0], torch.full((len(x),), bad, dtype=torch.float64)
+    )
     # NaN: the drafted states are NaN, so the verify call's NaN check may speak first
     expected = (ValueError, FloatingPointError) if math.isnan(bad) else ValueError
     with pytest.raises(expected, match="negative or NaN std|NaN"):

@@ -3,14 +3,19 @@
 import pytest
 import torch
 
-from specdiff.discrete import LookupDenoiser, MarkovDenoiser, MaskedDiffusionChain, MaskedDiffusionScheduler
-from specdiff.discrete import speculative_sample_discrete
 import specdiff.discrete.scheduler as scheduler_module
+from specdiff.discrete import (
+    LookupDenoiser,
+    MarkovDenoiser,
+    MaskedDiffusionChain,
+    MaskedDiffusionScheduler,
+    speculative_sample_discrete,
+)
+from specdiff.discrete.chain import ScaledDrafter
 from specdiff.discrete.scheduler import sample_categorical
 from specdiff.drafters import Drafter, FrozenTargetDrafter, PicardDrafter
 from specdiff.kernels import CategoricalKernel
 from specdiff.kernels.categorical import MaskedKernel
-from specdiff.discrete.chain import ScaledDrafter
 
 V, LENGTH = 4, 16
 
@@ -21,7 +26,9 @@ class StepByStep(FrozenTargetDrafter):
     uses_state = True
 
 
-@pytest.mark.parametrize("schedule,temperature,chunk", [("linear", 1.0, None), ("cosine", 0.7, 1), ("linear", 0.0, None)])
+@pytest.mark.parametrize(
+    "schedule,temperature,chunk", [("linear", 1.0, None), ("cosine", 0.7, 1), ("linear", 0.0, None)]
+)
 def test_draft_frozen_equals_sequential_steps(schedule, temperature, chunk, monkeypatch):
     if chunk is not None:  # one step per chunk, as for a large vocabulary
         monkeypatch.setattr(scheduler_module, "DRAFT_CHUNK_ELEMENTS", chunk)
@@ -138,7 +145,9 @@ def test_known_predictions_are_drafted_as_step_by_step(drafter):
 
 
 def test_the_window_draft_declines_different_predictions():
-    chain = MaskedDiffusionChain(LookupDenoiser(V, 3, seed=1), MaskedDiffusionScheduler(vocab_size=V, num_inference_steps=4))
+    chain = MaskedDiffusionChain(
+        LookupDenoiser(V, 3, seed=1), MaskedDiffusionScheduler(vocab_size=V, num_inference_steps=4)
+    )
     x, steps, u = torch.full((1, 3), V), torch.tensor([[0], [1]]), torch.rand(2, 1, 3)
     same = torch.zeros(1, 3, V).expand(2, 1, 3, V)
     assert CategoricalKernel.draft_window(chain, x, steps, same, u) is not None

@@ -180,7 +180,9 @@ def test_time_conditioned_chi_square_has_power_against_broken_couplings(monkeypa
     chain, _ = time_conditioned_chain()
     x = START.expand(20_000, LENGTH).clone()
     if bug == "accept-every-draft":  # on the kernel this chain steps with
-        keep = lambda law_draft, law_target, y, noise, u: torch.ones(len(y), dtype=torch.bool, device=y.device)
+        def keep(law_draft, law_target, y, noise, u):
+            return torch.ones(len(y), dtype=torch.bool, device=y.device)
+
         monkeypatch.setattr(kernel_for(chain, x), "accept", staticmethod(keep))
     else:
         monkeypatch.setattr(categorical, "sample_residual", plain_target_draw)

@@ -9,9 +9,9 @@ import PIL.Image
 import pytest
 import torch
 
-from specdiff.pipelines.pipeline_speculative_masked_diffusion import SpeculativeMaskedDiffusionPipeline
 from specdiff.discrete import MaskedDiffusionScheduler
 from specdiff.discrete.model import MaskedDiffusionTransformer
+from specdiff.pipelines.pipeline_speculative_masked_diffusion import SpeculativeMaskedDiffusionPipeline
 from specdiff.stats import SpeculativeStats
 
 BUNDLED = Path(__file__).resolve().parents[1] / "assets" / "models" / "digits-mdm"
@@ -65,7 +65,10 @@ def test_progress_bar_can_be_disabled(capsys):
 
 def test_generator_list_makes_samples_batch_independent_and_save_load_round_trips(tmp_path):
     pipe = tiny_pipeline()
-    gens = lambda: [torch.Generator().manual_seed(s) for s in (3, 4, 5)]
+
+    def gens():
+        return [torch.Generator().manual_seed(s) for s in (3, 4, 5)]
+
     batch = pipe(batch_size=3, num_inference_steps=10, window=4, generator=gens(), output_type="latent").sequences
     alone = pipe(
         batch_size=1,
@@ -83,7 +86,8 @@ def test_generator_list_makes_samples_batch_independent_and_save_load_round_trip
 
 
 def test_training_script_and_benchmark_run_on_a_tiny_config(tmp_path):
-    from specdiff.workbench import bench_discrete as bench, train_mdm as train
+    from specdiff.workbench import bench_discrete as bench
+    from specdiff.workbench import train_mdm as train
 
     result = train.main(
         [

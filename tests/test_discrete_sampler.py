@@ -201,6 +201,8 @@ def test_nan_logits_are_refused_and_minus_inf_ones_are_not(window):
 
     chain = MaskedDiffusionChain(logits, MaskedDiffusionScheduler(vocab_size=V, num_inference_steps=LENGTH))
     with pytest.raises(FloatingPointError, match="NaN/inf at step"):
-        speculative_sample_discrete(chain, chain.prior(2, (LENGTH,)), window=window, generator=torch.Generator().manual_seed(0))
+        speculative_sample_discrete(
+            chain, chain.prior(2, (LENGTH,)), window=window, generator=torch.Generator().manual_seed(0)
+        )
     chain.model = lambda x: torch.where(torch.arange(V) == 0, float("-inf"), net(x))
     assert (speculative_sample_discrete(chain, chain.prior(2, (LENGTH,)), window=window).sample != 0).all()

@@ -75,8 +75,13 @@ def test_picard_accepts_more_than_frozen_after_rejections():
     chain = GaussianMixtureDDPM.random(dim=16, num_steps=300, seed=2)
     x = chain.sample_prior(64, torch.Generator().manual_seed(0))
     frozen = speculative_sample(chain, x, window=16, generator=torch.Generator().manual_seed(1))
-    picard = speculative_sample(chain, x, window=16, drafter=PicardDrafter(), generator=torch.Generator().manual_seed(1))
-    first = lambda s: s.accepted_by_position[0] / s.proposed_by_position[0]  # the root after a rejection
+    picard = speculative_sample(
+        chain, x, window=16, drafter=PicardDrafter(), generator=torch.Generator().manual_seed(1)
+    )
+
+    def first(s):
+        return s.accepted_by_position[0] / s.proposed_by_position[0]  # the root after a rejection
+
     assert first(picard.stats) > first(frozen.stats) + 0.03
     assert picard.stats.target_calls < frozen.stats.target_calls
     assert sum(picard.stats.per_sample_target_calls) < sum(frozen.stats.per_sample_target_calls)
@@ -85,6 +90,9 @@ def test_picard_accepts_more_than_frozen_after_rejections():
 def test_picard_at_window_one_is_the_plain_sampler():
     chain = GaussianMixtureDDPM.random(dim=2, num_steps=40)
     x = chain.sample_prior(8, torch.Generator().manual_seed(0))
-    gens = lambda: [torch.Generator().manual_seed(i) for i in range(8)]
+
+    def gens():
+        return [torch.Generator().manual_seed(i) for i in range(8)]
+
     a = speculative_sample(chain, x, window=1, drafter="picard", generator=gens())
     assert torch.equal(a.sample, sample_baseline(chain, x, gens()))

@@ -34,7 +34,9 @@ def test_speculative_sample_on_a_categorical_chain_has_the_exact_law():
     chain = masked_chain()
     start = torch.full((20_000, LENGTH), V)
     law = exact_baseline_law(chain, start[0])
-    out = speculative_sample(chain, start, window=3, drafter=ScaledDrafter(-3.0), generator=torch.Generator().manual_seed(0))
+    out = speculative_sample(
+        chain, start, window=3, drafter=ScaledDrafter(-3.0), generator=torch.Generator().manual_seed(0)
+    )
     assert out.stats.proposed > out.stats.accepted and out.stats.residual_draws > 0
     counts = torch.bincount(_state_index(out.sample, V + 1), minlength=law.numel()).double()
     support = law > 0

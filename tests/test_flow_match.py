@@ -76,13 +76,22 @@ def test_speculative_flow_sampler_has_the_law_of_the_plain_one(name):
     spec = SpeculativeScheduler.from_scheduler(SCHEDULERS[name](), window=4)
     n = 2000
     x = torch.randn(n, DIM, generator=torch.Generator().manual_seed(5))
+
     # A draft velocity that is off, so that rejections (reflections) happen.
-    draft = lambda x, t: 1.1 * gaussian_velocity(x, t) + 0.05
-    out = spec.sample(gaussian_velocity, x, num_inference_steps=20, drafter=draft, generator=torch.Generator().manual_seed(6))
-    plain = spec.sample_baseline(gaussian_velocity, x, num_inference_steps=20, generator=torch.Generator().manual_seed(7))
+    def draft(x, t):
+        return 1.1 * gaussian_velocity(x, t) + 0.05
+
+    out = spec.sample(
+        gaussian_velocity, x, num_inference_steps=20, drafter=draft, generator=torch.Generator().manual_seed(6)
+    )
+    plain = spec.sample_baseline(
+        gaussian_velocity, x, num_inference_steps=20, generator=torch.Generator().manual_seed(7)
+    )
     assert 0 < out.stats.acceptance_rate < 1 and out.stats.target_calls < 20
     assert_same_law(out.sample, plain, alpha=1e-3)
-    window_one = spec.sample(gaussian_velocity, x, num_inference_steps=20, window=1, generator=torch.Generator().manual_seed(7))
+    window_one = spec.sample(
+        gaussian_velocity, x, num_inference_steps=20, window=1, generator=torch.Generator().manual_seed(7)
+    )
     assert torch.equal(window_one.sample, plain)
 
 
@@ -171,7 +180,10 @@ def test_flow_sde_has_the_exact_law_of_its_discretised_chain(churn):
     x = torch.randn(MOMENT_N, DIM, generator=torch.Generator().manual_seed(8))
     run = {"num_inference_steps": MOMENT_STEPS}
     plain = spec.sample_baseline(gaussian_velocity, x, generator=torch.Generator().manual_seed(9), **run)
-    draft = lambda x, t: 1.1 * gaussian_velocity(x, t) + 0.05
+
+    def draft(x, t):
+        return 1.1 * gaussian_velocity(x, t) + 0.05
+
     out = spec.sample(gaussian_velocity, x, drafter=draft, generator=torch.Generator().manual_seed(10), **run)
     assert out.stats.proposed - out.stats.accepted >= MOMENT_N  # rejections on every row, on average
     for name, sample in (("plain", plain), ("speculative", out.sample)):

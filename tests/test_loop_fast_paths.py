@@ -70,8 +70,10 @@ def test_companion_streams_drawn_in_blocks_are_the_step_by_step_draws(per_sample
     streams = NoiseStreams(make(), torch.zeros(batch, 2))
     rows = torch.arange(batch)
     u = torch.stack([streams.uniform(rows, torch.full((batch,), k)) for k in range(steps)])
-    seeds = torch.stack([torch.tensor([g.initial_seed() for g in streams.residual_generators(rows, torch.full((batch,), k))])
-                         for k in range(steps)])
+    seeds = torch.stack([
+        torch.tensor([g.initial_seed() for g in streams.residual_generators(rows, torch.full((batch,), k))])
+        for k in range(steps)
+    ])
     groups = make() if per_sample else [make()]
     for slots, g in zip([[b] for b in range(batch)] if per_sample else [list(range(batch))], groups):
         uniforms, residuals = _companion(g, b"specdiff-uniforms"), _companion(g, b"specdiff-residuals")

@@ -10,7 +10,7 @@ nbformat = pytest.importorskip("nbformat", reason="Jupyter is in the dev extras:
 nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
-NAMES = ["01_quickstart.ipynb", "02_why_exact.ipynb", "03_speed.ipynb", "04_discrete.ipynb"]
+NAMES = ["01_quickstart.ipynb", "02_why_exact.ipynb", "03_speed.ipynb", "04_discrete.ipynb", "05_langevin.ipynb"]
 
 
 def test_every_notebook_is_covered():

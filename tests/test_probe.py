@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from test_cli import fails_with, tiny_pipeline
 
 from specdiff import ModelDrafter, acceptance_probability, speculative_sample
 from specdiff.cli import main as cli_main
@@ -113,3 +114,30 @@ def test_probe_command_prints_a_table_per_window(capsys, tmp_path):
 def test_probe_command_rejects_bad_windows():
     with pytest.raises(SystemExit, match="--windows must be comma-separated integers"):
         cli_main(["probe", "--windows", "4,x"])
+
+
+def test_probe_takes_the_sampler_options_of_generate(capsys):
+    assert cli_main(["probe", "--steps", "10", "--windows", "1,4", "--scheduler", "euler-a"]) == 0
+    assert "chosen with --scheduler euler-a" in capsys.readouterr().out
+    assert cli_main(["probe", "--steps", "10", "--windows", "1,4", "--scheduler", "ddim", "--eta", "1.0"]) == 0
+    fails_with(capsys, ["probe", "--steps", "10", "--scheduler", "nope"], "unknown sampler", "euler-a")
+
+
+def test_probe_runs_a_deterministic_model_through_the_stochastic_switch(tmp_path, capsys):
+    from diffusers import PNDMScheduler
+
+    tiny_pipeline(tmp_path / "m", PNDMScheduler)
+    argv = ["probe", "--model", str(tmp_path / "m"), "--steps", "8", "--windows", "1,2"]
+    fails_with(capsys, argv, "deterministic", "--stochastic")
+    assert cli_main([*argv, "--stochastic"]) == 0
+    assert "stochastic sibling of PNDMScheduler" in capsys.readouterr().out
+
+
+def test_probe_on_a_text_to_image_folder_is_one_paragraph_not_a_traceback(tmp_path, capsys):
+    from diffusers import PNDMScheduler
+    from test_pipeline_stable_diffusion import sd_pipe
+
+    sd_pipe(PNDMScheduler()).save_pretrained(tmp_path / "sd")
+    capsys.readouterr()  # saving shows transformers' "Writing model shards" bar
+    fails_with(capsys, ["probe", "--model", str(tmp_path / "sd"), "--steps", "4"],
+                      "is a StableDiffusionPipeline", "specdiff probe takes unconditional image pipelines")

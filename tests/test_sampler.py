@@ -4,8 +4,8 @@ whole-sampler exactness on the analytic mixture, speed, and clear errors."""
 import pytest
 import torch
 
-from specdiff.kernels import GaussianKernel
 from specdiff import ModelDrafter, sample_baseline, speculative_sample
+from specdiff.kernels import GaussianKernel
 from specdiff.testing import GaussianMixtureDDPM, two_sample_test
 
 # Each two-sample test is at family-wise ALPHA over its own projections (Bonferroni); the 6
@@ -150,7 +150,10 @@ def test_the_checker_detects_a_broken_coupling(mixture, monkeypatch):
 
     def resample_on_reject(law_draft, law_target, y, z, generators):
         mean_target, std = law_target
-        return (mean_target + std * torch.randn(y.shape, generator=noise, dtype=y.dtype)).to(y.dtype), torch.zeros(len(y), dtype=torch.long)
+        return (
+            (mean_target + std * torch.randn(y.shape, generator=noise, dtype=y.dtype)).to(y.dtype),
+            torch.zeros(len(y), dtype=torch.long),
+        )
 
     honest = speculative_sample(chain, x, window=8, drafter=bad_drafter, generator=torch.Generator().manual_seed(15))
     assert two_sample_test(honest.sample, reference, alpha=ALPHA).passed

@@ -36,7 +36,6 @@ from specdiff.schedulers import (
     supported_schedulers,
 )
 
-
 SHAPE = (2, 3, 4, 4)
 
 
@@ -189,7 +188,12 @@ CASES += [
 ]
 
 CASES += [
-    ("flow-euler-stochastic", lambda: FlowMatchEulerDiscreteScheduler(stochastic_sampling=True), {"num_inference_steps": 10}, {}),
+    (
+        "flow-euler-stochastic",
+        lambda: FlowMatchEulerDiscreteScheduler(stochastic_sampling=True),
+        {"num_inference_steps": 10},
+        {},
+    ),
     (
         "flow-euler-stochastic-shift3-karras",
         lambda: FlowMatchEulerDiscreteScheduler(stochastic_sampling=True, shift=3.0, use_karras_sigmas=True),

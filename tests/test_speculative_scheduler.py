@@ -25,7 +25,6 @@ import specdiff
 from specdiff.schedulers import SpeculativeScheduler
 from specdiff.testing import assert_same_law
 
-
 DIM = 4
 MEANS = torch.tensor([[1.2, -0.8, 0.5, 0.0], [-1.0, 0.9, -0.6, 0.7]])
 DATA_STD = 0.25
@@ -250,6 +249,7 @@ def test_is_a_scheduler_mixin_exported_at_top_level():
     assert specdiff.SpeculativeScheduler is SpeculativeScheduler
 
 
+@pytest.mark.filterwarnings("ignore::specdiff.schedulers.PlainStepWarning")  # said on purpose: a plain loop
 @pytest.mark.parametrize("family", FAMILIES)
 def test_plain_step_delegates_to_the_wrapped_scheduler(family):
     factory, step_kwargs = FAMILIES[family]

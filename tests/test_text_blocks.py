@@ -65,7 +65,10 @@ def test_window_one_cached_and_plain_blocks_agree_token_for_token_and_keep_the_p
 def test_a_sample_does_not_depend_on_its_batch_with_one_generator_per_sample():
     chain = make_chain(steps=4)
     x = torch.full((3, LENGTH), chain.mask_token_id)
-    seeds = lambda: [torch.Generator().manual_seed(10 + i) for i in range(3)]
+
+    def seeds():
+        return [torch.Generator().manual_seed(10 + i) for i in range(3)]
+
     batch = sample_blocks(chain, x, block_size=BLOCK, window=2, generator=seeds()).sample
     alone = sample_blocks(chain, x[1:2], block_size=BLOCK, window=2, generator=seeds()[1:2]).sample
     assert torch.equal(batch[1:2], alone)

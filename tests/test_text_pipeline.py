@@ -7,12 +7,12 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from specdiff.pipelines import SpeculativeTextDiffusionPipeline
 from transformers import BertConfig, BertForMaskedLM
 
 from specdiff.cli import main
 from specdiff.discrete import MaskedDiffusionScheduler
 from specdiff.paths import asset
+from specdiff.pipelines import SpeculativeTextDiffusionPipeline
 from specdiff.text import char_tokenizer
 
 BUNDLED = asset("models", "stdlib-text")
@@ -47,8 +47,9 @@ def test_pipeline_round_trips_and_returns_strings_that_continue_the_prompt(tiny_
 
 
 def test_generic_diffusers_loader_finds_the_pipeline_file(tiny_folder):
-    import specdiff.pipelines.pipeline_speculative_text as module
     from diffusers import DiffusionPipeline
+
+    import specdiff.pipelines.pipeline_speculative_text as module
 
     pipe = DiffusionPipeline.from_pretrained(tiny_folder, custom_pipeline=module.__file__, trust_remote_code=True)
     pipe.set_progress_bar_config(disable=True)
@@ -58,8 +59,9 @@ def test_generic_diffusers_loader_finds_the_pipeline_file(tiny_folder):
 def test_window_one_plain_and_cached_give_the_same_tokens(tiny_folder):
     pipe = SpeculativeTextDiffusionPipeline.from_pretrained(tiny_folder)
     pipe.set_progress_bar_config(disable=True)
-    runs = [pipe(prompt="a", num_samples=3, length=10, num_inference_steps=12, generator=torch.Generator().manual_seed(0),
-                 **kw) for kw in ({"window": None}, {"window": None, "cache": True}, {"window": 1})]
+    runs = [pipe(prompt="a", num_samples=3, length=10, num_inference_steps=12,
+                 generator=torch.Generator().manual_seed(0), **kw)
+            for kw in ({"window": None}, {"window": None, "cache": True}, {"window": 1})]
     assert all(torch.equal(runs[0].sequences, r.sequences) for r in runs[1:])
     assert runs[1].stats.target_rows < runs[0].stats.target_rows
 
@@ -125,7 +127,8 @@ def test_the_default_automatic_window_repeats_a_seeds_text(tiny_folder):
     model, not the chain object), so the same seed gives the same tokens."""
     pipe = SpeculativeTextDiffusionPipeline.from_pretrained(tiny_folder)
     pipe.set_progress_bar_config(disable=True)
-    runs = [pipe(prompt="ab", num_samples=2, length=12, num_inference_steps=16, generator=torch.Generator().manual_seed(3))
+    runs = [pipe(prompt="ab", num_samples=2, length=12, num_inference_steps=16,
+                 generator=torch.Generator().manual_seed(3))
             for _ in range(2)]
     assert runs[0].stats.window_choice.startswith("auto window")
     assert torch.equal(runs[0].sequences, runs[1].sequences)

@@ -11,7 +11,6 @@ and :func:`specdiff.sample_baseline` (``speculative_sample_discrete`` / ``sample
 are the same functions under their earlier names).
 """
 
-from .chain import LookupDenoiser, MarkovDenoiser, MaskedDiffusionChain, exact_baseline_law, exact_speculative_law
 from ..kernels.categorical import (
     log_ratio,
     residual_acceptance_probability,
@@ -21,6 +20,7 @@ from ..kernels.categorical import (
     total_variation,
 )
 from ..sampler import sample_baseline_discrete, speculative_sample_discrete
+from .chain import LookupDenoiser, MarkovDenoiser, MaskedDiffusionChain, exact_baseline_law, exact_speculative_law
 from .scheduler import MaskedDiffusionScheduler, MaskedDiffusionSchedulerOutput
 
 __all__ = [

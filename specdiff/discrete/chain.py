@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..drafters import DraftMemory, Drafter, as_drafter
+from ..drafters import Drafter, DraftMemory, as_drafter
 from ..kernels.categorical import (
     CategoricalKernel,
     MaskedKernel,

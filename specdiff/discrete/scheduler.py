@@ -192,7 +192,9 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
         mu = softmax_rows(self.scores_for(sample, model_output))
         return masked_transition(sample, stay, mu)
 
-    def draft_frozen(self, sample: Tensor, step_indices: Tensor, model_output: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    def draft_frozen(
+        self, sample: Tensor, step_indices: Tensor, model_output: Tensor, u: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """``L`` consecutive steps under ONE model output (the frozen-target drafter), at once.
 
         ``step_indices [L, B]``, ``u [L, *sample.shape]`` (step j's per-position uniforms).

@@ -185,14 +185,14 @@ class GaussianKernel:
         """Whether each drafted step ``y ~ N(m_D, σ²)`` is kept (float64 test)."""
         (m_d, std_d), (m_t, std_t) = law_draft, law_target
         std_d, std_t = std_d.reshape(-1), std_t.reshape(-1)
+        if not bool((std_t >= 0).all()):  # NaN fails too: a σ < 0 or NaN would pass as a deterministic step
+            raise ValueError("the chain's transition returned a negative or NaN std; it must be >= 0 (0 = a "
+                             "deterministic step)")
         if not torch.equal(std_d, std_t):  # same schedule, same function: bit-identical, or not a shared σ
             raise ValueError(
                 "draft and target kernels have different std (learned variance?); the reflection "
                 "coupling needs a std fixed by the schedule: use a fixed variance_type"
             )
-        if not bool((std_t >= 0).all()):  # NaN fails too: a σ < 0 or NaN would pass as a deterministic step
-            raise ValueError("the chain's transition returned a negative or NaN std; it must be >= 0 (0 = a "
-                             "deterministic step)")
         return _accept(_delta(m_d, m_t, std_t), z.flatten(1), std_t, u if u.device == std_t.device else u.to(std_t.device))
 
     @staticmethod

@@ -39,12 +39,18 @@ function that also takes a ``sample`` keyword receives the batch index of each r
 
 _ADAPTERS: dict[str, type[SchedulerAdapter]] = {}
 
+SWITCH = (
+    "or switch to its stochastic sibling, a different sampler with its own law: "
+    "specdiff.schedulers.stochastic_sibling(scheduler) (--stochastic on the command line)"
+)
+"""How the refusal of a deterministic scheduler ends (the siblings: :mod:`specdiff.schedulers.names`)."""
+
 # Schedulers we recognise but cannot accelerate exactly, and what to use instead.
 _DETERMINISTIC = (
     "is a deterministic (ODE) solver: given the model output its step has no noise, so there is "
     "nothing for a maximal coupling to accept or correct. Use a stochastic scheduler instead: "
     "DDPMScheduler, DDIMScheduler with eta > 0, EulerAncestralDiscreteScheduler, or "
-    "DPMSolverMultistepScheduler(algorithm_type='sde-dpmsolver++')"
+    f"DPMSolverMultistepScheduler(algorithm_type='sde-dpmsolver++'); {SWITCH}"
 )
 _UNSUPPORTED: dict[str, str] = {
     name: _DETERMINISTIC
@@ -68,7 +74,7 @@ _UNSUPPORTED.update(
             "draws its noise from a Brownian tree (torchsde): the noise of one step is correlated with "
             "the others, so the sampler is not a Markov chain with independent Gaussian steps and the "
             "step-by-step coupling does not apply. Use DPMSolverMultistepScheduler("
-            "algorithm_type='sde-dpmsolver++') — the same DPM-Solver++ SDE with independent noise"
+            "algorithm_type='sde-dpmsolver++') — the same DPM-Solver++ SDE with independent noise; " + SWITCH
         ),
         "CosineDPMSolverMultistepScheduler": (
             "draws its noise from a Brownian tree (correlated across steps), so the step-by-step coupling "
@@ -77,11 +83,11 @@ _UNSUPPORTED.update(
         "KDPM2AncestralDiscreteScheduler": (
             "has two model evaluations per step (order 2), so one step is not one Gaussian kernel given one "
             "model output. Use EulerAncestralDiscreteScheduler or DPMSolverMultistepScheduler("
-            "algorithm_type='sde-dpmsolver++')"
+            "algorithm_type='sde-dpmsolver++'); " + SWITCH
         ),
         "DPMSolverSinglestepScheduler": (
             "is not supported yet (singlestep solvers interleave intermediate evaluations). Use "
-            "DPMSolverMultistepScheduler(algorithm_type='sde-dpmsolver++')"
+            "DPMSolverMultistepScheduler(algorithm_type='sde-dpmsolver++'); " + SWITCH
         ),
         "EDMDPMSolverMultistepScheduler": (
             "is not supported yet. Use DPMSolverMultistepScheduler(algorithm_type='sde-dpmsolver++')"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import SchedulerAdapter, register_adapter, step_table, threshold_sample
+from .base import SWITCH, SchedulerAdapter, register_adapter, step_table, threshold_sample
 
 
 @register_adapter("DDIMScheduler", "DDIMParallelScheduler")
@@ -38,7 +38,7 @@ class DDIMAdapter(SchedulerAdapter):
             raise ValueError(
                 f"DDIMScheduler with eta={eta or 0.0} is deterministic: given the model output its step adds no "
                 "noise, so there is nothing to speculate on. Pass eta > 0 (eta=1.0 is DDPM's posterior "
-                "variance on the DDIM timesteps), or use DDPMScheduler"
+                "variance on the DDIM timesteps), or use DDPMScheduler; " + SWITCH
             )
         if eta > 1:
             raise ValueError(f"DDIM eta must be in (0, 1]; got {eta} (sqrt(1 - a_prev - std^2) would be NaN)")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import SchedulerAdapter, register_adapter, step_table, threshold_sample
+from .base import SWITCH, SchedulerAdapter, register_adapter, step_table, threshold_sample
 
 
 @register_adapter("DPMSolverMultistepScheduler")
@@ -43,7 +43,7 @@ class DPMSolverSDEAdapter(SchedulerAdapter):
                 f"DPMSolverMultistepScheduler with algorithm_type={cfg.algorithm_type!r} is a deterministic (ODE) "
                 "solver: its step adds no noise, so there is nothing to speculate on. Use "
                 "algorithm_type='sde-dpmsolver++' (DPM++ SDE), e.g. "
-                "DPMSolverMultistepScheduler.from_config(scheduler.config, algorithm_type='sde-dpmsolver++')"
+                "DPMSolverMultistepScheduler.from_config(scheduler.config, algorithm_type='sde-dpmsolver++'); " + SWITCH
             )
         if cfg.algorithm_type != "sde-dpmsolver++":
             raise ValueError(

@@ -27,7 +27,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
-from .base import SchedulerAdapter, register_adapter, step_table
+from .base import SWITCH, SchedulerAdapter, register_adapter, step_table
 
 # -- our flow-matching SDE scheduler ----------------------------------------------------------------
 
@@ -180,7 +180,7 @@ class _FlowAdapter(SchedulerAdapter):
 
 _USE_STOCHASTIC = (
     "Use FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, stochastic_sampling=True), "
-    "or specdiff's FlowMatchSDEScheduler.from_config(pipe.scheduler.config, churn=0.5)"
+    "or specdiff's FlowMatchSDEScheduler.from_config(pipe.scheduler.config, churn=0.5); " + SWITCH
 )
 
 

@@ -14,14 +14,18 @@ does not fit diffusers' one-step-at-a-time ``step()``. The wrapper therefore off
   exactly the law of the wrapped scheduler's plain loop.
 * ``set_timesteps``, ``timesteps``, ``init_noise_sigma``, ``scale_model_input``,
   ``add_noise`` and ``step`` delegate to the wrapped scheduler, so the wrapper stays a
-  drop-in in a plain diffusers loop (plain sequential sampling, no speculation; DDIM's
-  ``eta`` defaults to the wrapper's ``eta``).
+  drop-in in a plain diffusers loop: plain sequential sampling, no speculation, exactly the
+  wrapped scheduler's images (``step`` shows the wrapped ``step``'s signature, so diffusers'
+  pipelines pass it their ``generator`` and ``eta``). The first ``step`` call warns
+  (:class:`PlainStepWarning`) and names the speculative pipeline to use.
 """
 
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Mapping
+from typing import ClassVar
 
 import diffusers
 import numpy as np
@@ -62,6 +66,38 @@ def _scheduler_config(scheduler) -> dict:
     return {k: _json_safe(v) for k, v in dict(scheduler.config).items() if not k.startswith("_")}
 
 
+class PlainStepWarning(UserWarning):
+    """``SpeculativeScheduler.step()`` was called: a plain loop runs the wrapped scheduler one step at
+    a time, without speculation (said once per scheduler)."""
+
+
+# The speculative pipeline (in specdiff.pipelines) to use in place of each plain diffusers pipeline.
+SPECULATIVE_PIPELINES = {
+    "DDPMPipeline": "SpeculativeDDPMPipeline",
+    "DDIMPipeline": "SpeculativeDDPMPipeline",
+    "StableDiffusionPipeline": "SpeculativeStableDiffusionPipeline",
+    "StableDiffusionXLPipeline": "SpeculativeStableDiffusionXLPipeline",
+    "StableDiffusion3Pipeline": "SpeculativeStableDiffusion3Pipeline",
+    "FluxPipeline": "SpeculativeFluxPipeline",
+}
+
+
+def _plain_step_message(base: str, caller) -> str:
+    """What :class:`PlainStepWarning` says: the loop calling ``step()`` (``caller``: the ``self`` of
+    the calling frame, a pipeline or anything else) gets no speculation; which pipeline to use."""
+    names = [k.__name__ for k in type(caller).__mro__] if caller is not None else []
+    plain = next((n for n in names if n in SPECULATIVE_PIPELINES), None)
+    if plain is None:
+        where = "a plain loop"
+        use = ("a pipeline of specdiff.pipelines (SpeculativeDDPMPipeline, SpeculativeStableDiffusionPipeline, ...) "
+               "or SpeculativeScheduler.sample(model_fn, latents)")
+    else:
+        where = f"{names[0]}'s loop"
+        use = f"specdiff.pipelines.{SPECULATIVE_PIPELINES[plain]}.from_pipe(pipe, window=...)"
+    return (f"SpeculativeScheduler.step() runs the wrapped {base} one step at a time: no speculation and no stats "
+            f"in {where} (the images are the plain {base}'s). Speculation needs the whole trajectory: use {use}")
+
+
 class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
     """Speculative sampling (De Bortoli et al. 2025) around a stochastic diffusers scheduler.
 
@@ -89,7 +125,7 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
 
     config_name = "scheduler_config.json"
     order = 1
-    _compatibles = []
+    _compatibles: ClassVar[list[str]] = []
 
     @register_to_config
     def __init__(
@@ -116,6 +152,7 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
         if frozen_prediction not in FROZEN_PREDICTIONS:
             raise ValueError(f"frozen_prediction must be one of {FROZEN_PREDICTIONS}; got {frozen_prediction!r}")
         self._base = base_cls.from_config(dict(base_scheduler_config or {}))
+        self._said_plain_step = False
         adapter_cls.check(self._base, **adapter_cls.accepted_options(self._step_options()))
 
     # -- construction -------------------------------------------------------------------------
@@ -237,14 +274,31 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
             return sample
         return self._base.scale_model_input(sample, timestep)
 
-    def step(self, model_output: Tensor, timestep, sample: Tensor, *args, **kwargs):
-        """One plain (non-speculative) step of the wrapped scheduler, so the wrapper works in an
-        ordinary diffusers loop. Speculative sampling runs through :meth:`sample` instead."""
-        parameters = inspect.signature(self._base.step).parameters
-        for name in step_options():
-            if name in parameters and name not in kwargs and self.config[name] is not None:
-                kwargs[name] = self.config[name]
-        return self._base.step(model_output, timestep, sample, *args, **kwargs)
+    @property
+    def step(self) -> Callable:
+        """The wrapped scheduler's ``step``, for a plain diffusers loop (one step per call, no
+        speculation: :meth:`sample` speculates). It has the wrapped ``step``'s signature, because
+        diffusers' pipelines pass ``generator=`` and ``eta=`` only to a ``step`` that names them;
+        every argument reaches the wrapped ``step`` as given, and the wrapper's step options
+        (DDIM's ``eta``) fill those the call leaves out. The first call warns
+        (:class:`PlainStepWarning`), naming the speculative pipeline to use."""
+        base_step = self._base.step
+        signature = inspect.signature(base_step)
+
+        def step(*args, **kwargs):
+            given = signature.bind_partial(*args, **kwargs).arguments  # the wrapped step's TypeError for bad ones
+            if not self._said_plain_step:
+                self._said_plain_step = True
+                caller = inspect.currentframe().f_back.f_locals.get("self")
+                message = _plain_step_message(self.config.base_scheduler_class, caller)
+                warnings.warn(message, PlainStepWarning, stacklevel=2)
+            for name in step_options():
+                if name in signature.parameters and name not in given and self.config[name] is not None:
+                    kwargs[name] = self.config[name]
+            return base_step(*args, **kwargs)
+
+        step.__signature__ = signature
+        return step
 
     # -- speculative sampling -----------------------------------------------------------------
 

@@ -21,9 +21,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..sampler import sample_baseline_discrete, speculative_sample_discrete
 from ..drafters import Drafter
-from ..sampler import SpeculativeOutput
+from ..sampler import SpeculativeOutput, sample_baseline_discrete, speculative_sample_discrete
 from ..stats import SpeculativeStats
 
 
@@ -60,6 +59,7 @@ def _add(total: SpeculativeStats, s: SpeculativeStats) -> None:
     for name in ("committed_per_round", "proposed_by_position", "accepted_by_position",
                  "per_sample_target_calls", "per_sample_proposed", "per_sample_accepted"):
         setattr(total, name, [a + b for a, b in zip(getattr(total, name), getattr(s, name))])
+    total.peak_rows = max(total.peak_rows, s.peak_rows)
 
 
 @torch.no_grad()
@@ -73,11 +73,12 @@ def sample_blocks(
     cached: bool = False,
     generator=None,
     progress: bool | Callable = False,
+    max_rows: int | str | None = "auto",
 ) -> SpeculativeOutput:
     """Generate the masked suffix of ``x_init [B, L]`` in blocks of ``block_size`` tokens.
 
     Each block runs ``chain.num_steps`` steps: the plain sampler (``window=None``; ``cached``
-    as MDLM's ``ddpm_cache``) or the speculative one (``window``, ``drafter``). ``stats`` add
+    as MDLM's ``ddpm_cache``) or the speculative one (``window``, ``drafter``, ``max_rows``). ``stats`` add
     up over blocks (``num_steps`` = blocks x steps).
     """
     if not isinstance(block_size, int) or block_size < 1:
@@ -91,7 +92,7 @@ def sample_blocks(
             out = sample_baseline_discrete(chain, x[:, :end], g, cached=cached, progress=progress, return_stats=True)
         else:
             out = speculative_sample_discrete(
-                chain, x[:, :end], window=window, drafter=drafter, generator=g, progress=progress
+                chain, x[:, :end], window=window, drafter=drafter, generator=g, progress=progress, max_rows=max_rows
             )
         x[:, :end] = out.sample
         if stats is None:  # the first block's stats, for the whole run (sized by its window)

@@ -58,7 +58,9 @@ class MaskedLMDenoiser:
         out = self.model(ids, **kwargs)
         logits = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out
         if logits.shape[-1] <= max(self.suppress):
-            raise ValueError(f"the model returns {logits.shape[-1]} logits; special token id {max(self.suppress)} is out of range")
+            raise ValueError(
+                f"the model returns {logits.shape[-1]} logits; special token id {max(self.suppress)} is out of range"
+            )
         # Specials (MASK above all: SUBS "zero masking probability") are never clean tokens.
         return logits.index_fill(-1, torch.tensor(self.suppress, device=logits.device), float("-inf"))
 
@@ -95,7 +97,9 @@ class MaskedLMChain(MaskedDiffusionChain):
             raise ValueError(f"time_input must be None (time-free) or one of {TIME_INPUTS}, got {time_input!r}")
         vocab = scheduler.config.vocab_size
         if not 0 <= mask_token_id < vocab:
-            raise ValueError(f"mask_token_id {mask_token_id} is not a token of the scheduler's vocabulary (size {vocab})")
+            raise ValueError(
+                f"mask_token_id {mask_token_id} is not a token of the scheduler's vocabulary (size {vocab})"
+            )
         self.denoiser = MaskedLMDenoiser(
             model,
             mask_token_id,
@@ -136,7 +140,9 @@ class MaskedLMChain(MaskedDiffusionChain):
         prompt_ids = [list(p) for p in prompt_ids]
         width = max(len(p) for p in prompt_ids)
         if any(len(p) < width for p in prompt_ids) and self.denoiser.pad_token_id is None:
-            raise ValueError("prompts of different token lengths need padding: pass pad_token_id (or equal-length prompts)")
+            raise ValueError(
+                "prompts of different token lengths need padding: pass pad_token_id (or equal-length prompts)"
+            )
         pad = self.denoiser.pad_token_id
         rows = [[pad] * (width - len(p)) + p + [self.mask_token_id] * length for p in prompt_ids]
         return torch.tensor(rows, dtype=torch.long, device=device)

@@ -93,7 +93,9 @@ def asd_sample(chain, x_init: Tensor, *, spec_len: int | None = None, generator:
     :func:`specdiff.sample_baseline` draws them; ``max_rows`` splits a call into micro-batches
     (still one sequential call)."""
     if spec_len is not None and (isinstance(spec_len, bool) or not isinstance(spec_len, int) or spec_len < 1):
-        raise ValueError(f"spec_len must be a positive integer, or None to speculate to the last step; got {spec_len!r}")
+        raise ValueError(
+            f"spec_len must be a positive integer, or None to speculate to the last step; got {spec_len!r}"
+        )
     if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
         raise ValueError(f"max_rows must be a positive integer, or None for one batch per call; got {max_rows!r}")
     if kernel_for(chain, x_init) is not GaussianKernel or not x_init.is_floating_point():
@@ -150,7 +152,9 @@ def asd_sample(chain, x_init: Tensor, *, spec_len: int | None = None, generator:
             jd, idv = jr.to(dev), ir.to(dev)
             law_T = kernel.law(chain, y[jd, idv], k[jr, ir].to(dev), pred_T[jd, idv], pred_T[jd, idv])
             law_Dr = tuple(part[jd, idv] for part in law_D)
-            accept[jr, ir] = kernel.accept(law_Dr, law_T, y[jd + 1, idv], z[jd, idv], noise.uniform(ids[ir], k[jr, ir])).cpu()
+            accept[jr, ir] = kernel.accept(
+                law_Dr, law_T, y[jd + 1, idv], z[jd, idv], noise.uniform(ids[ir], k[jr, ir])
+            ).cpu()
         accept &= j[:span] < L  # positions past L never count as kept
         kept = accept.cumprod(0).sum(0)  # length of the accepted prefix (0 .. L)
         whole = kept == L
@@ -164,7 +168,9 @@ def asd_sample(chain, x_init: Tensor, *, spec_len: int | None = None, generator:
         rejected = (~whole).nonzero().squeeze(1)
         if rejected.numel():
             r, rd = kept[rejected], rejected.to(dev)
-            law_Tr = kernel.law(chain, y[r.to(dev), rd], k[r, rejected].to(dev), pred_T[r.to(dev), rd], pred_T[r.to(dev), rd])
+            law_Tr = kernel.law(
+                chain, y[r.to(dev), rd], k[r, rejected].to(dev), pred_T[r.to(dev), rd], pred_T[r.to(dev), rd]
+            )
             x_fix, _ = kernel.correct(tuple(part[r.to(dev), rd] for part in law_D), law_Tr, y[r.to(dev) + 1, rd],
                                       z[r.to(dev), rd], lambda: None)
             x_new = x_new.index_put((rd,), x_fix)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -19,13 +18,9 @@ from .. import sample_baseline, speculative_sample
 from ..paths import asset
 from ..testing import GaussianMixtureDDPM, two_sample_test
 from ..window import AutoWindow
+from .results import environment, write_result
 
 ASSETS = asset()
-
-
-def _environment() -> dict:
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-            "processor": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d")}
 
 
 def bench_analytic(out: Path, quick: bool = False) -> dict:
@@ -51,8 +46,8 @@ def bench_analytic(out: Path, quick: bool = False) -> dict:
                          "baseline_wall_clock_s": base_wall, "two_sample_min_p": check.min_p,
                          "same_law": check.passed})
     result = {"benchmark": "analytic", "command": "python -m specdiff.workbench.bench analytic", "num_steps": 1000,
-              "environment": _environment(), "rows": rows}
-    _write(out / "analytic.json", result)
+              "environment": environment(), "rows": rows}
+    write_result(out / "analytic.json", result)
     _plot_analytic(rows, out / "analytic.png")
     return result
 
@@ -113,7 +108,10 @@ def _digits_samplers(plain, spec, draft, latents, quick: bool):
     def baseline(make_gen, n):
         images = plain(batch_size=n, generator=make_gen(), num_inference_steps=steps, output_type="pt").images
         images = torch.as_tensor(images)
-        return images.permute(0, 3, 1, 2) if images.shape[-1] == 1 else images, {"target_calls": steps, "target_rows": steps}
+        return (
+            images.permute(0, 3, 1, 2) if images.shape[-1] == 1 else images,
+            {"target_calls": steps, "target_rows": steps},
+        )
 
     def paradigms(parallel, tolerance):
         def run(make_gen, n):
@@ -155,7 +153,8 @@ def _digits_samplers(plain, spec, draft, latents, quick: bool):
 def _stats_row(stats) -> dict:
     return {"target_calls": stats.target_calls, "target_rows": stats.target_rows / stats.batch_size,
             "draft_calls": stats.draft_calls, "acceptance_rate": stats.acceptance_rate,
-            "accepted_by_position": stats.accepted_by_position[:8], "proposed_by_position": stats.proposed_by_position[:8]}
+            "accepted_by_position": stats.accepted_by_position[:8],
+            "proposed_by_position": stats.proposed_by_position[:8]}
 
 
 class _RowMeter:
@@ -228,10 +227,10 @@ def bench_digits(out: Path, quick: bool = False, samples: int = 64, repeats: int
         quality = json.loads(saved[0].read_text())["quality"]
     meter.handle.remove()
     result = {"benchmark": "digits", "command": command, "num_steps": 1000,
-              "environment": _environment(), "repeats": 1 if quick else repeats, "latency_batch1": latency,
+              "environment": environment(), "repeats": 1 if quick else repeats, "latency_batch1": latency,
               "unet_latency_s": {str(b): t for b, t in sorted(calibration.latency.points.items())},
               "summary": summary, "quality": quality}
-    _write(out / f"{name}.json", result)
+    write_result(out / f"{name}.json", result)
     _plot_digits(summary, out / f"{name}.png", torch.get_num_threads())
     return result
 
@@ -290,7 +289,8 @@ def _summarise(latency):
                         "cpu_s": med("cpu_s"), "cpu_speedup": statistics.median(
                             r["cpu_s"] for r in groups[("plain DDPMPipeline", "1")]) / med("cpu_s"),
                         "wall_clock_speedup_paired": statistics.median(
-                            p["wall_clock_s"] / r["wall_clock_s"] for p, r in zip(groups[("plain DDPMPipeline", "1")], rows)),
+                            p["wall_clock_s"] / r["wall_clock_s"]
+                            for p, r in zip(groups[("plain DDPMPipeline", "1")], rows)),
                         "call_speedup": 1000 / med("target_calls")})
     return summary
 
@@ -344,8 +344,8 @@ def bench_churn(out: Path, quick: bool = False) -> dict:
     result = {"benchmark": "churn", "command": "python -m specdiff.workbench.bench churn",
               "protocol": "Gaussian mixture d=512, 5 components, flow-matching churn sampler T=30 (28 stochastic "
                           "steps), eps=0.06; peer figure: 1.27 drafted steps per target call (frozen)",
-              "environment": _environment(), "rows": rows}
-    _write(out / "churn.json", result)
+              "environment": environment(), "rows": rows}
+    write_result(out / "churn.json", result)
     return result
 
 
@@ -401,7 +401,8 @@ def bench_discrete_latency(out: Path, quick: bool = False, repeats: int = 3) -> 
                 s = res.stats
                 rows.append({"batch": batch, "sampler": name, "seed": seed, "wall_clock_s": wall,
                              "cpu_s": time.process_time() - cpu, "network_s": inside[0], "outside_s": wall - inside[0],
-                             "target_calls": s.target_calls, "target_rows": s.target_rows or sum(s.per_sample_target_calls),
+                             "target_calls": s.target_calls,
+                             "target_rows": s.target_rows or sum(s.per_sample_target_calls),
                              "rounds": s.rounds or s.target_calls,
                              "calls_per_sample": sum(s.per_sample_target_calls) / batch,
                              "chosen_windows": s.chosen_windows})
@@ -426,11 +427,11 @@ def bench_discrete_latency(out: Path, quick: bool = False, repeats: int = 3) -> 
     breakdown = [_round_breakdown(chain, inside, batch, length, 1 if quick else repeats) for batch in (1, 64)]
     result = {"benchmark": "discrete_latency",
               "command": _threaded("python -m specdiff.workbench.bench discrete-latency", " --threads "),
-              "num_steps": steps, "environment": _environment(),
+              "num_steps": steps, "environment": environment(),
               "latency_s": {str(b): t for b, t in curve.items()}, "latency_statistic": f"fastest of {sweeps} sweeps",
               "runs": rows, "summary": summary,
               "round_breakdown": breakdown}
-    _write(out / f"{_threaded('discrete_latency')}.json", result)
+    write_result(out / f"{_threaded('discrete_latency')}.json", result)
     return result
 
 
@@ -464,14 +465,16 @@ def _round_breakdown(chain, inside: list, batch: int, length: int, repeats: int)
         chain.kernel = plain
     per_round = {"network": inside[0], **spent}
     per_round["rest (driver: noise, bookkeeping, window policy)"] = wall - sum(per_round.values())
-    return {"batch": batch, "rounds_per_run": rounds / repeats, "ms_per_round": {k: 1e3 * v / rounds for k, v in per_round.items()}}
+    return {"batch": batch, "rounds_per_run": rounds / repeats,
+            "ms_per_round": {k: 1e3 * v / rounds for k, v in per_round.items()}}
 
 
 def _report_digits(d: dict) -> list[str]:
     env = d["environment"]
     one = env["threads"] == 1  # one thread: CPU time is what wall-clock would be on an idle core
     lines = [f"Bundled digits DDPM, {d['num_steps']} steps, batch 1, same seeds, {env['processor']} CPU, "
-             f"{env['threads']} thread{'s' if env['threads'] > 1 else ''}, median of {d['repeats']} interleaved repeats (`{d['command']}`)"
+             f"{env['threads']} thread{'s' if env['threads'] > 1 else ''}, "
+             f"median of {d['repeats']} interleaved repeats (`{d['command']}`)"
              + ("; the machine is shared, so the process's CPU time (what wall-clock would be on an idle core) is "
                 "shown too:" if one else ", all the machine's cores:"), "",
              "| sampler | window | sequential target calls | rows / image | largest batch | acceptance "
@@ -527,7 +530,8 @@ def _report_positions(latency: list[dict], positions: int = 8) -> list[str]:
     for r in latency:
         if "proposed_by_position" in r:
             acc, prop = totals.setdefault((r["sampler"], r["window"]), ([0] * positions, [0] * positions))
-            for j, (a, p) in enumerate(zip(r["accepted_by_position"][:positions], r["proposed_by_position"][:positions])):
+            for j, (a, p) in enumerate(
+                    zip(r["accepted_by_position"][:positions], r["proposed_by_position"][:positions])):
                 acc[j], prop[j] = acc[j] + a, prop[j] + p
     lines = ["Acceptance by window position (position 0 follows a rejection unless the previous round was fully "
              "accepted), over the timed runs:", "",
@@ -560,17 +564,18 @@ def _report_discrete_latency(d: dict) -> list[str]:
              f"(`{d['command']}`); network = time inside the "
              "model's forward, outside = the rest of the run (per round: per step for the cached sampler); ceiling = "
              "the speedup if only the network cost time:", "",
-             "| batch | sampler | sequential target calls | rows | wall-clock s (min-max) | network s | outside ms / round "
-             "| wall-clock vs cached | CPU time vs cached | ceiling |", "|" + " --- |" * 10]
+             "| batch | sampler | sequential target calls | rows | wall-clock s (min-max) | network s "
+             "| outside ms / round | wall-clock vs cached | CPU time vs cached | ceiling |", "|" + " --- |" * 10]
     for r in d["summary"]:
         per = r["outside_s"] * 1e3 / d["num_steps"] if r["sampler"] == "cached" else r["outside_per_round_ms"]
         lines.append(f"| {r['batch']} | {r['sampler']} | {r['target_calls']:.0f} | {r['target_rows']:.0f} "
                      f"| {r['wall_clock_s']:.3f} ({r['wall_clock_min_s']:.3f}-{r['wall_clock_max_s']:.3f}) "
-                     f"| {r['network_s']:.3f} | {per:.2f} | {r['wall_clock_vs_cached']:.2f}x | {r['cpu_vs_cached']:.2f}x "
+                     f"| {r['network_s']:.3f} | {per:.2f} | {r['wall_clock_vs_cached']:.2f}x "
+                     f"| {r['cpu_vs_cached']:.2f}x "
                      f"| {r['ceiling_vs_cached']:.2f}x |")
     if curve:
-        lines += ["", f"One network call on b rows (batch-1 states, {d.get('latency_statistic', 'median')}): " + ", ".join(
-            f"t({b}) = {t * 1e3:.1f} ms" for b, t in curve.items()) + "."]
+        lines += ["", f"One network call on b rows (batch-1 states, {d.get('latency_statistic', 'median')}): "
+                  + ", ".join(f"t({b}) = {t * 1e3:.1f} ms" for b, t in curve.items()) + "."]
     for b in d.get("round_breakdown", []):
         lines += ["", f"Batch {b['batch']}, speculative auto, {b['rounds_per_run']:.1f} rounds per run, ms per round: "
                   + ", ".join(f"{name} {ms:.2f}" for name, ms in b["ms_per_round"].items()) + "."]
@@ -637,11 +642,6 @@ def report(out: Path) -> str:
     return "\n".join(lines)
 
 
-def _write(path: Path, result: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="specdiff bench", description=__doc__.split("\n")[0])
     parser.add_argument("which", nargs="?", default="all",
@@ -653,7 +653,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=64, help="digits: images per sampler for the quality check")
     parser.add_argument("--repeats", type=int, default=3, help="digits: seeds timed per sampler (interleaved)")
     parser.add_argument("--no-quality", action="store_true", help="digits: time only; keep the saved quality block")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads; 1 writes digits.json (discrete_latency.json), N writes digits_threadsN.json (...)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads; 1 writes digits.json (discrete_latency.json), "
+                        "N writes digits_threadsN.json (...)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -31,9 +31,9 @@ from scipy import stats as sps
 
 from ..discrete.chain import MaskedDiffusionChain
 from ..discrete.model import MaskedDiffusionTransformer
-from ..sampler import sample_baseline_discrete, speculative_sample_discrete
 from ..discrete.scheduler import MaskedDiffusionScheduler
 from ..paths import asset
+from ..sampler import sample_baseline_discrete, speculative_sample_discrete
 
 
 def _contingency_p(a: np.ndarray, b: np.ndarray, categories: int) -> float:
@@ -176,7 +176,9 @@ def main(argv=None) -> dict:
     results = {
         "command": "python -m specdiff.workbench.bench_discrete",
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "device": f"CPU, {args.threads} thread(s), {platform.processor() or platform.machine()}, torch {torch.__version__}",
+        "device": (
+            f"CPU, {args.threads} thread(s), {platform.processor() or platform.machine()}, torch {torch.__version__}"
+        ),
         "model": str(args.model),
         "target_parameters": sum(p.numel() for p in transformer.parameters()),
         "drafter_parameters": None if draft_model is None else sum(p.numel() for p in draft_model.parameters()),
@@ -213,7 +215,8 @@ def main(argv=None) -> dict:
                 results["runs"].append(rec)
                 print(
                     f"N={n:4d} window={w:3d} {rec['drafter']:6s}: {rec['target_calls_per_sample']:6.1f} calls/sample "
-                    f"(plain {n}, cached {cached['target_calls_per_sample']:.1f}), acceptance {rec['acceptance_rate']:.3f}, "
+                    f"(plain {n}, cached {cached['target_calls_per_sample']:.1f}), "
+                    f"acceptance {rec['acceptance_rate']:.3f}, "
                     f"same law: {rec['same_law_as_plain']['passed']} (min p {rec['same_law_as_plain']['min_p']:.3g})",
                     flush=True,
                 )

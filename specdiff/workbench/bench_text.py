@@ -6,8 +6,9 @@ For each grid size N (128 tokens, unconditional) it samples ``--num-samples`` te
 batches of ``--batch-size`` (16) with the plain sampler (one call per step), the cached
 sampler (MDLM ``ddpm_cache``) and the speculative sampler for each window (frozen-target
 drafter, and the distilled drafter in MODEL/drafter), and times ``--latency-samples`` texts
-one at a time (batch 1, the samplers interleaved text by text). Recorded: target calls per sample (the batch-1 latency unit),
-sequential calls per batch of 16, rows, draft calls, acceptance, wall-clock at batch 1 and
+one at a time (batch 1, the samplers interleaved text by text). Recorded: target calls per
+sample (the batch-1 latency unit), sequential calls per batch of 16, rows, draft calls,
+acceptance, wall-clock at batch 1 and
 16; and a two-sample check that speculative and plain texts have the same law (independent
 seeds; per position, chi-square homogeneity of the character frequencies over the 7 most
 frequent characters + "other", Bonferroni over positions, family-wise ``--alpha``).
@@ -109,7 +110,9 @@ def main(argv=None) -> dict:
     results = {
         "command": "python -m specdiff.workbench.bench_text",
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "device": f"CPU, {args.threads} thread(s), {platform.processor() or platform.machine()}, torch {torch.__version__}",
+        "device": (
+            f"CPU, {args.threads} thread(s), {platform.processor() or platform.machine()}, torch {torch.__version__}"
+        ),
         "model": args.model.name,
         "target_parameters": sum(p.numel() for p in target.parameters()),
         "drafter_parameters": None if draft is None else sum(p.numel() for p in draft.denoiser.model.parameters()),
@@ -174,7 +177,8 @@ def table(results: dict) -> str:
     figure over the row's (above 1: the row is better)."""
     b = results["args"]["batch_size"]
     header = (f"| steps | sampler | calls / text, batch 1 | vs cached | wall-clock / text, batch 1 | vs cached | "
-              f"calls / batch of {b} | wall-clock / batch of {b} | vs cached | acceptance | same law as plain (min p) |")
+              f"calls / batch of {b} | wall-clock / batch of {b} | vs cached | acceptance "
+              f"| same law as plain (min p) |")
     lines = [header,
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     cached = {r["num_steps"]: r for r in results["runs"] if r["sampler"] == "cached"}

@@ -86,6 +86,8 @@ class ChurnX0Chain(ChurnMixtureChain):
 
 def std_per_step(chain: ChurnMixtureChain) -> list[float]:
     steps = torch.arange(chain.num_steps)
-    return chain.transition(torch.zeros(chain.num_steps, chain.dim), steps, torch.zeros(chain.num_steps, chain.dim))[1].tolist()
+    return chain.transition(
+        torch.zeros(chain.num_steps, chain.dim), steps, torch.zeros(chain.num_steps, chain.dim)
+    )[1].tolist()
 
 

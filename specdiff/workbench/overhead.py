@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .results import environment, write_result
+
 
 class _NetworkClock:
     """Sums the wall-clock of every UNet forward (CPU: no device sync needed)."""
@@ -62,7 +64,6 @@ def bench_overhead(out: Path, quick: bool = False, repeats: int = 5) -> dict:
     from ..sampler import speculative_sample
     from ..schedulers.speculative import SpeculativeScheduler
     from ..window import AutoWindow
-    from .bench import _environment, _write
 
     pipe = DDPMPipeline.from_pretrained(asset("models", "digits-ddpm"))
     unet = pipe.unet
@@ -110,10 +111,10 @@ def bench_overhead(out: Path, quick: bool = False, repeats: int = 5) -> dict:
         row["hot_spots_own_time_s"] = _hot_spots(pstats.Stats(profile))
         rows.append(row)
     result = {"benchmark": "overhead", "command": "python -m specdiff.workbench.bench overhead", "num_steps": 1000,
-              "batch_size": 1, "repeats": 1 if quick else repeats, "environment": _environment(),
+              "batch_size": 1, "repeats": 1 if quick else repeats, "environment": environment(),
               "note": "outside_network_fraction = 1 - (time in UNet forwards) / wall-clock of speculative_sample; "
                       "each row is the median of interleaved unprofiled runs (all runs listed); hot spots from "
                       "one more, profiled run: own time of specdiff functions and of the torch ops they call directly",
               "rows": rows}
-    _write(out / "overhead.json", result)
+    write_result(out / "overhead.json", result)
     return result

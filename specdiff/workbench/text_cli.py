@@ -25,22 +25,48 @@ def _drafter(args):
     return AutoModelForMaskedLM.from_pretrained(path).eval().to(args.device)
 
 
+def _length(model: Path, prompt: str | None, length: int | None) -> int:
+    """``--length``, by default what the model's positions leave after the prompt; a prompt and length the
+    model has no positions for stop with the fix (a rotary-position network accepts them silently).
+    Read from the folder's tokenizer and network config, before the network is loaded."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from specdiff.cli_support import CLIError
+
+    positions = getattr(AutoConfig.from_pretrained(model / "transformer"), "max_position_embeddings", None)
+    tokenizer = AutoTokenizer.from_pretrained(model / "tokenizer")
+    used = len(tokenizer(prompt, add_special_tokens=False).input_ids) if prompt else 0
+    if positions is None:
+        return length or 128
+    if used >= positions:
+        raise CLIError(f"the prompt is {used} tokens and the text model has {positions} positions; "
+                         "shorten --prompt")
+    if length is not None and used + length > positions:
+        raise CLIError(f"--prompt ({used} tokens) and --length {length} need {used + length} "
+                         f"positions, and the text model has {positions}; pass --length {positions - used} or less "
+                         "(or a shorter prompt)")
+    return length or positions - used
+
+
 def generate_text(args, state) -> int:
     """Like the image path: the seeds cut into batches of ``--batch-size``, each process (accelerate's
     ``state``) samples its share, rank 0 prints and writes everything."""
     import torch
     from accelerate.utils import gather_object
 
-    from specdiff.cli import _combine
+    from specdiff.cli_support import combine_records, loading_bars
     from specdiff.pipelines import SpeculativeTextDiffusionPipeline
 
-    pipe = SpeculativeTextDiffusionPipeline.from_pretrained(args.model).to(args.device)
-    pipe.set_progress_bar_config(disable=args.no_progress or not state.is_main_process)
+    args.length = _length(Path(args.model), args.prompt, args.length)
+    quiet = args.no_progress or not state.is_main_process
+    with loading_bars(shown=not quiet):
+        pipe = SpeculativeTextDiffusionPipeline.from_pretrained(args.model).to(args.device)
+    pipe.set_progress_bar_config(disable=quiet)
     drafter = _drafter(args)
     seeds = list(range(args.seed, args.seed + args.num_images))
     batches = [seeds[i:i + args.batch_size] for i in range(0, len(seeds), args.batch_size)]
     options = {"plain": {"window": None}, "cached": {"window": None, "cache": True},
-               "speculative": {"window": args.window, "drafter": drafter}}
+               "speculative": {"window": args.window, "drafter": drafter, "max_rows": args.max_rows}}
     samplers = (["plain", "cached"] if args.compare else []) + ["speculative"]
 
     def run(batch, **kwargs):
@@ -66,7 +92,7 @@ def generate_text(args, state) -> int:
               "processes": state.num_processes,
               "texts": [text for _, r in gathered["speculative"] for text in r["texts"]]}
     for name in samplers:
-        report[name] = _combine([r for _, r in gathered[name]], [k for k, _ in gathered[name]])
+        report[name] = combine_records([r for _, r in gathered[name]], [k for k, _ in gathered[name]])
     for seed, text in zip(seeds, report["texts"]):
         print(f"--- sample {seed - args.seed} (seed {seed})\n{text}")
     print(f"\n{'sampler':12} {'calls':>6} {'rows':>7} {'wall-clock':>11}")

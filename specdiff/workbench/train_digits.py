@@ -354,7 +354,9 @@ def train_draft(args, out: Path, generator: torch.Generator) -> dict:
         "ema_decay": args.ema_decay,
         "wall_clock_s": round(wall, 1),
         "final_loss": _tail_mean(losses),
-        "test_eps_mse": eps_mse(model, None, x_test, scheduler, torch.Generator().manual_seed(args.seed), args.metric_repeats),
+        "test_eps_mse": eps_mse(
+            model, None, x_test, scheduler, torch.Generator().manual_seed(args.seed), args.metric_repeats
+        ),
         "params": n_params(model),
         "flops_per_sample": flops_per_sample(model, x_test[:1], torch.tensor([500])),
         "files": dir_size(path),
@@ -459,7 +461,8 @@ def write_model_card(out: Path, summary: dict) -> None:
         s = summary.get(name)
         if s:
             lines.append(
-                f"| `{folder}/` | {what} | {s['params']:,} | {s['flops_per_sample'] / 1e6:.1f} | {_files_table(s['files'])} |"
+                f"| `{folder}/` | {what} | {s['params']:,} | {s['flops_per_sample'] / 1e6:.1f} "
+                f"| {_files_table(s['files'])} |"
             )
     lines += ["", "## Training", ""]
     lines += [
@@ -498,12 +501,18 @@ def write_model_card(out: Path, summary: dict) -> None:
             if "eps_mse_vs_target" in r
             else ""
         )
-        ratio = f" ({d['params'] / r['params']:.1f}x fewer parameters, {d['flops_per_sample'] / r['flops_per_sample']:.1f}x fewer FLOPs than digits-ddpm)" if d else ""
+        ratio = (
+            f" ({d['params'] / r['params']:.1f}x fewer parameters, "
+            f"{d['flops_per_sample'] / r['flops_per_sample']:.1f}x fewer FLOPs than digits-ddpm)"
+            if d
+            else ""
+        )
         lines += [
             f"**digits-draft** -- `UNet2DModel(sample_size=16, block_out_channels=(16, 32), layers_per_block=1, "
             f"no attention)`{ratio}, same schedule and prediction type, {how}. "
             f"AdamW lr {r['lr']}, batch {r['batch_size']}, EMA {r['ema_decay']}. "
-            f"{r['iters']} iterations in {r['wall_clock_s'] / 60:.1f} min; final training loss {r['final_loss']:.4f}{vs}; "
+            f"{r['iters']} iterations in {r['wall_clock_s'] / 60:.1f} min; "
+            f"final training loss {r['final_loss']:.4f}{vs}; "
             f"eps-MSE vs the true noise on the test split {r['test_eps_mse']:.4f}.",
             "",
         ]

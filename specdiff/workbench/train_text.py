@@ -74,7 +74,10 @@ def corpus(min_count: int = 50):
     # Rare characters are dropped, not mapped to [UNK]: the model never generates specials.
     keep = set(alphabet)
     train_text, test_text = ("".join(c for c in t if c in keep) for t in (train_text, test_text))
-    encode = lambda text: torch.tensor(tokenizer(text, add_special_tokens=False).input_ids)
+
+    def encode(text):
+        return torch.tensor(tokenizer(text, add_special_tokens=False).input_ids)
+
     info = {
         "python": sys.version.split()[0],
         "stdlib": sysconfig.get_paths()["stdlib"],
@@ -213,7 +216,9 @@ def main(argv=None) -> dict:
         target_chain = MaskedLMChain.from_tokenizer(target, tokenizer, scheduler)
         draft = build_model(vocab, args.length, args.drafter_hidden_size, args.drafter_layers, 2)
         draft_chain = MaskedLMChain.from_tokenizer(draft, tokenizer, scheduler)
-        zero = lambda x: torch.zeros(len(x), dtype=torch.long)
+
+        def zero(x):
+            return torch.zeros(len(x), dtype=torch.long)
 
         def distill(x0, g):  # KL(target || drafter) over masked positions, t ~ U(0, 1) stratified
             b = x0.shape[0]
