@@ -81,11 +81,9 @@ def plan(batch: int, max_window: int, num_steps: int, max_rows: int | None = Non
 
 def calibrate(chain, x_init: Tensor, drafter=None, *, max_window: int = 32, max_rows: int | None = None,
               latency: dict[int, float] | None = None, outside: tuple[float, float] | None = None,
-              cache: bool = True, recalibrate: bool = False, share: float = SHARE,
-              predict=None, sample=None) -> Calibration:
+              cache: bool = True, recalibrate: bool = False, share: float = SHARE) -> Calibration:
     """The calibration of a run of ``chain`` from ``x_init``: given values, else cached points, else
-    measured (the run's :func:`plan`). ``predict`` / ``sample``: the sampler's network call and
-    ``speculative_sample`` (the sampler passes them; see :func:`measure_outside`)."""
+    measured (the run's :func:`plan`)."""
     started = time.perf_counter()
     key, stable = latency_key(chain, x_init)
     persist = stable and cache
@@ -99,7 +97,7 @@ def calibrate(chain, x_init: Tensor, drafter=None, *, max_window: int = 32, max_
         missing = [b for b in sizes if b not in known]
         if missing:
             known = dict(known)
-            known.update(measure_latency(chain, x_init, missing, sweeps, predict=predict))
+            known.update(measure_latency(chain, x_init, missing, sweeps))
             out.rows += missing[0] + sweeps * sum(missing)
             out.source = "measured"
             _store(key, known, persist, replace=recalibrate)
@@ -115,7 +113,7 @@ def calibrate(chain, x_init: Tensor, drafter=None, *, max_window: int = 32, max_
         known = {} if recalibrate else _cached(okey, persist)
         if set(known) != {0, 1}:
             c, h = measure_outside(chain, x_init, drafter, windows=(2, max(2, min(DRY_WINDOWS[1], max_window))),
-                                   steps=DRY_STEPS, repeats=1, predict=predict, sample=sample)
+                                   steps=DRY_STEPS, repeats=1)
             known = {0: c, 1: h}
             out.rows += 1
             _store(okey, known, persist, replace=True)
@@ -234,20 +232,24 @@ def _synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def _sampler_predict():
-    # The one place calibration reaches back into the sampler (for a direct call; a run passes its own).
-    from .sampler import predict
-
-    return predict
+_SAMPLER: dict = {}  # the sampler's entry points, registered by specdiff.sampler when it is imported
 
 
-def measure_latency(chain, x_init: Tensor, sizes: list[int], repeats: int = 5, predict=None) -> dict[int, float]:
+def register_sampler(predict, sample) -> None:
+    """Called once by :mod:`specdiff.sampler` at import: its network call (``predict``) and
+    ``speculative_sample``, which the measurements below use. The sampler imports this module (through
+    the window policy) and not the other way round, so the dry run's re-entry into the sampler is no
+    import cycle."""
+    _SAMPLER.update(predict=predict, sample=sample)
+
+
+def measure_latency(chain, x_init: Tensor, sizes: list[int], repeats: int = 5) -> dict[int, float]:
     """Synchronised wall-clock of ``chain.predict`` on ``b`` rows (copies of ``x_init``'s rows
     at step 0) for each ``b`` in ``sizes``: the fastest of ``repeats`` sweeps, taken in turn.
     Load on a shared machine only ever adds time, and bursts of it hit some calls and not
     others: the fastest call of each size is the one that measures the model, so bursts in up to
     ``repeats - 1`` sweeps do not bend the curve."""
-    predict = predict or _sampler_predict()
+    predict = _SAMPLER["predict"]
     batch = x_init.shape[0]
     inputs = {}
     for b in sizes:
@@ -267,7 +269,7 @@ def measure_latency(chain, x_init: Tensor, sizes: list[int], repeats: int = 5, p
 
 
 def measure_outside(chain, x_init: Tensor, drafter=None, windows: tuple[int, int] = (2, 8), steps: int = 32,
-                    repeats: int = 2, predict=None, sample=None) -> tuple[float, float]:
+                    repeats: int = 2) -> tuple[float, float]:
     """``(c, h)``: seconds a round spends outside the target call, per round and per drafted step.
 
     A dry run of the sampler on the first ``steps`` steps of ``chain`` whose target is free (its
@@ -275,13 +277,11 @@ def measure_outside(chain, x_init: Tensor, drafter=None, windows: tuple[int, int
     drafting, the coupling and the driver's bookkeeping. Its randomness is its own (seed 0); the
     caller's generators are not touched.
 
-    The dry run re-enters the sampler: ``sample`` is ``speculative_sample`` (a run passes it in, and
-    its window here is an integer, so the dry run calibrates nothing and cannot recurse further); a
-    direct call imports it from :mod:`specdiff.sampler` at call time."""
-    if sample is None or predict is None:
-        from .sampler import predict  # a direct call (see the docstring)
-        from .sampler import speculative_sample as sample
-
+    The dry run re-enters the sampler: ``sample`` is ``speculative_sample`` (registered by the sampler,
+    :func:`register_sampler`), called from inside the sampler's own window resolution when a run
+    calibrates. Its window here is an integer, so the dry run calibrates nothing and cannot recurse
+    further."""
+    predict, sample = _SAMPLER["predict"], _SAMPLER["sample"]  # the dry run re-enters the sampler here
     with torch.no_grad():  # one row's prediction serves every row of the dry run
         first = predict(chain, x_init[:1], torch.zeros(1, dtype=torch.long, device=x_init.device),
                         torch.zeros(1, dtype=torch.long))

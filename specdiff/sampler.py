@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .calibration import register_sampler
 from .chains import GaussianChain
 from .drafters import Drafter, as_drafter
 from .kernels import kernel_for
@@ -246,9 +247,10 @@ class _Fixed:
 
 def _window_policy(window, chain, x_init: Tensor, drafter: Drafter, max_rows):
     """The run's window policy. An automatic window calibrates here, before the run: its dry run
-    re-enters this sampler with an integer window (see :func:`specdiff.calibration.measure_outside`)."""
+    re-enters this sampler with an integer window (see :func:`specdiff.calibration.measure_outside`;
+    the sampler registers its entry points below, so the calibration imports nothing of it)."""
     cap = max_rows if isinstance(max_rows, int) and not isinstance(max_rows, bool) else None
-    window = resolve_window(window, chain, x_init, drafter, cap, predict=predict, sample=speculative_sample)
+    window = resolve_window(window, chain, x_init, drafter, cap)
     return _Fixed(window) if isinstance(window, int) else window
 
 
@@ -338,3 +340,6 @@ def _progress(progress: bool | Callable, total: int, desc: str):
 
         return tqdm(total=total, desc=desc, unit="step")
     return nullcontext()
+
+
+register_sampler(predict, speculative_sample)  # the calibration's measurements call the sampler (dry runs)

@@ -1,7 +1,8 @@
 """Choosing the window L: a fixed integer, or a policy that looks at the past only.
 
 ``speculative_sample(chain, x_init, window=...)`` takes an int, ``"auto"``, a past run's schedule
-(``stats.windows``, replayed by :class:`ReplayWindow`) or a :class:`WindowPolicy`. The driver calls :func:`resolve_window` once, then
+(``stats.windows``, replayed by :class:`ReplayWindow`) or a :class:`WindowPolicy`. The driver calls
+:func:`resolve_window` once, then
 ``policy.choose(stats, live)`` before every round. The law of the output never depends on the
 policy as long as L is a function of the randomness of committed steps only: the noise of step
 k is keyed by (sample, k) and reused when a later round redrafts step k, so L must not read the
@@ -68,12 +69,11 @@ class WindowPolicy(Protocol):
         the rounds, acceptance counts and ``prefix_rows`` only (see :class:`SpeculativeStats`)."""
 
 
-def resolve_window(window, chain=None, x_init: Tensor | None = None, drafter=None, max_rows: int | None = None,
-                   **sampler) -> int | WindowPolicy:
+def resolve_window(window, chain=None, x_init: Tensor | None = None, drafter=None,
+                   max_rows: int | None = None) -> int | WindowPolicy:
     """An int (checked), or a policy bound to ``chain``/``x_init`` (and the run's ``drafter``):
     ``"auto"`` -> :class:`AutoWindow`; a list of windows or a run's :class:`SpeculativeStats` ->
-    :class:`ReplayWindow` (the run's schedule, replayed). ``sampler``: the sampler's ``predict`` and
-    ``sample``, which the calibration's dry run uses (:func:`specdiff.calibration.measure_outside`)."""
+    :class:`ReplayWindow` (the run's schedule, replayed)."""
     if isinstance(window, str):
         if window != "auto":
             raise ValueError(f"window must be a positive integer, 'auto' or a WindowPolicy; got {window!r}")
@@ -82,10 +82,12 @@ def resolve_window(window, chain=None, x_init: Tensor | None = None, drafter=Non
         window = ReplayWindow(window)
     if isinstance(window, WindowPolicy) and not isinstance(window, (int, str)):
         if not isinstance(window.max_window, int) or window.max_window < 1:
-            raise ValueError(f"{type(window).__name__}.max_window must be a positive integer; got {window.max_window!r}")
+            raise ValueError(
+                f"{type(window).__name__}.max_window must be a positive integer; got {window.max_window!r}"
+            )
         if hasattr(window, "bind") and chain is not None and x_init is not None:
             if isinstance(window, AutoWindow):
-                window.bind(chain, x_init, drafter, max_rows, **sampler)
+                window.bind(chain, x_init, drafter, max_rows)
             else:
                 window.bind(chain, x_init, drafter)
         return window
@@ -264,19 +266,17 @@ class AutoWindow:
         self._live = 0
 
     # -- binding (the calibration lives in specdiff.calibration) ---------------------------
-    def bind(self, chain, x_init: Tensor, drafter=None, max_rows: int | None = None, *, predict=None,
-             sample=None) -> None:
+    def bind(self, chain, x_init: Tensor, drafter=None, max_rows: int | None = None) -> None:
         """Start a run of ``chain`` from ``x_init``: forget the last run (:meth:`reset`) and take the
         machine's calibration for it (:func:`specdiff.calibration.calibrate`: given, cached, or measured
-        within the run's budget). ``predict``/``sample``: the sampler's own (it passes them)."""
+        within the run's budget)."""
         self.reset()
         # Only a time-free chain verifies fewer rows than drafted (unchanged states); on a timed one,
         # fewer rows happen at the last steps only (windows clamped there), which must not shrink f.
         self.skips_repeats = not getattr(chain, "time_conditioned", True)
         latency, outside = self.given
         found = calibrate(chain, x_init, drafter, max_window=self.max_window, max_rows=max_rows, latency=latency,
-                          outside=outside, cache=self.cache, recalibrate=self.recalibrate, share=self.share,
-                          predict=predict, sample=sample)
+                          outside=outside, cache=self.cache, recalibrate=self.recalibrate, share=self.share)
         self.latency, self.source = LatencyCurve(found.latency), found.source
         self.per_round, self.per_step = found.outside
         self.calibration_seconds, self.calibration_rows = found.seconds, found.rows
@@ -314,7 +314,8 @@ class AutoWindow:
         for j in range(len(acc)):
             self._acc[j] = self.memory * self._acc[j] + acc[j] - acc_seen[j]
             self._prop[j] = self.memory * self._prop[j] + prop[j] - prop_seen[j]
-        self._seen = (stats.rounds, acc + [0] * (self.max_window - len(acc)), prop + [0] * (self.max_window - len(prop)))
+        pad = [0] * self.max_window
+        self._seen = (stats.rounds, (acc + pad)[: self.max_window], (prop + pad)[: self.max_window])
 
     def acceptance(self) -> list[float]:
         """Estimated acceptance per window position (position 0: a drafted root)."""

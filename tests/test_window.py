@@ -68,7 +68,9 @@ def closed_form_rate(a, window, live, t, c, h):
 def test_rates_match_the_closed_form_of_the_two_state_root_chain(a, live):
     c, h = 2e-3, 3e-4
     policy = AutoWindow(max_window=24, latency={1: 0.01, 10_000: 0.01 + 0.002 * 9999}, outside=(c, h))
-    t = lambda rows: 0.01 + 0.002 * (rows - 1)  # the same two-point curve, interpolated by hand
+    def t(rows):  # the same two-point curve, interpolated by hand
+        return 0.01 + 0.002 * (rows - 1)
+
     rates = policy.rates(live, accept=[a] * 24)
     for window in range(1, 25):
         assert rates[window - 1] == pytest.approx(closed_form_rate(a, window, live, t, c, h), rel=1e-12, abs=0)
@@ -205,7 +207,8 @@ class Replay:
         self.max_window, self.rule, self.seen = max_window, rule, []
 
     def choose(self, stats, live):
-        self.seen.append((stats.rounds, stats.proposed, stats.accepted, live, stats.prefix_rows, stats.prefix_rows_possible))
+        self.seen.append((stats.rounds, stats.proposed, stats.accepted, live, stats.prefix_rows,
+                          stats.prefix_rows_possible))
         return self.rule(stats)
 
 
@@ -389,10 +392,13 @@ def test_the_automatic_window_never_reads_the_noise_of_steps_not_yet_committed(m
 
     def run(seed, step=None, value=None):
         Overridden.step, Overridden.value = step, value
-        chain = MaskedDiffusionChain(LookupDenoiser(4, 6, seed=3), MaskedDiffusionScheduler(vocab_size=4, num_inference_steps=24))
-        policy = AutoWindow(max_window=8, latency={1: 1.0, 2: 2.0, 4: 4.0, 9: 9.0}, outside=(0.0, 0.0), prior_acceptance=0.7)
+        chain = MaskedDiffusionChain(LookupDenoiser(4, 6, seed=3),
+                                     MaskedDiffusionScheduler(vocab_size=4, num_inference_steps=24))
+        policy = AutoWindow(max_window=8, latency={1: 1.0, 2: 2.0, 4: 4.0, 9: 9.0}, outside=(0.0, 0.0),
+                            prior_acceptance=0.7)
         reached = []
-        out = speculative_sample(chain, torch.full((1, 6), 4), window=policy, generator=torch.Generator().manual_seed(seed),
+        out = speculative_sample(chain, torch.full((1, 6), 4), window=policy,
+                                 generator=torch.Generator().manual_seed(seed),
                                  callback=lambda info: reached.append(int(info["step"][0])))
         return out.stats.chosen_windows, reached
 
@@ -423,7 +429,8 @@ def test_the_automatic_window_gives_the_same_samples_run_after_run(monkeypatch):
     clock = calibration_module.time.perf_counter
     monkeypatch.setattr(calibration_module.time, "perf_counter", lambda: clock() + jitter.random())
     for _ in range(2):
-        again = speculative_sample(chain, x, window="auto", drafter="picard", generator=torch.Generator().manual_seed(5))
+        again = speculative_sample(chain, x, window="auto", drafter="picard",
+                                   generator=torch.Generator().manual_seed(5))
         assert torch.equal(again.sample, first.sample) and again.stats.chosen_windows == first.stats.chosen_windows
 
 

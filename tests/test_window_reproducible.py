@@ -230,7 +230,8 @@ def test_generate_replay_reproduces_a_runs_images_on_another_machines_cache(tmp_
     assert main([*args, "--out", str(tmp_path / "replay"), "--replay", str(tmp_path / "first" / "stats.json")]) == 0
     replayed = json.loads((tmp_path / "replay" / "stats.json").read_text())["speculative"]["batches"][0]
     assert replayed["chosen_windows"] == windows and replayed["calibration_rows"] == 0
-    assert np.array_equal(np.load(tmp_path / "first" / "speculative.npy"), np.load(tmp_path / "replay" / "speculative.npy"))
+    first, again = (np.load(tmp_path / name / "speculative.npy") for name in ("first", "replay"))
+    assert np.array_equal(first, again)
     capsys.readouterr()
     bad = [*args, "--seed", "5", "--out", str(tmp_path / "bad"), "--replay", str(tmp_path / "first" / "stats.json")]
     try:
