@@ -309,7 +309,7 @@ class ImageJob:
 
     def speculative(self, seeds, args, progress):
         out = self.pipe(batch_size=len(seeds), generator=_generators(seeds), num_inference_steps=args.steps,
-                        window=args.window, max_rows=args.max_rows, output_type="pt", **self.draft)
+                        window=_replayed(args, seeds), max_rows=args.max_rows, output_type="pt", **self.draft)
         return out.images, out.stats.to_dict()
 
     def plain(self, name, seeds, args, progress):
@@ -370,7 +370,7 @@ class MaskedJob:
 
     def speculative(self, seeds, args, progress):
         out = self.pipe(batch_size=len(seeds), generator=_generators(seeds), num_inference_steps=args.steps,
-                        window=args.window, max_rows=args.max_rows, output_type="pt", **self.draft)
+                        window=_replayed(args, seeds), max_rows=args.max_rows, output_type="pt", **self.draft)
         return out.images, out.stats.to_dict()
 
     def plain(self, name, seeds, args, progress):
@@ -428,6 +428,21 @@ def _save_grid(images, path: Path) -> None:
     grid = make_grid(images, nrow=max(1, math.ceil(len(images) ** 0.5)), padding=1, pad_value=1.0)
     scale = max(1, 128 // max(images.shape[-2:]))
     save_image(torch.nn.functional.interpolate(grid[None], scale_factor=scale, mode="nearest")[0], path)
+
+
+def _replayed(args, seeds) -> int | str | list[int]:
+    """The window of a batch: ``--window``, or with ``--replay`` the schedule that batch ran (its stats)."""
+    if not getattr(args, "replay", None):
+        return args.window
+    try:
+        report = json.loads(Path(args.replay).read_text())
+        schedules = {tuple(b["seeds"]): b["chosen_windows"] for b in report["speculative"]["batches"]}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CLIError(f"--replay {args.replay}: not a stats.json written by specdiff generate ({err})") from None
+    if tuple(seeds) not in schedules:
+        raise CLIError(f"--replay {args.replay}: it has no batch of seeds {list(seeds)}; pass the --seed, --num-images "
+                       "and --batch-size of the run that wrote it")
+    return schedules[tuple(seeds)]
 
 
 def _run(job, sampler: str, batches, args, rank_shows: bool) -> list[dict]:
@@ -657,6 +672,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the most states per network call of the speculative sampler (larger calls run as exact "
                           "micro-batches: the same images, less memory); auto: no cap on CPU, fitted to free memory "
                           "on CUDA")
+    gen.add_argument("--replay", metavar="STATS_JSON", default=None,
+                     help="replay the window schedule of each batch from a stats.json this command wrote: the same "
+                          "images bit for bit (same model, seeds, batch size, steps and drafter), on any machine")
     gen.add_argument("--drafter", choices=["picard", "frozen", "model"], default="picard",
                      help="who guesses: picard reuses the network's prediction of the same step from the last call "
                           "where there is one, else its last prediction (free); frozen only the last prediction "

@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .calibration import measure_latency
 from .drafters import DraftMemory, as_drafter
 from .kernels import GaussianKernel
 from .noise import NoiseStreams
 from .sampler import _check_chain, predict
-from .window import LatencyCurve, measure_latency
+from .window import LatencyCurve
 
 
 @dataclass

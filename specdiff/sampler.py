@@ -19,12 +19,14 @@ import torch
 from torch import Tensor
 
 from .block import BlockNoise, check_verify
+from .calibration import register_sampler
 from .chains import GaussianChain
 from .drafters import Drafter, as_drafter
 from .kernels import kernel_for
 from .noise import GeneratorArg, NoiseStreams
 from .round import Carry, _check_finite, speculative_round
 from .stats import SpeculativeStats
+from .window import resolve_window
 
 
 @dataclass
@@ -118,12 +120,18 @@ def speculative_sample(
         verify: ``"step"`` (each drafted step tested in order) or ``"block"`` (block verification,
             the window cut jointly: the README's block-verification page).
     """
+    started = time.perf_counter()  # wall_clock includes the window's calibration, if it measures one
     verify = check_verify(verify)
     kernel = _check_chain(chain, x_init, coupling)
     drafter = as_drafter(drafter)
-    policy = _window_policy(window, chain, x_init, drafter)
-    started, batch, num_steps, device = time.perf_counter(), x_init.shape[0], chain.num_steps, x_init.device
-    stats = SpeculativeStats(num_steps=num_steps, batch_size=batch, window=policy.max_window)
+    policy = _window_policy(window, chain, x_init, drafter, max_rows)
+    batch, num_steps, device = x_init.shape[0], chain.num_steps, x_init.device
+    calibrated = {"calibration_seconds": getattr(policy, "calibration_seconds", 0.0),
+                  "calibration_rows": getattr(policy, "calibration_rows", 0)}
+    if callback is None and getattr(policy, "runs_plain", None) and policy.runs_plain(batch) and not (
+            isinstance(max_rows, int) and max_rows < batch):
+        return _plain_run(chain, x_init, generator, progress, policy, started, calibrated)
+    stats = SpeculativeStats(num_steps=num_steps, batch_size=batch, window=policy.max_window, **calibrated)
     noise = NoiseStreams(generator, x_init, kernel.noise)
     noise = BlockNoise(noise, batch) if verify == "block" else noise
     target = _Target(chain, stats, device)
@@ -154,10 +162,27 @@ def speculative_sample(
                 tally.write()
                 callback({"round": stats.rounds, "x": c.x.clone(), "step": c.n.clone(), "stats": stats})
     tally.write()
+    if hasattr(policy, "finish"):  # a replayed schedule checks it was used whole
+        policy.finish(stats)
     stats.window_choice = policy.describe() if hasattr(policy, "describe") else None
     stats.peak_memory = _track_memory(device)
     stats.wall_clock = time.perf_counter() - started
     return SpeculativeOutput(sample=c.x, stats=stats)
+
+
+def _plain_run(chain, x_init: Tensor, generator, progress, policy, started: float, calibrated: dict):
+    """A run its automatic window keeps at ``L = 1`` throughout (``AutoWindow.runs_plain``): the plain
+    loop, which gives the speculative sampler's ``window=1`` samples bit for bit without a round's
+    bookkeeping, recorded as ``num_steps`` rounds of window 1 (so ``stats.windows`` replays it)."""
+    out = sample_baseline(chain, x_init, generator, progress=progress, return_stats=True)
+    stats = out.stats
+    stats.rounds, stats.chosen_windows = chain.num_steps, [1] * chain.num_steps
+    stats.committed_per_round = [0, x_init.shape[0] * chain.num_steps]
+    stats.calibration_seconds, stats.calibration_rows = calibrated.values()
+    policy.chosen[1] += chain.num_steps
+    stats.window_choice = policy.describe()
+    stats.wall_clock = time.perf_counter() - started
+    return out
 
 
 def predict(chain, x: Tensor, step: Tensor, sample: Tensor) -> Tensor:
@@ -222,23 +247,22 @@ class _Target:
 
 
 class _Fixed:
-    """A fixed window (the window policy of an integer ``window``)."""
+    """A fixed window (the window policy of an integer ``window``, checked by ``resolve_window``)."""
 
     def __init__(self, window: int):
-        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-            raise ValueError(f"window must be a positive integer (1 = plain sampler) or 'auto'; got {window!r}")
         self.max_window = window
 
     def choose(self, stats: SpeculativeStats, live: int) -> int:
         return self.max_window
 
 
-def _window_policy(window, chain, x_init: Tensor, drafter: Drafter):
-    if isinstance(window, str) or hasattr(window, "choose"):
-        from .window import resolve_window
-
-        window = resolve_window(window, chain, x_init, drafter)
-    return window if hasattr(window, "choose") else _Fixed(window)
+def _window_policy(window, chain, x_init: Tensor, drafter: Drafter, max_rows):
+    """The run's window policy. An automatic window calibrates here, before the run: its dry run
+    re-enters this sampler with an integer window (see :func:`specdiff.calibration.measure_outside`;
+    the sampler registers its entry points below, so the calibration imports nothing of it)."""
+    cap = max_rows if isinstance(max_rows, int) and not isinstance(max_rows, bool) else None
+    window = resolve_window(window, chain, x_init, drafter, cap)
+    return _Fixed(window) if isinstance(window, int) else window
 
 
 class _Tally:
@@ -327,3 +351,6 @@ def _progress(progress: bool | Callable, total: int, desc: str):
 
         return tqdm(total=total, desc=desc, unit="step")
     return nullcontext()
+
+
+register_sampler(predict, speculative_sample)  # the calibration's measurements call the sampler (dry runs)

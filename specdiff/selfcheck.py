@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 import torch
 
 from . import sample_baseline, speculative_sample
+from .calibration import measure_latency
 from .discrete import LookupDenoiser, MaskedDiffusionChain, MaskedDiffusionScheduler
 from .syncs import count_syncs
 from .testing import GaussianMixtureDDPM, two_sample_test
-from .window import measure_latency
 
 ALPHA = 1e-3  # family-wise level of the law check (a correct sampler fails it with probability <= ALPHA)
 SIZES = (1, 2, 4, 8, 16, 32)

@@ -26,8 +26,14 @@ class SpeculativeStats:
       by them; ``target_rows``, ``target_calls`` and ``per_sample_target_calls`` also count rows
       after the first rejection, whose skipping on a time-free chain depends on the noise of steps
       a later round redrafts, so a policy must not.
-    * ``chosen_windows``: the window of each round (constant unless the window is automatic);
-      ``window_choice``: how an automatic window chose it (its policy's ``describe()``).
+    * ``chosen_windows`` (also ``windows``): the window of each round (constant unless the window is
+      automatic; the largest any sample ran, clamped at the last steps). Every live sample runs the
+      round's window, so this list is the run's whole schedule: ``window=stats.windows`` replays it
+      bit for bit (:class:`specdiff.window.ReplayWindow`). ``window_choice``: how an automatic window
+      chose it (its policy's ``describe()``).
+    * ``calibration_seconds`` / ``calibration_rows``: what measuring the machine cost this run (the
+      automatic window's calibration, :mod:`specdiff.calibration`; 0 when cached), included in
+      ``wall_clock``.
     """
 
     num_steps: int
@@ -54,6 +60,8 @@ class SpeculativeStats:
     peak_memory: int | None = None
     chosen_windows: list[int] = field(default_factory=list)
     window_choice: str | None = None
+    calibration_seconds: float = 0.0
+    calibration_rows: int = 0
 
     def __post_init__(self):
         b, w = self.batch_size, self.window
@@ -63,6 +71,45 @@ class SpeculativeStats:
         self.per_sample_target_calls = self.per_sample_target_calls or [0] * b
         self.per_sample_proposed = self.per_sample_proposed or [0] * b
         self.per_sample_accepted = self.per_sample_accepted or [0] * b
+
+    @property
+    def windows(self) -> list[int]:
+        """The run's window schedule, one window per round: pass it back as ``window=`` to replay the run."""
+        return list(self.chosen_windows)
+
+    def merge(self, other: SpeculativeStats) -> SpeculativeStats:
+        """The stats of two runs of the same chain (e.g. two batches of seeds run one after the other),
+        as one: counts and times add, per-sample lists join (``self``'s samples first), per-position
+        lists add, peaks take the larger. ``chosen_windows`` joins both schedules (replay each run
+        from its own stats: a schedule belongs to its batch)."""
+        if not isinstance(other, SpeculativeStats):
+            raise TypeError(f"merge takes another SpeculativeStats; got {type(other).__name__}")
+        if other.num_steps != self.num_steps:
+            raise ValueError(f"cannot merge runs of {self.num_steps} and {other.num_steps} steps")
+
+        def add(a: list[int], b: list[int]) -> list[int]:
+            return [x + y for x, y in zip(a + [0] * (len(b) - len(a)), b + [0] * (len(a) - len(b)))]
+
+        def larger(a, b):
+            return b if a is None else a if b is None else max(a, b)
+
+        return SpeculativeStats(
+            num_steps=self.num_steps,
+            batch_size=self.batch_size + other.batch_size,
+            window=max(self.window, other.window),
+            **{name: getattr(self, name) + getattr(other, name) for name in (
+                "target_calls", "target_rows", "draft_calls", "proposed", "accepted", "rounds", "residual_draws",
+                "prefix_rows", "prefix_rows_possible", "per_sample_target_calls", "per_sample_proposed",
+                "per_sample_accepted", "chosen_windows", "calibration_seconds", "calibration_rows")},
+            **{name: add(getattr(self, name), getattr(other, name)) for name in (
+                "committed_per_round", "proposed_by_position", "accepted_by_position")},
+            wall_clock=None if self.wall_clock is None or other.wall_clock is None else
+            self.wall_clock + other.wall_clock,
+            max_rows=None if None in (self.max_rows, other.max_rows) else max(self.max_rows, other.max_rows),
+            peak_rows=max(self.peak_rows, other.peak_rows),
+            peak_memory=larger(self.peak_memory, other.peak_memory),
+            window_choice="\n".join(c for c in (self.window_choice, other.window_choice) if c) or None,
+        )
 
     @property
     def acceptance_rate(self) -> float:

@@ -1,7 +1,8 @@
 """Choosing the window L: a fixed integer, or a policy that looks at the past only.
 
-``speculative_sample(chain, x_init, window=...)`` takes an int, ``"auto"`` or a
-:class:`WindowPolicy`. The driver calls :func:`resolve_window` once, then
+``speculative_sample(chain, x_init, window=...)`` takes an int, ``"auto"``, a past run's schedule
+(``stats.windows``, replayed by :class:`ReplayWindow`) or a :class:`WindowPolicy`. The driver calls
+:func:`resolve_window` once, then
 ``policy.choose(stats, live)`` before every round. The law of the output never depends on the
 policy as long as L is a function of the randomness of committed steps only: the noise of step
 k is keyed by (sample, k) and reused when a later round redrafts step k, so L must not read the
@@ -33,28 +34,26 @@ the rate of ``L = 1``,
 where ``t(b)`` is the measured latency of one target call on ``b`` rows and ``c + h L`` the
 time of a round outside the target call (drafting, coupling, bookkeeping), measured by a short
 dry run of the sampler with a free target.
-``t``, ``c`` and ``h`` are measured once per model, device, dtype and row shape (and drafter,
-for ``c, h``), cached in memory and in a small JSON file under the user's cache directory, and
-never changed during a run; ``a_j`` and ``f`` are estimated from the run's own accept/reject
-and row counts (exponential forgetting, shrinkage towards a prior). So the windows, hence the
-samples, are a function of the seeds, the batch and that cached calibration: the same seed
-gives the same images run after run on a machine (timings never steer a run).
+``t``, ``c`` and ``h`` come from :mod:`specdiff.calibration` (this module only does the arithmetic):
+each measured once per model, device, dtype and row shape (and drafter and batch, for ``c, h``), within a
+budget bounded by the run, cached in memory and in a small JSON file under the user's cache
+directory, and never re-measured unless asked (``recalibrate=True``); ``a_j`` and ``f`` are
+estimated from the run's own accept/reject and row counts (exponential forgetting, shrinkage
+towards a prior), starting from the prior in every run. So the windows, hence the samples, are a
+function of the seeds, the batch and that cached calibration: the same seed gives the same images
+run after run and process after process on a machine (timings never steer a run), and
+``stats.windows`` replays them on any machine.
 """
 
 from __future__ import annotations
 
 import bisect
-import json
-import math
-import os
-import time
 from collections import Counter
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-import torch
 from torch import Tensor
 
+from .calibration import SHARE, calibrate
 from .stats import SpeculativeStats
 
 
@@ -70,24 +69,96 @@ class WindowPolicy(Protocol):
         the rounds, acceptance counts and ``prefix_rows`` only (see :class:`SpeculativeStats`)."""
 
 
-def resolve_window(window, chain=None, x_init: Tensor | None = None, drafter=None) -> int | WindowPolicy:
+def resolve_window(window, chain=None, x_init: Tensor | None = None, drafter=None,
+                   max_rows: int | None = None) -> int | WindowPolicy:
     """An int (checked), or a policy bound to ``chain``/``x_init`` (and the run's ``drafter``):
-    ``"auto"`` -> :class:`AutoWindow`."""
+    ``"auto"`` -> :class:`AutoWindow`; a list of windows or a run's :class:`SpeculativeStats` ->
+    :class:`ReplayWindow` (the run's schedule, replayed)."""
     if isinstance(window, str):
         if window != "auto":
             raise ValueError(f"window must be a positive integer, 'auto' or a WindowPolicy; got {window!r}")
         window = AutoWindow()
+    elif isinstance(window, (list, tuple, SpeculativeStats)):
+        window = ReplayWindow(window)
     if isinstance(window, WindowPolicy) and not isinstance(window, (int, str)):
         if not isinstance(window.max_window, int) or window.max_window < 1:
-            raise ValueError(f"{type(window).__name__}.max_window must be a positive integer; got {window.max_window!r}")
+            raise ValueError(
+                f"{type(window).__name__}.max_window must be a positive integer; got {window.max_window!r}"
+            )
         if hasattr(window, "bind") and chain is not None and x_init is not None:
-            window.bind(chain, x_init, drafter)
+            if isinstance(window, AutoWindow):
+                window.bind(chain, x_init, drafter, max_rows)
+            else:
+                window.bind(chain, x_init, drafter)
         return window
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
         raise ValueError(
-            f"window must be a positive integer (1 = plain sampler), 'auto' or a WindowPolicy; got {window!r}"
+            f"window must be a positive integer (1 = plain sampler), 'auto', a list of windows (a replay) or a "
+            f"WindowPolicy; got {window!r}"
         )
     return window
+
+
+class ReplayWindow:
+    """The windows of a past run, round by round: ``speculative_sample(..., window=stats.windows)`` (or
+    ``window=stats``) reproduces that run's samples bit for bit, on any machine, from the same chain,
+    ``x_init``, drafter and generators. The schedule is fixed before the run (it reads nothing of
+    it), so the law is exact whatever the list; a schedule recorded from another run (other batch,
+    steps, seeds or drafter) is refused as soon as it disagrees with this one."""
+
+    def __init__(self, windows):
+        expected = {}
+        if isinstance(windows, SpeculativeStats):
+            expected = {"batch": windows.batch_size, "steps": windows.num_steps}
+            windows = windows.windows
+        windows = list(windows)
+        if not windows or any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in windows):
+            raise ValueError(
+                "a replayed window schedule must be a non-empty list of positive integers, one per round "
+                f"(a run's stats.windows); got {windows!r}"
+            )
+        self.windows, self.expected, self.max_window = windows, expected, max(windows)
+
+    def bind(self, chain, x_init: Tensor, drafter=None) -> None:
+        got = {"batch": x_init.shape[0], "steps": chain.num_steps}
+        for name, value in self.expected.items():
+            if got[name] != value:
+                raise ValueError(
+                    f"the replayed stats are from a run of {value} {'samples' if name == 'batch' else 'steps'}; this "
+                    f"run has {got[name]}: replay a run with the same batch, steps, seeds and drafter"
+                )
+
+    def choose(self, stats: SpeculativeStats, live: int) -> int:
+        self._check(stats)
+        if stats.rounds >= len(self.windows):
+            raise ValueError(
+                f"the replayed schedule has {len(self.windows)} rounds and this run needs more: it was recorded "
+                "from another run (batch, steps, seeds, drafter or x_init differ)"
+            )
+        return self.windows[stats.rounds]
+
+    def finish(self, stats: SpeculativeStats) -> None:
+        """After the run: every round of the schedule was used, as recorded."""
+        self._check(stats)
+        if stats.rounds != len(self.windows):
+            raise ValueError(
+                f"the replayed schedule has {len(self.windows)} rounds and this run finished after {stats.rounds}: "
+                "it was recorded from another run (batch, steps, seeds, drafter or x_init differ)"
+            )
+
+    def _check(self, stats: SpeculativeStats) -> None:
+        r = stats.rounds - 1  # the last round: the sampler records the window it ran (clamped at the end)
+        if r >= 0 and stats.windows[r] != self.windows[r]:
+            raise ValueError(
+                f"round {r + 1} of the replayed schedule ran window {stats.windows[r]}, recorded {self.windows[r]}: "
+                "the schedule was recorded from another run (batch, steps, seeds, drafter or x_init differ)"
+            )
+
+    def describe(self) -> str:
+        return f"replayed window schedule ({len(self.windows)} rounds, max {self.max_window})"
+
+    def __repr__(self) -> str:
+        return f"ReplayWindow({len(self.windows)} rounds)"
 
 
 # ----------------------------------------------------------------------------------------
@@ -96,7 +167,10 @@ def resolve_window(window, chain=None, x_init: Tensor | None = None, drafter=Non
 
 class LatencyCurve:
     """Seconds of one target call as a function of its rows: piecewise linear through the
-    measured points (made non-decreasing by pooling adjacent violators), linear beyond the largest."""
+    measured points (made non-decreasing by pooling adjacent violators, and never above proportional
+    to rows from the smallest point: ``k b`` rows cost at most ``k`` calls of ``b``), and beyond the
+    largest point proportional to rows at its cost per row (an upper bound: a larger batch does not
+    cost more per row), so rows it has not measured are never priced as a bargain."""
 
     def __init__(self, points: dict[int, float] | None = None):
         self.points = {int(b): float(t) for b, t in (points or {}).items()}
@@ -111,7 +185,8 @@ class LatencyCurve:
                     total, count = blocks.pop()
                     blocks[-1][0] += total
                     blocks[-1][1] += count
-            self._sorted = (bs, [total / count for total, count in blocks for _ in range(count)])
+            ts = [total / count for total, count in blocks for _ in range(count)]
+            self._sorted = (bs, [min(t, ts[0] * b / bs[0]) for b, t in zip(bs, ts)])
         return self._sorted
 
     def __call__(self, rows: float) -> float:
@@ -124,143 +199,7 @@ class LatencyCurve:
         if i < len(bs):
             b0, b1, t0, t1 = bs[i - 1], bs[i], ts[i - 1], ts[i]
             return t0 + (t1 - t0) * (rows - b0) / (b1 - b0)
-        if len(bs) == 1:
-            return ts[0] * rows / bs[0]
-        slope = max((ts[-1] - ts[-2]) / (bs[-1] - bs[-2]), 0.0)
-        return ts[-1] + slope * (rows - bs[-1])
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("SPECDIFF_CACHE_DIR")
-    if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "specdiff"
-
-
-_MEMORY_CACHE: dict[str, dict[int, float]] = {}
-
-
-def _find_module(obj, depth: int = 2):
-    """The torch module behind a chain or a model function (for the latency cache key)."""
-    if isinstance(obj, torch.nn.Module):
-        return obj
-    if depth < 0 or obj is None:
-        return None
-    candidates = [getattr(obj, name, None) for name in ("model", "unet", "transformer", "model_fn", "__self__")]
-    closure = getattr(obj, "__closure__", None) or ()
-    candidates += [_cell_contents(cell) for cell in closure]
-    candidates += [v for k, v in getattr(obj, "__dict__", {}).items() if not k.startswith("_")]  # e.g. a denoiser
-    for candidate in candidates:
-        found = _find_module(candidate, depth - 1)
-        if found is not None:
-            return found
-    return None
-
-
-def _cell_contents(cell):
-    try:
-        return cell.cell_contents
-    except ValueError:  # a closure variable not bound yet
-        return None
-
-
-def latency_key(chain, x_init: Tensor) -> tuple[str, bool]:
-    """``(key, stable)``: stable keys name the architecture (class and parameter count) and
-    may be cached on disk; otherwise the key is the chain's class (memory only: a new chain
-    object of the same kind, as a pipeline builds per call, keeps its calibration, so its
-    windows and samples repeat). A wrapper that keeps the wrapped chain in ``.chain`` times the
-    same network."""
-    while "chain" in getattr(chain, "__dict__", {}):
-        chain = chain.__dict__["chain"]
-    shape = "x".join(map(str, x_init.shape[1:]))
-    where = f"{x_init.device}|{x_init.dtype}|{shape}|threads={torch.get_num_threads()}"
-    explicit = getattr(chain, "latency_key", None)
-    if isinstance(explicit, str):
-        return f"{explicit}|{where}", True
-    module = _find_module(chain)
-    if module is not None:
-        params = sum(p.numel() for p in module.parameters())
-        dtype = next(module.parameters()).dtype if params else ""
-        return f"{type(module).__name__}:{params}:{dtype}|{type(chain).__name__}|{where}", True
-    return f"{type(chain).__module__}.{type(chain).__qualname__}|{where}", False
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def measure_latency(chain, x_init: Tensor, sizes: list[int], repeats: int = 5) -> dict[int, float]:
-    """Synchronised wall-clock of ``chain.predict`` on ``b`` rows (copies of ``x_init``'s rows
-    at step 0) for each ``b`` in ``sizes``: the fastest of ``repeats`` sweeps, taken in turn.
-    Load on a shared machine only ever adds time, and bursts of it hit some calls and not
-    others: the fastest call of each size is the one that measures the model, so bursts in up to
-    ``repeats - 1`` sweeps do not bend the curve."""
-    from .sampler import predict  # late: the sampler imports this module
-
-    batch = x_init.shape[0]
-    inputs = {}
-    for b in sizes:
-        index = torch.arange(b) % batch
-        inputs[b] = (x_init[index], torch.zeros(b, dtype=torch.long, device=x_init.device), index)
-    times = {b: [] for b in sizes}
-    with torch.no_grad():
-        predict(chain, *inputs[sizes[0]])  # warm-up: kernels, caches, lazy initialisation
-        for _ in range(repeats):
-            for b in sizes:
-                _synchronize(x_init.device)
-                started = time.perf_counter()
-                predict(chain, *inputs[b])
-                _synchronize(x_init.device)
-                times[b].append(time.perf_counter() - started)
-    return {b: min(t) for b, t in times.items()}
-
-
-def measure_outside(chain, x_init: Tensor, drafter=None, windows: tuple[int, int] = (2, 8), steps: int = 48,
-                    repeats: int = 2) -> tuple[float, float]:
-    """``(c, h)``: seconds a round spends outside the target call, per round and per drafted step.
-
-    A dry run of the sampler on the first ``steps`` steps of ``chain`` whose target is free (its
-    prediction at ``x_init``, repeated), at two windows, fastest of ``repeats``: what is left is
-    drafting, the coupling and the driver's bookkeeping. Its randomness is its own (seed 0); the
-    caller's generators are not touched."""
-    from .sampler import predict, speculative_sample  # late: the sampler imports this module
-
-    with torch.no_grad():  # one row's prediction serves every row of the dry run
-        first = predict(chain, x_init[:1], torch.zeros(1, dtype=torch.long, device=x_init.device),
-                        torch.zeros(1, dtype=torch.long))
-    dry = _FreeTarget(chain, first, min(steps, chain.num_steps))
-    per_round = []
-    for window in windows:
-        window = min(window, dry.num_steps)
-        best = math.inf
-        for _ in range(repeats):
-            started = time.perf_counter()
-            out = speculative_sample(dry, x_init, window=window, drafter=drafter,
-                                     generator=torch.Generator().manual_seed(0), max_rows=None)
-            best = min(best, (time.perf_counter() - started) / max(out.stats.rounds, 1))
-        per_round.append((window, best))
-    (l1, t1), (l2, t2) = per_round
-    h = max((t2 - t1) / (l2 - l1), 0.0) if l2 != l1 else 0.0
-    return max(t1 - h * l1, 0.0), h
-
-
-class _FreeTarget:
-    """``chain`` cut to its first ``steps`` steps, with a target that costs nothing (one stored
-    prediction, repeated): what a round costs besides the network (:func:`measure_outside`)."""
-
-    uses_sample_index = False
-
-    def __init__(self, chain, prediction: Tensor, steps: int):
-        self.chain, self.prediction, self.num_steps = chain, prediction, steps
-
-    def __getattr__(self, name):
-        return getattr(self.__dict__["chain"], name)
-
-    def predict(self, x: Tensor, step: Tensor) -> Tensor:
-        return self.prediction.expand(x.shape[0], *self.prediction.shape[1:])
+        return ts[-1] * rows / bs[-1]
 
 
 # ----------------------------------------------------------------------------------------
@@ -284,100 +223,63 @@ class AutoWindow:
         tolerance: take the largest window whose expected rate is within this fraction of the
             best. The rate is flat near its maximum, flatter than the noise of a measured
             latency curve, and a larger window makes fewer sequential calls; 0 = the argmax.
+        recalibrate: measure this run's calibration again and replace the cached one (a cached
+            calibration is otherwise never re-measured: :mod:`specdiff.calibration`).
+        share: the most rows the calibration may measure, as a share of the plain sampler's
+            ``batch * steps`` (a run that cannot afford three batch sizes measures none and runs ``L = 1``).
+
+    Every run starts from the same state (``bind`` forgets the last run), so an object reused across
+    runs gives a seed the same windows every time.
     """
 
     def __init__(self, max_window: int = 32, *, prior_acceptance: float = 0.9, prior_weight: float = 4.0,
                  memory: float = 0.95, latency: dict[int, float] | None = None,
-                 outside: tuple[float, float] | None = None, cache: bool = True, tolerance: float = 0.03):
+                 outside: tuple[float, float] | None = None, cache: bool = True, tolerance: float = 0.03,
+                 recalibrate: bool = False, share: float = SHARE):
         if not isinstance(max_window, int) or isinstance(max_window, bool) or max_window < 1:
             raise ValueError(f"max_window must be a positive integer; got {max_window!r}")
         if not 0 < prior_acceptance < 1:
             raise ValueError(f"prior_acceptance must be in (0, 1); got {prior_acceptance!r}")
         if not 0 <= tolerance < 1:
             raise ValueError(f"tolerance must be in [0, 1); got {tolerance!r}")
+        if not 0 <= share <= 1:
+            raise ValueError(f"share must be in [0, 1] (of the plain sampler's rows); got {share!r}")
         self.max_window, self.tolerance = max_window, tolerance
         self.prior_acceptance, self.prior_weight, self.memory = prior_acceptance, prior_weight, memory
+        self.given = (latency, outside)
+        self.cache, self.recalibrate, self.share = cache, recalibrate, share
         self.latency = LatencyCurve(latency)
-        self.measured = latency is not None
-        self.cache = cache
         self.source = "given" if latency is not None else "none"
         self.per_round, self.per_step = outside if outside is not None else (0.0, 0.0)  # c, h (seconds)
-        self.outside_known = outside is not None
+        self.calibration_seconds, self.calibration_rows = 0.0, 0
+        self.skips_repeats = True  # rows may be skipped (a time-free chain); bind() says False for a timed one
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the last run (acceptance, rows, windows chosen): every run starts from the prior."""
         self.chosen: Counter[int] = Counter()
-        self._seen = (0, [0] * max_window, [0] * max_window)
-        self._acc = [0.0] * max_window
-        self._prop = [0.0] * max_window
+        self._seen = (0, [0] * self.max_window, [0] * self.max_window)
+        self._acc = [0.0] * self.max_window
+        self._prop = [0.0] * self.max_window
         self._rows = [0.0, 0.0]  # decayed sums of the rounds' verified and possible rows (stats.prefix_rows)
         self._rows_seen = (0, 0)
-        self.skips_repeats = True  # rows may be skipped (a time-free chain); bind() says False for a timed one
         self._live = 0
 
-    # -- binding and measurement ---------------------------------------------------------
-    def bind(self, chain, x_init: Tensor, drafter=None) -> None:
-        """Measure ``t(b)`` and ``(c, h)`` for this model/device/dtype/shape (and drafter) unless known or cached."""
+    # -- binding (the calibration lives in specdiff.calibration) ---------------------------
+    def bind(self, chain, x_init: Tensor, drafter=None, max_rows: int | None = None) -> None:
+        """Start a run of ``chain`` from ``x_init``: forget the last run (:meth:`reset`) and take the
+        machine's calibration for it (:func:`specdiff.calibration.calibrate`: given, cached, or measured
+        within the run's budget)."""
+        self.reset()
         # Only a time-free chain verifies fewer rows than drafted (unchanged states); on a timed one,
         # fewer rows happen at the last steps only (windows clamped there), which must not shrink f.
         self.skips_repeats = not getattr(chain, "time_conditioned", True)
-        key, stable = latency_key(chain, x_init)
-        if not self.outside_known:
-            from .drafters import as_drafter
-
-            drafter = as_drafter(drafter)
-            self._bind_outside(chain, x_init, drafter, f"{key}|outside|{type(drafter).__name__}", stable)
-        if self.measured:
-            return
-        batch = x_init.shape[0]
-        sizes = sorted({batch * k for k in (1, 2, 3, 5, 9, 17, 33, 65) if k <= self.max_window + 1}
-                       | {batch * (self.max_window + 1)})
-        known = dict(_MEMORY_CACHE.get(key, {}))
-        self.source = "memory cache"
-        if stable and self.cache and not all(b in known for b in sizes):
-            known.update(self._read_disk(key))
-            self.source = "disk cache"
-            ends = sorted({sizes[0], sizes[-1]})
-            if all(b in known for b in sizes) and not _still_true(known, measure_latency(chain, x_init, ends, 3)):
-                known = {}  # the machine changed (or the cache was measured under load): measure again
-        missing = [b for b in sizes if b not in known]
-        if missing:
-            known.update(measure_latency(chain, x_init, missing))
-            self.source = "measured"
-            if stable and self.cache:
-                self._write_disk(key, known)
-        _MEMORY_CACHE[key] = known
-        self.latency = LatencyCurve({b: known[b] for b in sizes})
-        self.measured = True
-
-    def _bind_outside(self, chain, x_init: Tensor, drafter, key: str, stable: bool) -> None:
-        known = _MEMORY_CACHE.get(key) or (self._read_disk(key) if stable and self.cache else {})
-        if set(known) != {0, 1}:
-            c, h = measure_outside(chain, x_init, drafter)
-            known = {0: c, 1: h}
-            if stable and self.cache:
-                self._write_disk(key, known)
-        _MEMORY_CACHE[key] = known
-        self.per_round, self.per_step = known[0], known[1]
-        self.outside_known = True
-
-    @staticmethod
-    def _read_disk(key: str) -> dict[int, float]:
-        try:
-            data = json.loads((_cache_dir() / "latency.json").read_text())
-            return {int(b): float(t) for b, t in data.get(key, {}).items()}
-        except (OSError, ValueError, AttributeError):
-            return {}
-
-    @staticmethod
-    def _write_disk(key: str, curve: dict[int, float]) -> None:
-        path = _cache_dir() / "latency.json"
-        try:
-            data = json.loads(path.read_text()) if path.exists() else {}
-            data[key] = {str(b): t for b, t in sorted(curve.items())}
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(data, indent=1))
-            tmp.replace(path)
-        except (OSError, ValueError):
-            pass  # a read-only home must not stop sampling: the curve stays in memory
+        latency, outside = self.given
+        found = calibrate(chain, x_init, drafter, max_window=self.max_window, max_rows=max_rows, latency=latency,
+                          outside=outside, cache=self.cache, recalibrate=self.recalibrate, share=self.share)
+        self.latency, self.source = LatencyCurve(found.latency), found.source
+        self.per_round, self.per_step = found.outside
+        self.calibration_seconds, self.calibration_rows = found.seconds, found.rows
 
     # -- the policy ----------------------------------------------------------------------
     def choose(self, stats: SpeculativeStats, live: int) -> int:
@@ -412,7 +314,8 @@ class AutoWindow:
         for j in range(len(acc)):
             self._acc[j] = self.memory * self._acc[j] + acc[j] - acc_seen[j]
             self._prop[j] = self.memory * self._prop[j] + prop[j] - prop_seen[j]
-        self._seen = (stats.rounds, acc + [0] * (self.max_window - len(acc)), prop + [0] * (self.max_window - len(prop)))
+        pad = [0] * self.max_window
+        self._seen = (stats.rounds, (acc + pad)[: self.max_window], (prop + pad)[: self.max_window])
 
     def acceptance(self) -> list[float]:
         """Estimated acceptance per window position (position 0: a drafted root)."""
@@ -439,6 +342,14 @@ class AutoWindow:
     def expected_rate(self, window: int, live: int, accept: list[float] | None = None) -> float:
         return self.rates(live, accept)[window - 1]
 
+    def runs_plain(self, live: int) -> bool:
+        """Will this run take ``L = 1`` in every round, whatever happens? True on a time-conditioned chain
+        whose first choice is 1: a round of one step from an exact root proposes nothing, so the
+        acceptance stays at the prior, the row share at 1, the live count at ``live``, and the choice
+        at 1. The sampler then runs the plain loop (the same samples bit for bit, without the round's
+        bookkeeping). Call after :meth:`bind`."""
+        return not self.skips_repeats and not self._prop[0] and self.best_window(live) == 1
+
     def best_window(self, live: int) -> int:
         return self._best(self.rates(live))
 
@@ -460,19 +371,11 @@ class AutoWindow:
                 f"latency t(B)={t1 * 1e3:.1f} ms for B={b} live rows and t(kB)/t(B): {curve} ({self.source}), "
                 f"verified rows {self.row_fraction():.0%} of L + 1 per sample, "
                 f"outside the network {self.per_round * 1e3:.2f} ms per round + {self.per_step * 1e3:.2f} ms per "
-                f"drafted step (dry run)")
+                f"drafted step (dry run); calibration this run: {self.calibration_rows} rows, "
+                f"{self.calibration_seconds:.2f} s")
 
     def __repr__(self) -> str:
         return f"AutoWindow(max_window={self.max_window})"
-
-
-def _still_true(cached: dict[int, float], check: dict[int, float], tolerance: float = 1.5) -> bool:
-    """Does a quick measurement agree with a cached curve (its shape, and its level within ``tolerance``)?"""
-    (b0, t0), *rest = sorted(check.items())
-    ratio = t0 / cached[b0]
-    if not 1 / tolerance < ratio < tolerance:
-        return False
-    return all(1 / tolerance < (t / t0) / (cached[b] / cached[b0]) < tolerance for b, t in rest)
 
 
 def _expected_committed(accept: list[float], window: int, exact_root: bool = False) -> tuple[float, float]:

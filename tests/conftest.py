@@ -17,18 +17,18 @@ def private_latency_cache(tmp_path_factory):
     test session, never the user's ``~/.cache/specdiff`` (test timings would steer their runs)."""
     import os
 
-    import specdiff.window as window
+    from specdiff import calibration
 
-    saved, memory = os.environ.get("SPECDIFF_CACHE_DIR"), dict(window._MEMORY_CACHE)
+    saved, memory = os.environ.get("SPECDIFF_CACHE_DIR"), dict(calibration._MEMORY_CACHE)
     os.environ["SPECDIFF_CACHE_DIR"] = str(tmp_path_factory.mktemp("specdiff-cache"))
-    window._MEMORY_CACHE.clear()
+    calibration._MEMORY_CACHE.clear()
     yield
     if saved is None:
         os.environ.pop("SPECDIFF_CACHE_DIR", None)
     else:
         os.environ["SPECDIFF_CACHE_DIR"] = saved
-    window._MEMORY_CACHE.clear()
-    window._MEMORY_CACHE.update(memory)
+    calibration._MEMORY_CACHE.clear()
+    calibration._MEMORY_CACHE.update(memory)
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from specdiff import sample_baseline, speculative_sample
+from specdiff.calibration import latency_key
 from specdiff.testing import GaussianMixtureDDPM
-from specdiff.window import AutoWindow, latency_key
+from specdiff.window import AutoWindow
 
 
 class Eps(torch.nn.Module):

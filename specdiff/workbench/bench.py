@@ -361,9 +361,9 @@ def bench_discrete_latency(out: Path, quick: bool = False, repeats: int = 3) -> 
     """
     import statistics
 
+    from ..calibration import measure_latency
     from ..discrete.chain import MaskedDiffusionChain
     from ..sampler import sample_baseline_discrete, speculative_sample_discrete
-    from ..window import measure_latency
     from .bench_discrete import _load
 
     transformer, scheduler = _load(ASSETS / "models" / "digits-mdm")

@@ -1,0 +1,317 @@
+"""Machine calibration for the automatic window: what a target call on ``b`` rows costs, and what a
+round costs outside the network, on this machine.
+
+The policy (:mod:`specdiff.window`) is arithmetic on these numbers; this module measures them.
+
+* **Measured once, then frozen.** Each point ``t(b)`` of a model, device, dtype and row shape (the
+  :func:`latency_key`) is measured once and cached in memory and in ``latency.json`` under
+  ``$SPECDIFF_CACHE_DIR`` (default ``~/.cache/specdiff``). A cached point is never re-measured or
+  replaced implicitly (no timing check at the start of a run), so the windows of a seed, hence its
+  samples, are the same in every run and every process on a machine. ``AutoWindow(recalibrate=True)``
+  (or :func:`calibrate` with ``recalibrate=True``) measures the run's points again and replaces them.
+* **Bounded by the run it serves.** A run measures only the points of its own :func:`plan`: batch sizes
+  ``B * k`` no larger than its own largest verify call (``B * (min(max_window, steps) + 1)``, and
+  ``max_rows``), with at most ``share`` (30%) of the rows the plain sampler would evaluate
+  (``B * steps``), warm-up call and the dry run (priced as ``DRY_ROWS`` calls on ``B`` rows)
+  included. Since a batched call never costs more per row than a smaller one, the time it spends
+  is at most about that share of the plain sampler's network time. A run
+  too short to afford three points measures nothing, and its window prices every row at the cost of
+  one (so it takes ``L = 1``: the plain sampler's cost). The plan depends on counts only (batch, steps,
+  window), so a run uses the same points every time; a longer run of the same model adds the
+  points it affords to the cache without changing those a shorter run uses.
+* The curve is the fastest of a few interleaved sweeps (load on a shared machine only adds time),
+  and never priced above proportional to rows from its smallest point (a call of ``k b`` rows never
+  costs more than ``k`` calls of ``b`` rows): a burst of load while measuring cannot make speculation
+  look more expensive than a device with no batching gain at all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+GRID = (1, 2, 3, 5, 9, 17, 33, 65, 129)  # batch multiples measured (the window's rows are B * (L + 1 - pi))
+SHARE = 0.3  # the most rows a run may measure, as a share of the plain sampler's B * steps
+DRY_STEPS, DRY_WINDOWS = 12, (2, 6)  # the dry run: 6 + 2 rounds with a free target, one sweep
+DRY_ROWS = 4  # ... priced as 4 calls on B rows (a round outside the network costs under half a call)
+MIN_POINTS = 3  # fewer points say nothing about a batch's gain: measure none
+MAX_SWEEPS = 3
+
+_MEMORY_CACHE: dict[str, dict[int, float]] = {}
+
+
+@dataclass
+class Calibration:
+    """What a run knows of the machine: ``latency`` (``{rows: seconds}``), ``outside`` (``(c, h)``: seconds
+    of a round outside the network, per round and per drafted step), where they came from, and what
+    measuring cost this run (0 when cached)."""
+
+    latency: dict[int, float] = field(default_factory=dict)
+    outside: tuple[float, float] = (0.0, 0.0)
+    source: str = "none"
+    seconds: float = 0.0
+    rows: int = 0
+
+
+def plan(batch: int, max_window: int, num_steps: int, max_rows: int | None = None,
+         share: float = SHARE) -> tuple[list[int], int]:
+    """``(sizes, sweeps)`` a run of ``batch`` samples and ``num_steps`` steps may measure (module docstring):
+    counts only, so the same run always plans the same points. ``([], 0)``: too short to calibrate."""
+    top = min(max_window, num_steps) + 1  # the largest verify call: B * (L + 1) rows
+    sizes = sorted({batch * k for k in GRID if k < top} | {batch * top})
+    if max_rows is not None:  # calls are split at max_rows: larger sizes cost proportionally
+        sizes = [b for b in sizes if b <= max_rows]
+    budget = share * batch * num_steps - 1 - DRY_ROWS * batch  # less the dry run (measure_outside)
+    chosen: list[int] = []
+    for b in sizes:
+        if sizes[0] + sum(chosen) + b > budget:  # the warm-up call counts
+            break
+        chosen.append(b)
+    if len(chosen) < MIN_POINTS:
+        return [], 0
+    return chosen, max(1, min(MAX_SWEEPS, int((budget - chosen[0]) // sum(chosen))))
+
+
+def calibrate(chain, x_init: Tensor, drafter=None, *, max_window: int = 32, max_rows: int | None = None,
+              latency: dict[int, float] | None = None, outside: tuple[float, float] | None = None,
+              cache: bool = True, recalibrate: bool = False, share: float = SHARE) -> Calibration:
+    """The calibration of a run of ``chain`` from ``x_init``: given values, else cached points, else
+    measured (the run's :func:`plan`)."""
+    started = time.perf_counter()
+    key, stable = latency_key(chain, x_init)
+    persist = stable and cache
+    sizes, sweeps = plan(x_init.shape[0], max_window, chain.num_steps, max_rows, share)
+    out = Calibration(source="given" if latency is not None else "none")
+    if latency is not None:
+        out.latency = dict(latency)
+    elif sizes:
+        known = {} if recalibrate else _cached(key, persist)
+        out.source = "memory cache" if all(b in _MEMORY_CACHE.get(key, {}) for b in sizes) else "disk cache"
+        missing = [b for b in sizes if b not in known]
+        if missing:
+            known = dict(known)
+            known.update(measure_latency(chain, x_init, missing, sweeps))
+            out.rows += missing[0] + sweeps * sum(missing)
+            out.source = "measured"
+            _store(key, known, persist, replace=recalibrate)
+        _MEMORY_CACHE.setdefault(key, {}).update({b: known[b] for b in sizes})
+        out.latency = {b: known[b] for b in sizes}
+    if outside is not None:
+        out.outside = tuple(outside)
+    elif out.latency:  # without a curve the window is 1 whatever a round costs: nothing to measure
+        from .drafters import as_drafter
+
+        drafter = as_drafter(drafter)
+        okey = f"{key}|batch={x_init.shape[0]}|outside|{type(drafter).__name__}"  # a round's cost grows with B
+        known = {} if recalibrate else _cached(okey, persist)
+        if set(known) != {0, 1}:
+            c, h = measure_outside(chain, x_init, drafter, windows=(2, max(2, min(DRY_WINDOWS[1], max_window))),
+                                   steps=DRY_STEPS, repeats=1)
+            known = {0: c, 1: h}
+            out.rows += 1
+            _store(okey, known, persist, replace=True)
+        _MEMORY_CACHE[okey] = dict(known)
+        out.outside = (known[0], known[1])
+    if out.rows:
+        out.seconds = time.perf_counter() - started
+    return out
+
+
+def _cached(key: str, persist: bool) -> dict[int, float]:
+    known = dict(_MEMORY_CACHE.get(key, {}))
+    if persist:
+        known = {**_read_disk(key), **known}  # a point is measured once: memory and disk hold the same value
+    return known
+
+
+def _store(key: str, points: dict[int, float], persist: bool, replace: bool) -> None:
+    if replace:
+        _MEMORY_CACHE[key] = dict(points)
+    else:
+        _MEMORY_CACHE[key] = {**points, **_MEMORY_CACHE.get(key, {})}
+    if persist:
+        _write_disk(key, points, replace)
+
+
+# ----------------------------------------------------------------------------------------
+# Keys and the disk cache
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SPECDIFF_CACHE_DIR")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "specdiff"
+
+
+def _read_disk(key: str) -> dict[int, float]:
+    try:
+        data = json.loads((_cache_dir() / "latency.json").read_text())
+        return {int(b): float(t) for b, t in data.get(key, {}).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _write_disk(key: str, points: dict[int, float], replace: bool = False) -> None:
+    """Add ``points`` to the key's record; points already there are kept unless ``replace`` (another
+    process may have measured them first: the file keeps one value per point)."""
+    path = _cache_dir() / "latency.json"
+    try:
+        data = json.loads(path.read_text()) if path.exists() else {}
+        old = {} if replace else data.get(key, {})
+        merged = {str(b): t for b, t in points.items()} | old
+        data[key] = dict(sorted(merged.items(), key=lambda item: int(item[0])))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(path)
+    except (OSError, ValueError):
+        pass  # a read-only home must not stop sampling: the curve stays in memory
+
+
+def _find_module(obj, depth: int = 2):
+    """The torch module behind a chain or a model function (for the latency cache key)."""
+    if isinstance(obj, torch.nn.Module):
+        return obj
+    if depth < 0 or obj is None:
+        return None
+    candidates = [getattr(obj, name, None) for name in ("model", "unet", "transformer", "model_fn", "__self__")]
+    closure = getattr(obj, "__closure__", None) or ()
+    candidates += [_cell_contents(cell) for cell in closure]
+    candidates += [v for k, v in getattr(obj, "__dict__", {}).items() if not k.startswith("_")]  # e.g. a denoiser
+    for candidate in candidates:
+        found = _find_module(candidate, depth - 1)
+        if found is not None:
+            return found
+    return None
+
+
+def _cell_contents(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:  # a closure variable not bound yet
+        return None
+
+
+def latency_key(chain, x_init: Tensor) -> tuple[str, bool]:
+    """``(key, stable)``: stable keys name the architecture (class and parameter count) and
+    may be cached on disk; otherwise the key is the chain's class (memory only: a new chain
+    object of the same kind, as a pipeline builds per call, keeps its calibration, so its
+    windows and samples repeat). A wrapper that keeps the wrapped chain in ``.chain`` times the
+    same network."""
+    while "chain" in getattr(chain, "__dict__", {}):
+        chain = chain.__dict__["chain"]
+    shape = "x".join(map(str, x_init.shape[1:]))
+    where = f"{x_init.device}|{x_init.dtype}|{shape}|threads={torch.get_num_threads()}"
+    explicit = getattr(chain, "latency_key", None)
+    if isinstance(explicit, str):
+        return f"{explicit}|{where}", True
+    module = _find_module(chain)
+    if module is not None:
+        params = sum(p.numel() for p in module.parameters())
+        dtype = next(module.parameters()).dtype if params else ""
+        return f"{type(module).__name__}:{params}:{dtype}|{type(chain).__name__}|{where}", True
+    return f"{type(chain).__module__}.{type(chain).__qualname__}|{where}", False
+
+
+# ----------------------------------------------------------------------------------------
+# Measurements
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+_SAMPLER: dict = {}  # the sampler's entry points, registered by specdiff.sampler when it is imported
+
+
+def register_sampler(predict, sample) -> None:
+    """Called once by :mod:`specdiff.sampler` at import: its network call (``predict``) and
+    ``speculative_sample``, which the measurements below use. The sampler imports this module (through
+    the window policy) and not the other way round, so the dry run's re-entry into the sampler is no
+    import cycle."""
+    _SAMPLER.update(predict=predict, sample=sample)
+
+
+def measure_latency(chain, x_init: Tensor, sizes: list[int], repeats: int = 5) -> dict[int, float]:
+    """Synchronised wall-clock of ``chain.predict`` on ``b`` rows (copies of ``x_init``'s rows
+    at step 0) for each ``b`` in ``sizes``: the fastest of ``repeats`` sweeps, taken in turn.
+    Load on a shared machine only ever adds time, and bursts of it hit some calls and not
+    others: the fastest call of each size is the one that measures the model, so bursts in up to
+    ``repeats - 1`` sweeps do not bend the curve."""
+    predict = _SAMPLER["predict"]
+    batch = x_init.shape[0]
+    inputs = {}
+    for b in sizes:
+        index = torch.arange(b) % batch
+        inputs[b] = (x_init[index], torch.zeros(b, dtype=torch.long, device=x_init.device), index)
+    times = {b: [] for b in sizes}
+    with torch.no_grad():
+        predict(chain, *inputs[sizes[0]])  # warm-up: kernels, caches, lazy initialisation
+        for _ in range(repeats):
+            for b in sizes:
+                _synchronize(x_init.device)
+                started = time.perf_counter()
+                predict(chain, *inputs[b])
+                _synchronize(x_init.device)
+                times[b].append(time.perf_counter() - started)
+    return {b: min(t) for b, t in times.items()}
+
+
+def measure_outside(chain, x_init: Tensor, drafter=None, windows: tuple[int, int] = (2, 8), steps: int = 32,
+                    repeats: int = 2) -> tuple[float, float]:
+    """``(c, h)``: seconds a round spends outside the target call, per round and per drafted step.
+
+    A dry run of the sampler on the first ``steps`` steps of ``chain`` whose target is free (its
+    prediction at ``x_init``, repeated), at two windows, fastest of ``repeats``: what is left is
+    drafting, the coupling and the driver's bookkeeping. Its randomness is its own (seed 0); the
+    caller's generators are not touched.
+
+    The dry run re-enters the sampler: ``sample`` is ``speculative_sample`` (registered by the sampler,
+    :func:`register_sampler`), called from inside the sampler's own window resolution when a run
+    calibrates. Its window here is an integer, so the dry run calibrates nothing and cannot recurse
+    further."""
+    predict, sample = _SAMPLER["predict"], _SAMPLER["sample"]  # the dry run re-enters the sampler here
+    with torch.no_grad():  # one row's prediction serves every row of the dry run
+        first = predict(chain, x_init[:1], torch.zeros(1, dtype=torch.long, device=x_init.device),
+                        torch.zeros(1, dtype=torch.long))
+    dry = _FreeTarget(chain, first, min(steps, chain.num_steps))
+    per_round = []
+    for window in windows:
+        window = min(window, dry.num_steps)
+        best = math.inf
+        for _ in range(repeats):
+            started = time.perf_counter()
+            out = sample(dry, x_init, window=window, drafter=drafter,  # an int window: no calibration inside
+                         generator=torch.Generator().manual_seed(0), max_rows=None)
+            best = min(best, (time.perf_counter() - started) / max(out.stats.rounds, 1))
+        per_round.append((window, best))
+    (l1, t1), (l2, t2) = per_round
+    h = max((t2 - t1) / (l2 - l1), 0.0) if l2 != l1 else 0.0
+    return max(t1 - h * l1, 0.0), h
+
+
+class _FreeTarget:
+    """``chain`` cut to its first ``steps`` steps, with a target that costs nothing (one stored
+    prediction, repeated): what a round costs besides the network (:func:`measure_outside`)."""
+
+    uses_sample_index = False
+
+    def __init__(self, chain, prediction: Tensor, steps: int):
+        self.chain, self.prediction, self.num_steps = chain, prediction, steps
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["chain"], name)
+
+    def predict(self, x: Tensor, step: Tensor) -> Tensor:
+        return self.prediction.expand(x.shape[0], *self.prediction.shape[1:])

@@ -1,0 +1,194 @@
+"""Benchmark: the default settings against the plain sampler, side by side, calibration included.
+
+    python -m specdiff.workbench.bench_defaults                      # the full grid (slow on a CPU)
+    python -m specdiff.workbench.bench_defaults --steps 10 25 50 --batches 1 --loads quiet
+
+On the bundled digits DDPM, for every (load, steps, batch) cell: ``DDPMPipeline`` and
+``SpeculativeDDPMPipeline`` with nothing set (automatic window, Picard drafter) on the same seeds,
+interleaved, ``--repeats`` times; the wall-clock ratio speculative / plain per cell (median over
+repeats), sequential calls, the calibration each cell paid and the windows it ran. Each load
+condition starts with an empty calibration cache (a private folder; the user's cache is never
+touched), so its first cell pays the calibration, measured in that condition. ``loaded``: a
+background process this benchmark starts (``--load-processes`` busy matrix loops, one thread
+each) and stops when the condition ends. Writes ``assets/bench/defaults.json`` and the table in
+``docs/defaults.md`` (``--table`` re-renders it from the JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .. import calibration
+from ..paths import asset
+
+LOAD = "import torch\ntorch.set_num_threads(1)\na = torch.randn(384, 384)\nwhile True:\n    a = (a @ a).tanh()\n"
+
+
+def _start_load(processes: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", LOAD], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for _ in range(processes)]
+
+
+def _stop_load(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:  # only the processes this benchmark started
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def run_grid(steps: list[int], batches: list[int], loads: list[str], repeats: int, load_processes: int) -> dict:
+    from diffusers import DDPMPipeline
+
+    from ..pipelines import SpeculativeDDPMPipeline
+
+    plain = DDPMPipeline.from_pretrained(asset("models", "digits-ddpm"))
+    plain.set_progress_bar_config(disable=True)
+    spec = SpeculativeDDPMPipeline.from_pipe(plain)
+    spec.set_progress_bar_config(disable=True)
+
+    def gens(batch: int, seed: int):
+        return [torch.Generator().manual_seed(1000 * seed + i) for i in range(batch)]
+
+    def timed(pipe, batch: int, steps: int, seed: int):
+        started = time.perf_counter()
+        out = pipe(batch_size=batch, generator=gens(batch, seed), num_inference_steps=steps, output_type="pt")
+        return time.perf_counter() - started, out
+
+    with torch.no_grad():  # warm-up (kernels, allocator) outside every cell
+        plain(batch_size=1, generator=gens(1, 0), num_inference_steps=2, output_type="pt")
+    cells = []
+    for load in loads:
+        calibration._MEMORY_CACHE.clear()  # an empty cache: the condition's first cell pays the calibration
+        cache = tempfile.TemporaryDirectory(prefix="specdiff-bench-cache-")
+        previous = os.environ.get("SPECDIFF_CACHE_DIR")
+        os.environ["SPECDIFF_CACHE_DIR"] = cache.name
+        procs = _start_load(load_processes) if load == "loaded" else []
+        try:
+            if procs:
+                time.sleep(2.0)  # let the load start
+            for n in steps:
+                for batch in batches:
+                    plain_s, spec_s, stats = [], [], []
+                    for r in range(repeats):
+                        order = ("plain", "spec") if r % 2 == 0 else ("spec", "plain")
+                        for name in order:
+                            seconds, out = timed(plain if name == "plain" else spec, batch, n, r)
+                            if name == "plain":
+                                plain_s.append(seconds)
+                            else:
+                                spec_s.append(seconds)
+                                stats.append(out.stats)
+                    ratio = statistics.median(s / p for s, p in zip(spec_s, plain_s))
+                    first = stats[0]
+                    cells.append({
+                        "load": load, "steps": n, "batch": batch, "repeats": repeats,
+                        "plain_s": statistics.median(plain_s), "default_s": statistics.median(spec_s),
+                        "ratio": ratio, "target_calls": statistics.median(s.target_calls for s in stats),
+                        "call_speedup": n / statistics.median(s.target_calls for s in stats),
+                        "calibration_s": sum(s.calibration_seconds for s in stats),
+                        "calibration_rows": sum(s.calibration_rows for s in stats),
+                        "max_window": max(first.windows), "windows": first.windows,
+                    })
+                    print(f"{load:6s} steps {n:5d} batch {batch:3d}: {ratio:.2f}x plain wall-clock, "
+                          f"{cells[-1]['call_speedup']:.1f}x fewer calls, calibration "
+                          f"{cells[-1]['calibration_s']:.2f} s / {cells[-1]['calibration_rows']} rows", flush=True)
+        finally:
+            _stop_load(procs)
+            if previous is None:
+                os.environ.pop("SPECDIFF_CACHE_DIR", None)
+            else:
+                os.environ["SPECDIFF_CACHE_DIR"] = previous
+            cache.cleanup()
+    return {"benchmark": "defaults", "environment": {
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d")},
+        "load_processes": load_processes, "cells": cells}
+
+
+def table(result: dict) -> str:
+    """The markdown table: one row per (load, steps), one column per batch; ratio = default / plain."""
+    cells = result["cells"]
+    batches = sorted({c["batch"] for c in cells})
+    env = result["environment"]
+    intro = (f"Default settings (`SpeculativeDDPMPipeline`, nothing set) against `DDPMPipeline`, bundled digits "
+             f"DDPM, {env['threads']} thread(s), {env['processor']}, torch {env['torch']}, {env['date']} "
+             f"(`{result.get('command', 'python -m specdiff.workbench.bench_defaults')}`). Each cell: wall-clock "
+             "ratio default / plain, calibration included (median over the repeats; 1.00 = as fast, below 1 = "
+             "faster), then sequential calls saved and the largest window run. Each load condition starts with "
+             "an empty calibration cache.")
+    lines = [intro, "",
+             "| load | steps | " + " | ".join(f"batch {b}" for b in batches) + " |",
+             "|" + " --- |" * (len(batches) + 2)]
+    for load in dict.fromkeys(c["load"] for c in cells):
+        for n in sorted({c["steps"] for c in cells if c["load"] == load}):
+            row = []
+            for b in batches:
+                c = next((c for c in cells if (c["load"], c["steps"], c["batch"]) == (load, n, b)), None)
+                row.append("not run" if c is None else
+                           f"{c['ratio']:.2f} ({c['call_speedup']:.1f}x calls, L<={c['max_window']}"
+                           + (f", calibration {c['calibration_s']:.2f} s" if c["calibration_rows"] else "") + ")")
+            lines.append(f"| {load} | {n} | " + " | ".join(row) + " |")
+    worst = max(c["ratio"] for c in cells)
+    lines += ["", f"Worst cell: {worst:.2f}x plain ({'within' if worst <= 1.05 else 'above'} the 1.05 target)."]
+    return "\n".join(lines)
+
+
+def _write_docs(result: dict, path: Path) -> None:
+    text = path.read_text() if path.exists() else ""
+    start, end = "<!-- bench_defaults table -->", "<!-- /bench_defaults table -->"
+    block = f"{start}\n{table(result)}\n{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + ("\n\n" if text else "") + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m specdiff.workbench.bench_defaults",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, nargs="+", default=[10, 25, 50, 100, 250, 1000])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--loads", nargs="+", default=["quiet", "loaded"], choices=["quiet", "loaded"])
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved plain/default pairs per cell")
+    parser.add_argument("--load-processes", type=int, default=1, help="busy processes of the loaded condition")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=asset("bench") / "defaults.json")
+    parser.add_argument("--docs", type=Path, default=Path("docs") / "defaults.md")
+    parser.add_argument("--table", action="store_true", help="only re-render the table from --out")
+    parser.add_argument("--append", action="store_true",
+                        help="add the measured cells to those already in --out (same cell: replaced)")
+    args = parser.parse_args(argv)
+    if args.table:
+        result = json.loads(args.out.read_text())
+    else:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        result = run_grid(args.steps, args.batches, args.loads, args.repeats, args.load_processes)
+        result["command"] = "python -m specdiff.workbench.bench_defaults " + " ".join(argv or sys.argv[1:])
+        if args.append and args.out.exists():
+            old = json.loads(args.out.read_text())
+            fresh = {(c["load"], c["steps"], c["batch"]) for c in result["cells"]}
+            result["cells"] = [c for c in old["cells"] if (c["load"], c["steps"], c["batch"]) not in fresh] + \
+                result["cells"]
+            result["command"] = f"{old['command']}; then {result['command']}"
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+    _write_docs(result, args.docs)
+    print(table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
