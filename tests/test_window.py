@@ -121,7 +121,7 @@ def test_rows_proportional_latency_takes_window_one():
 
 def test_the_benchmark_ceiling_is_the_window_count_on_flat_latency_and_one_on_row_priced_latency():
     """The digits report's "what that curve allows" line: the best window's zero-overhead speedup."""
-    from specdiff.workbench.bench import _ceiling
+    from specdiff.workbench.report import _ceiling
 
     assert _ceiling(flat(), 1.0) == (pytest.approx(32.0), 32)  # every drafted step accepted, a batch costs one call
     assert _ceiling(linear(), 1.0)[0] == pytest.approx(1.0)  # L rows cost L calls: no window gains
