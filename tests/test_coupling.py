@@ -1,4 +1,4 @@
-"""The reflection maximal coupling (SPEC §2): forced outcomes, exact law, maximal acceptance."""
+"""The reflection maximal coupling (the README's "How it works"): forced outcomes, exact law, maximal acceptance."""
 
 import math
 

@@ -1,5 +1,5 @@
-"""The speculative sampler (SPEC §3, §6): bit-for-bit reductions, batch independence,
-whole-sampler exactness on the analytic mixture, speed, and clear errors."""
+"""The speculative sampler (the paper's algorithm, the README's "How it works"): bit-for-bit
+reductions, batch independence, whole-sampler exactness on the analytic mixture, speed, and clear errors."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Issue 8, "also": the scheduler adapters and pipelines reviewed for the three classes of bug
+"""The scheduler adapters and pipelines against the three classes of bug once
 fixed in the sampler (acceptance thresholds, dtype casts between draft and verify, writes into
 tensors the sampler does not own).
 
