@@ -17,6 +17,7 @@ demo: install
 	$(BIN)/specdiff generate --compare --num-images 4 --batch-size 4 --steps 1000 --out outputs/demo
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 bench: install

@@ -23,13 +23,13 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
+
 from specdiff.pipelines.speculative_utils import (
     check_generators,
     images_from_samples,
     sample_rounds,
     speculative_from_pipe,
 )
-
 from specdiff.schedulers import SpeculativeScheduler
 from specdiff.stats import SpeculativeStats
 

@@ -19,9 +19,9 @@ import torch
 from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from specdiff.pipelines.speculative_utils import SpeculativeFlowPipelineOutput, run_speculative, speculative_from_pipe
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+from specdiff.pipelines.speculative_utils import SpeculativeFlowPipelineOutput, run_speculative, speculative_from_pipe
 from specdiff.schedulers import SpeculativeScheduler
 
 
@@ -60,7 +60,9 @@ class SpeculativeFluxPipeline(FluxPipeline):
         options (``window``, ``frozen_prediction``) may be passed."""
         return speculative_from_pipe(super().from_pipe, pipeline, kwargs)
 
-    def guidance_inputs(self, transformer, cond: dict, uncond: dict | None, true_cfg_scale: float, static: dict) -> dict:
+    def guidance_inputs(
+        self, transformer, cond: dict, uncond: dict | None, true_cfg_scale: float, static: dict
+    ) -> dict:
         def network(latents, t, encoder_hidden_states, pooled_projections, guidance):
             return transformer(
                 hidden_states=latents, timestep=t.to(latents.dtype) / 1000, guidance=guidance,
@@ -146,7 +148,9 @@ class SpeculativeFluxPipeline(FluxPipeline):
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full([total], guidance_scale, device=device, dtype=torch.float32)
-        cond = {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled_prompt_embeds, "guidance": guidance}
+        cond = {
+            "encoder_hidden_states": prompt_embeds, "pooled_projections": pooled_prompt_embeds, "guidance": guidance
+        }
         if true_cfg_scale > 1 and has_negative:
             negative_prompt_embeds, negative_pooled_prompt_embeds, _ = self.encode_prompt(
                 prompt=negative_prompt, prompt_2=negative_prompt_2, prompt_embeds=negative_prompt_embeds,
@@ -169,7 +173,9 @@ class SpeculativeFluxPipeline(FluxPipeline):
             latents.shape[1], config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
             config.get("base_shift", 0.5), config.get("max_shift", 1.15),
         )  # fmt: skip
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu
+        )
         self._num_timesteps = len(timesteps)
 
         # 3. The speculative sampler: ONE run for the whole batch, each row conditioned on its sample.
@@ -178,7 +184,8 @@ class SpeculativeFluxPipeline(FluxPipeline):
             self, lambda transformer: self.guidance_inputs(transformer, cond, uncond, true_cfg_scale, static),
             self.transformer, latents, generator=generator, window=window, drafter=drafter,
             draft_network=draft_transformer, callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, timesteps=timesteps, max_rows=max_rows,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, timesteps=timesteps,
+            max_rows=max_rows,
         )  # fmt: skip
 
         # 4. Unpack and decode, as the parent does.

@@ -22,13 +22,13 @@ import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
-from specdiff.pipelines.speculative_utils import check_cache_option, check_max_rows_option, progress_for
 from torch import nn
 
 from specdiff.discrete.chain import MaskedDiffusionChain
 from specdiff.discrete.model import MaskedDiffusionTransformer
 from specdiff.discrete.scheduler import MaskedDiffusionScheduler
 from specdiff.drafters import Drafter, ModelDrafter, as_drafter
+from specdiff.pipelines.speculative_utils import check_cache_option, check_max_rows_option, progress_for
 from specdiff.sampler import speculative_sample_discrete
 from specdiff.stats import SpeculativeStats
 

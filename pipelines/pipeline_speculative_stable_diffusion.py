@@ -23,9 +23,9 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
-from specdiff.pipelines.speculative_utils import run_speculative, speculative_from_pipe
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
 
+from specdiff.pipelines.speculative_utils import run_speculative, speculative_from_pipe
 from specdiff.schedulers import SpeculativeScheduler
 from specdiff.stats import SpeculativeStats
 

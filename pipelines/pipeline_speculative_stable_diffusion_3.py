@@ -18,9 +18,9 @@ import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from specdiff.pipelines.speculative_utils import SpeculativeFlowPipelineOutput, run_speculative, speculative_from_pipe
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+from specdiff.pipelines.speculative_utils import SpeculativeFlowPipelineOutput, run_speculative, speculative_from_pipe
 from specdiff.schedulers import SpeculativeScheduler
 
 
@@ -151,7 +151,9 @@ class SpeculativeStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         cond = {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled_prompt_embeds}
         uncond = None
         if self.do_classifier_free_guidance:
-            uncond = {"encoder_hidden_states": negative_prompt_embeds, "pooled_projections": negative_pooled_prompt_embeds}
+            uncond = {
+                "encoder_hidden_states": negative_prompt_embeds, "pooled_projections": negative_pooled_prompt_embeds
+            }
 
         # 2. Latents and (shifted) timesteps, as the parent does; the shift reads the wrapped scheduler's config.
         latents = self.prepare_latents(
@@ -166,7 +168,9 @@ class SpeculativeStableDiffusion3Pipeline(StableDiffusion3Pipeline):
                 config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5), config.get("max_shift", 1.16),
             )  # fmt: skip
         extra = {} if mu is None else {"mu": mu}
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas, **extra)
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, sigmas=sigmas, **extra
+        )
         self._num_timesteps = len(timesteps)
 
         # 3. The speculative sampler: ONE run for the whole batch, each row conditioned on its sample.
@@ -174,7 +178,8 @@ class SpeculativeStableDiffusion3Pipeline(StableDiffusion3Pipeline):
             self, lambda transformer: self.guidance_inputs(transformer, cond, uncond), self.transformer, latents,
             generator=generator, window=window, drafter=drafter, draft_network=draft_transformer,
             callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, timesteps=timesteps, max_rows=max_rows,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, timesteps=timesteps,
+            max_rows=max_rows,
         )  # fmt: skip
 
         # 4. Decode, as the parent does.

@@ -23,9 +23,9 @@ from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionM
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import rescale_noise_cfg, retrieve_timesteps
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
-from specdiff.pipelines.speculative_utils import run_speculative, speculative_from_pipe
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from specdiff.pipelines.speculative_utils import run_speculative, speculative_from_pipe
 from specdiff.schedulers import SpeculativeScheduler
 from specdiff.stats import SpeculativeStats
 
@@ -210,13 +210,18 @@ class SpeculativeStableDiffusionXLPipeline(StableDiffusionXLPipeline):
             projection_dim = int(pooled_prompt_embeds.shape[-1])
         else:
             projection_dim = self.text_encoder_2.config.projection_dim
-        time_ids = lambda size, crop, target: self._get_add_time_ids(
-            size, crop, target, dtype=prompt_embeds.dtype, text_encoder_projection_dim=projection_dim
-        ).to(device).repeat(total, 1)
+
+        def time_ids(size, crop, target):
+            return self._get_add_time_ids(
+                size, crop, target, dtype=prompt_embeds.dtype, text_encoder_projection_dim=projection_dim
+            ).to(device).repeat(total, 1)
+
         add_time_ids = time_ids(original_size, crops_coords_top_left, target_size)
         negative_add_time_ids = add_time_ids
         if negative_original_size is not None and negative_target_size is not None:
-            negative_add_time_ids = time_ids(negative_original_size, negative_crops_coords_top_left, negative_target_size)
+            negative_add_time_ids = time_ids(
+                negative_original_size, negative_crops_coords_top_left, negative_target_size
+            )
         cond = {"encoder_hidden_states": prompt_embeds, "text_embeds": pooled_prompt_embeds, "time_ids": add_time_ids}
         uncond = None
         if self.do_classifier_free_guidance:

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
-from specdiff.pipelines.speculative_utils import check_cache_option, check_max_rows_option
 from torch import nn
 
 from specdiff.discrete.scheduler import MaskedDiffusionScheduler
 from specdiff.drafters import Drafter, ModelDrafter, as_drafter
+from specdiff.pipelines.speculative_utils import check_cache_option, check_max_rows_option
 from specdiff.sampler import sample_baseline_discrete, speculative_sample_discrete
 from specdiff.stats import SpeculativeStats
 from specdiff.text.blocks import sample_blocks

@@ -61,7 +61,10 @@ def speculative_from_pipe(from_pipe: Callable, pipeline, kwargs: dict):
     # it would change (a float32 VAE beside a bf16 transformer, T5's float32 `wo` layers in a float16
     # encoder) and put the very tensors back: no rounding round trip, no dtype flattened.
     target = pipeline.dtype
-    cast = lambda t: t is not None and t.is_floating_point() and t.dtype != target
+
+    def cast(t):
+        return t is not None and t.is_floating_point() and t.dtype != target
+
     owners = [owner for module in pipeline.components.values() if isinstance(module, torch.nn.Module)
               for owner in module.modules()]
     params = [(owner, name, p, p.data) for owner in owners for name, p in owner._parameters.items() if cast(p)]

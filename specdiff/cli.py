@@ -102,7 +102,9 @@ def _device(name: str, state):
         try:
             torch.empty(0, device=device)
         except Exception as err:  # any other backend torch knows by name but cannot use here
-            raise CLIError(f"--device {name} is not usable here ({str(err).splitlines()[0]}); use --device cpu") from None
+            raise CLIError(
+                f"--device {name} is not usable here ({str(err).splitlines()[0]}); use --device cpu"
+            ) from None
     return device
 
 
@@ -558,8 +560,8 @@ def cmd_generate(args) -> int:
     text_only = [flag for flag, value in (("--prompt", args.prompt), ("--length", args.length),
                                           ("--block-size", args.block_size)) if value is not None]
     if text_only:
-        raise CLIError(f"{', '.join(text_only)}: for text models only, and {args.model} is an image or masked-diffusion "
-                       "model; drop them")
+        raise CLIError(f"{', '.join(text_only)}: for text models only, and {args.model} is an image or "
+                       "masked-diffusion model; drop them")
     out = _writable(Path(args.out)) if state.is_main_process else Path(args.out)
     shows = state.is_main_process and not args.no_progress
     bars_were_on = diffusers_logging.is_progress_bar_enabled()
@@ -714,7 +716,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Listed here for 'specdiff --help'; main() hands their arguments (and --help) to their own parsers.
     sub.add_parser("bench", help="run the benchmarks (results in assets/bench/); see 'specdiff bench --help'")
-    sub.add_parser("train-digits", help="retrain the digits DDPM, draft UNet and classifier; see 'specdiff train-digits --help'")
+    sub.add_parser("train-digits",
+                   help="retrain the digits DDPM, draft UNet and classifier; see 'specdiff train-digits --help'")
     sub.add_parser("selfcheck",
                    help="check exactness, syncs, memory and timing on this device; see 'specdiff selfcheck --help'")
     probe = sub.add_parser("probe", formatter_class=formatter,
@@ -781,7 +784,8 @@ def run_probe(args) -> int:
         with loading_bars(shown=False):
             loaded = _load_pipeline(args.model)
     except CLIError as err:
-        said = err.message if err.message.startswith("could not load") else f"could not load {args.model}: {err.message}"
+        said = (err.message if err.message.startswith("could not load")
+                else f"could not load {args.model}: {err.message}")
         raise CLIError(f"probe: {said}") from None
     pipe = load_image_pipeline(args.model, "probe", loaded=loaded)
     try:

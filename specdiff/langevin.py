@@ -495,5 +495,5 @@ def batch_means_ess(draws: Tensor, batches: int | None = None) -> Tensor:
     return ess.view(draws.shape[2:])
 
 
-__all__ = ["LangevinChain", "LangevinResult", "ScoreSdeVeChain", "SurrogateDrafter", "batch_means_ess", "sample", "takes_step",
-           "to_arviz"]
+__all__ = ["LangevinChain", "LangevinResult", "ScoreSdeVeChain", "SurrogateDrafter", "batch_means_ess", "sample",
+           "takes_step", "to_arviz"]

@@ -116,7 +116,8 @@ def bad_surrogate():
 def test_ula_on_a_gaussian_matches_the_closed_form_law(drafter, window):
     h = 0.12
     out = langevin.sample(quadratic(torch.diagonal(A)), X0.expand(CHAINS, 2).clone(), step_size=h,
-                          num_steps=STEPS, window=window, drafter=bad_surrogate() if drafter == "surrogate" else drafter,
+                          num_steps=STEPS, window=window,
+                          drafter=bad_surrogate() if drafter == "surrogate" else drafter,
                           generator=torch.Generator().manual_seed(window))
     laws = ula_gaussian_law([A] * STEPS, [h] * STEPS, torch.eye(2, dtype=torch.float64), X0)
     assert_gaussian_law(out.draws, out.draw_steps, laws, checked=[0, 5, 15, STEPS - 1])
@@ -151,7 +152,8 @@ def test_the_law_check_detects_resampling_on_rejection(resample_on_reject):
     resample_on_reject(seed=3)
     h = 0.12
     out = langevin.sample(quadratic(torch.diagonal(A)), X0.expand(CHAINS, 2).clone(), step_size=h,
-                          num_steps=STEPS, window=8, drafter=bad_surrogate(), generator=torch.Generator().manual_seed(8))
+                          num_steps=STEPS, window=8, drafter=bad_surrogate(),
+                          generator=torch.Generator().manual_seed(8))
     laws = ula_gaussian_law([A] * STEPS, [h] * STEPS, torch.eye(2, dtype=torch.float64), X0)
     with pytest.raises(AssertionError, match="min p"):
         assert_gaussian_law(out.draws, out.draw_steps, laws, checked=[0, 5, 15, STEPS - 1])
@@ -168,7 +170,8 @@ def test_nan_gradients_at_discarded_drafts_neither_stop_the_run_nor_change_the_l
         return torch.where(far, math.nan, -x * torch.diagonal(A).to(x))
 
     out = langevin.sample(grad_log_prob=grad_log_prob, init=X0.expand(CHAINS, 2).clone(), step_size=h,
-                          num_steps=STEPS, window=4, drafter=SurrogateDrafter(draft_grad=lambda x: torch.full_like(x, 40.0)),
+                          num_steps=STEPS, window=4,
+                          drafter=SurrogateDrafter(draft_grad=lambda x: torch.full_like(x, 40.0)),
                           generator=torch.Generator().manual_seed(9))
     assert sum(nan_rows) > 1000
     laws = ula_gaussian_law([A] * STEPS, [h] * STEPS, torch.eye(2, dtype=torch.float64), X0)
@@ -207,7 +210,8 @@ def plain_mixture():
 @pytest.mark.parametrize("drafter, window", [("frozen", 8), ("picard", 32), ("surrogate", 8)])
 def test_speculative_ula_on_a_mixture_has_the_plain_loops_law(plain_mixture, drafter, window):
     init, plain = plain_mixture
-    draft = SurrogateDrafter.gaussian(torch.tensor([0.0, 0.8]), torch.eye(2) / 1.5) if drafter == "surrogate" else drafter
+    draft = (SurrogateDrafter.gaussian(torch.tensor([0.0, 0.8]), torch.eye(2) / 1.5) if drafter == "surrogate"
+             else drafter)
     out = langevin.sample(mixture_log_prob, init, step_size=0.03, num_steps=60, window=window, thin=20,
                           drafter=draft, generator=torch.Generator().manual_seed(22))
     for i in range(3):  # steps 20, 40, 60, each at family-wise ALPHA
@@ -232,7 +236,8 @@ def test_burn_in_and_thin_pick_the_states_after_those_steps():
 
 def test_grad_log_prob_and_log_prob_give_the_same_chain():
     init = torch.randn(4, 3, generator=torch.Generator().manual_seed(9))
-    by_autograd = langevin.sample(quadratic(2.0), init, step_size=0.05, num_steps=30, window=6, generator=gens(range(4)))
+    by_autograd = langevin.sample(quadratic(2.0), init, step_size=0.05, num_steps=30, window=6,
+                                  generator=gens(range(4)))
     by_score = langevin.sample(grad_log_prob=lambda x: -2.0 * x, init=init, step_size=0.05, num_steps=30, window=6,
                                generator=gens(range(4)))
     assert torch.equal(by_autograd.draws, by_score.draws)
@@ -365,7 +370,9 @@ def test_score_sde_ve_predictor_at_window_one_is_step_pred_bit_for_bit():
     reference.set_sigmas(levels)
     g, x = torch.Generator().manual_seed(1), x0.clone()
     for i, t in enumerate(reference.timesteps):  # ScoreSdeVePipeline's loop without its corrector
-        x = reference.step_pred(gaussian_data_score(x, reference.sigmas[i] * torch.ones(3)), t, x, generator=g).prev_sample
+        x = reference.step_pred(
+            gaussian_data_score(x, reference.sigmas[i] * torch.ones(3)), t, x, generator=g
+        ).prev_sample
     assert torch.equal(sample_baseline(chain, x0, torch.Generator().manual_seed(1)), x)
     assert torch.equal(speculative_sample(chain, x0, window=1, generator=torch.Generator().manual_seed(1)).sample, x)
 

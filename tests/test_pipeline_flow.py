@@ -13,9 +13,9 @@ import pytest
 import torch
 from diffusers import (
     AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
-    FlowMatchEulerDiscreteScheduler,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
@@ -70,7 +70,10 @@ def flux_pipe(scheduler) -> FluxPipeline:
 
 def embeds(n: int, seed: int, negative: bool = True) -> dict:
     g = torch.Generator().manual_seed(seed)
-    out = dict(prompt_embeds=torch.randn(n, TOKENS, HIDDEN, generator=g), pooled_prompt_embeds=torch.randn(n, POOLED, generator=g))
+    out = dict(
+        prompt_embeds=torch.randn(n, TOKENS, HIDDEN, generator=g),
+        pooled_prompt_embeds=torch.randn(n, POOLED, generator=g),
+    )
     if negative:
         out.update(negative_prompt_embeds=torch.randn(n, TOKENS, HIDDEN, generator=g),
                    negative_pooled_prompt_embeds=torch.randn(n, POOLED, generator=g))  # fmt: skip

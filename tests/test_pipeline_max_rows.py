@@ -12,12 +12,6 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import DDPMScheduler
-from specdiff.pipelines import (
-    SpeculativeDDPMPipeline,
-    SpeculativeMaskedDiffusionPipeline,
-    SpeculativeStableDiffusionPipeline,
-    SpeculativeStableDiffusionXLPipeline,
-)
 from test_pipeline_flow import PIPES as FLOW_PIPES
 from test_pipeline_flow import embeds as flow_embeds
 from test_pipeline_flow import stochastic_flow
@@ -28,6 +22,12 @@ from test_pipelines_ddpm import tiny_unet
 
 from specdiff.discrete import MaskedDiffusionScheduler
 from specdiff.discrete.model import MaskedDiffusionTransformer
+from specdiff.pipelines import (
+    SpeculativeDDPMPipeline,
+    SpeculativeMaskedDiffusionPipeline,
+    SpeculativeStableDiffusionPipeline,
+    SpeculativeStableDiffusionXLPipeline,
+)
 from specdiff.schedulers import PlainStepWarning
 
 CAP = 3  # below the batch x window of every run here
@@ -64,9 +64,9 @@ def masked():
 
 
 def text(block_size=None):
-    from specdiff.pipelines import SpeculativeTextDiffusionPipeline
     from test_text_pipeline import tiny_bert
 
+    from specdiff.pipelines import SpeculativeTextDiffusionPipeline
     from specdiff.text import char_tokenizer
 
     tokenizer = char_tokenizer("abc de")

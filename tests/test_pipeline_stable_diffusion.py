@@ -25,7 +25,6 @@ from specdiff.pipelines import SpeculativeStableDiffusionPipeline, SpeculativeSt
 from specdiff.schedulers import SpeculativeScheduler
 from specdiff.testing import assert_same_law
 
-
 MAX_TOKENS = 12
 
 
@@ -110,7 +109,10 @@ def test_window_one_gives_stable_diffusion_images_batch_one(scheduler):
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_window_one_gives_stable_diffusion_images_with_a_generator_list(scheduler):
     base = sd_pipe(SCHEDULERS[scheduler]())
-    gens = lambda: [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+
+    def gens():
+        return [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+
     kwargs = dict(
         prompt="a red fox", negative_prompt="blur", num_images_per_prompt=3, num_inference_steps=5, output_type="np"
     )
@@ -123,9 +125,11 @@ def test_window_one_gives_stable_diffusion_images_with_a_generator_list(schedule
 def test_different_prompts_in_one_batch_give_stable_diffusion_images(per_sample_generators):
     base = sd_pipe(ddpm_scheduler())
     if per_sample_generators:
-        gens = lambda: [torch.Generator().manual_seed(s) for s in (4, 5, 6, 7)]
+        def gens():
+            return [torch.Generator().manual_seed(s) for s in (4, 5, 6, 7)]
     else:
-        gens = lambda: torch.Generator().manual_seed(4)
+        def gens():
+            return torch.Generator().manual_seed(4)
     kwargs = dict(
         prompt=["a cat", "a dog"], negative_prompt=["blur", "dark"], num_images_per_prompt=2,
         num_inference_steps=5, output_type="np",
@@ -209,7 +213,9 @@ def test_speculative_latents_have_the_law_of_stable_diffusion(sd_law_reference, 
     assert out.images.shape == want.shape == (N_LAW, 4, 8, 8)
     assert_same_law(out.images, want, alpha=ALPHA)
     rejected = out.stats.proposed - out.stats.accepted
-    assert rejected >= MIN_REJECTED * out.stats.proposed, f"too few reflections to exercise the coupling: {out.stats.summary()}"
+    assert rejected >= MIN_REJECTED * out.stats.proposed, (
+        f"too few reflections to exercise the coupling: {out.stats.summary()}"
+    )
     assert (out.stats.draft_calls > 0) == (drafter == "draft_unet")
 
 

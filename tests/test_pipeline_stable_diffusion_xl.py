@@ -11,8 +11,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
-from diffusers import UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    EulerAncestralDiscreteScheduler,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 
 from specdiff.pipelines import SpeculativeStableDiffusionXLPipeline
 from specdiff.schedulers import SpeculativeScheduler
@@ -47,13 +52,18 @@ def xl_pipe(scheduler) -> StableDiffusionXLPipeline:
 
 
 def euler():
-    return EulerAncestralDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    return EulerAncestralDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    )
 
 
 def embeds(n: int, seed: int) -> dict:
     """``n`` different 'prompts' (and negative prompts) as embeddings."""
     g = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.randn(*shape, generator=g)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g)
+
     return dict(
         prompt_embeds=rand(n, TOKENS, HIDDEN), pooled_prompt_embeds=rand(n, POOLED),
         negative_prompt_embeds=rand(n, TOKENS, HIDDEN), negative_pooled_prompt_embeds=rand(n, POOLED),
@@ -83,7 +93,10 @@ def test_window_one_gives_sdxl_images_with_size_conditioning_and_generator_list(
         num_inference_steps=4, output_type="np", original_size=(32, 24), crops_coords_top_left=(4, 0),
         target_size=(16, 16), **embeds(2, seed=2),
     )  # fmt: skip
-    gens = lambda: [torch.Generator().manual_seed(s) for s in (5, 6)]
+
+    def gens():
+        return [torch.Generator().manual_seed(s) for s in (5, 6)]
+
     want = base(generator=gens(), **kwargs).images
     got = speculative(base)(generator=gens(), window=1, **kwargs).images
     np.testing.assert_array_equal(got, want)
@@ -103,7 +116,9 @@ def test_speculative_latents_have_the_law_of_sdxl():
     assert out.images.shape == want.shape == (n, 4, 8, 8)
     assert_same_law(out.images, want, alpha=1e-3)  # family-wise level (KS on 20 projections, Bonferroni)
     rejected = out.stats.proposed - out.stats.accepted
-    assert rejected >= 0.05 * out.stats.proposed > 0, f"too few reflections to exercise the coupling: {out.stats.summary()}"
+    assert rejected >= 0.05 * out.stats.proposed > 0, (
+        f"too few reflections to exercise the coupling: {out.stats.summary()}"
+    )
 
 
 def test_from_pipe_shares_the_unet_in_its_dtype_and_wraps_the_scheduler():

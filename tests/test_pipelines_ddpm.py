@@ -15,13 +15,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, EulerAncestralDiscreteScheduler, UNet2DModel
+from diffusers.utils.torch_utils import randn_tensor
 
 import specdiff
-from diffusers.utils.torch_utils import randn_tensor
 from specdiff.pipelines import SpeculativeDDPMPipeline, SpeculativeImagePipelineOutput
 from specdiff.schedulers import SpeculativeScheduler
 from specdiff.testing import assert_same_law
-
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +67,9 @@ def test_window_one_gives_ddpm_pipeline_images_batch_one(ddpm_pipe, output_type)
 
 
 def test_window_one_gives_ddpm_pipeline_images_with_a_generator_list(ddpm_pipe):
-    gens = lambda: [torch.Generator().manual_seed(s) for s in (3, 4, 5)]
+    def gens():
+        return [torch.Generator().manual_seed(s) for s in (3, 4, 5)]
+
     want = ddpm_pipe(batch_size=3, generator=gens(), num_inference_steps=10, output_type="np").images
     got = spec_from(ddpm_pipe)(
         batch_size=3, generator=gens(), num_inference_steps=10, output_type="np", window=1

@@ -162,7 +162,10 @@ def test_speculative_generator_list_makes_each_sample_independent_of_its_batch()
     spec = SpeculativeScheduler.from_scheduler(base, window=3)
     model = MixtureDenoiser(base)
     x = initial(base, 4, seed=0)
-    gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(4)]
+
+    def gens():
+        return [torch.Generator().manual_seed(100 + i) for i in range(4)]
+
     full = spec.sample(model, x, num_inference_steps=15, generator=gens()).sample
     alone = spec.sample(model, x[2:3], num_inference_steps=15, generator=gens()[2:3]).sample
     assert torch.equal(full[2:3], alone)
@@ -193,7 +196,10 @@ def test_save_pretrained_round_trips_offline(tmp_path, base, options):
 
     loaded = SpeculativeScheduler.from_pretrained(tmp_path, local_files_only=True)
     assert type(loaded.base_scheduler) is type(base)
-    strip = lambda c: {k: v for k, v in dict(c).items() if not k.startswith("_")}
+
+    def strip(c):
+        return {k: v for k, v in dict(c).items() if not k.startswith("_")}
+
     assert strip(loaded.config) == strip(spec.config)
     assert torch.equal(loaded.base_scheduler.alphas_cumprod, base.alphas_cumprod)
     for k, v in options.items():

@@ -172,7 +172,9 @@ def sample_residual(
         k, j = k.unsqueeze(1), j.unsqueeze(1)  # [P, 1, *shape, S]: one row, every proposal
         proposals = _inverse_cdf(c.unsqueeze(1), u, k)  # [P, block, *shape]
         picked = proposals.unsqueeze(-1)
-        per_position = _log_terms(k.expand(*proposals.shape, -1).gather(-1, picked), j.expand(*proposals.shape, -1).gather(-1, picked))
+        per_position = _log_terms(
+            k.expand(*proposals.shape, -1).gather(-1, picked), j.expand(*proposals.shape, -1).gather(-1, picked)
+        )
         keep = v.flatten() < _residual_acceptance(per_position.reshape(len(v) * block, -1).sum(1))
         keep = keep.view(-1, block).cpu()
         hit = keep.any(1)
@@ -254,7 +256,9 @@ class MaskedKernel(CategoricalKernel):
 
     @staticmethod
     def law(chain, x: Tensor, step: Tensor, prediction: Tensor, previous: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return x, chain.scheduler.stay_table(x.device)[step].expand(x.shape[0]), chain.scheduler.scores_for(x, prediction)
+        return (
+            x, chain.scheduler.stay_table(x.device)[step].expand(x.shape[0]), chain.scheduler.scores_for(x, prediction)
+        )
 
     @staticmethod
     def probs(law) -> Tensor:

@@ -96,7 +96,9 @@ def reflection_coupling(
         sigma = torch.where(std > 0, std, torch.ones_like(std)).to(delta.dtype)[:, None]
         noise = (x_draft.to(delta.dtype).flatten(1) - mean_draft.to(delta.dtype).flatten(1)) / sigma
     accepted = _accept(delta, noise, std, u)
-    x = torch.where(accepted.view(-1, *[1] * (x_draft.ndim - 1)), x_draft, _correct(mean_target, std, noise, delta, x_draft))
+    x = torch.where(
+        accepted.view(-1, *[1] * (x_draft.ndim - 1)), x_draft, _correct(mean_target, std, noise, delta, x_draft)
+    )
     return x, accepted
 
 
@@ -178,7 +180,9 @@ class GaussianKernel:
         shift, scale, std = chain.transition_affine(steps.flatten(), predictions.flatten(0, 1))
         std = torch.as_tensor(std, device=x.device)
         if std.numel() != L * batch:
-            raise ValueError(f"transition_affine returned std of shape {tuple(std.shape)}; it must hold one value per row")
+            raise ValueError(
+                f"transition_affine returned std of shape {tuple(std.shape)}; it must hold one value per row"
+            )
         std = _as(std.reshape(L, batch, *ones), torch.promote_types(std.dtype, torch.float32))
         return draft_affine(x, shift, scale, std, z)
 
@@ -205,7 +209,9 @@ class GaussianKernel:
                 "coupling needs a std fixed by the schedule: use coupling='maximal' (exact for unequal std), "
                 "or a fixed variance_type"
             )
-        return _accept(_delta(m_d, m_t, std_t), z.flatten(1), std_t, u if u.device == std_t.device else u.to(std_t.device))
+        return _accept(
+            _delta(m_d, m_t, std_t), z.flatten(1), std_t, u if u.device == std_t.device else u.to(std_t.device)
+        )
 
     @staticmethod
     def correct(law_draft, law_target, y: Tensor, z: Tensor, generators) -> tuple[Tensor, Tensor]:

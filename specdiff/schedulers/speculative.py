@@ -349,8 +349,8 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
                 its plain loop (in float32 or wider: fp16/bf16 latents get float32 noise, rounded
                 after the step, where diffusers draws it in the latents' dtype).
             window: steps per round (default: the config's).
-            drafter: ``"picard"``/``"frozen"`` (default: the config's), a draft model function with ``model_fn``'s signature
-                (an independent cheaper model with the same schedule), or a :class:`specdiff.Drafter`
+            drafter: ``"picard"``/``"frozen"`` (default: the config's), a draft model function with ``model_fn``'s
+                signature (an independent cheaper model with the same schedule), or a :class:`specdiff.Drafter`
                 working on the chain's predictions.
             max_rows: the most states per network call (larger verify batches run as exact
                 micro-batches); ``"auto"``: no cap on CPU, fitted to free memory on CUDA.

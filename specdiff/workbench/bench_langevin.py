@@ -65,7 +65,8 @@ def mlp_energy(dim: int, width: int, seed: int = 0) -> torch.nn.Module:
     """A random MLP ``f: R^dim -> R`` (SiLU, 3 hidden layers, 1/√fan-in weights), frozen."""
     g = torch.Generator().manual_seed(seed)
     net = torch.nn.Sequential(torch.nn.Linear(dim, width), torch.nn.SiLU(), torch.nn.Linear(width, width),
-                              torch.nn.SiLU(), torch.nn.Linear(width, width), torch.nn.SiLU(), torch.nn.Linear(width, 1))
+                              torch.nn.SiLU(), torch.nn.Linear(width, width), torch.nn.SiLU(),
+                              torch.nn.Linear(width, 1))
     with torch.no_grad():
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]) if p.ndim == 2 else torch.zeros_like(p))
@@ -82,7 +83,10 @@ def bench_mlp(args) -> dict:
     rows = []
     for h in args.step_sizes:
         common = {"step_size": h, "num_steps": args.steps, "burn_in": args.steps // 10}
-        gens = lambda: [torch.Generator().manual_seed(args.seed)]
+
+        def gens():
+            return [torch.Generator().manual_seed(args.seed)]
+
         plain = run("plain ULA", log_prob, init, gens, window=1, **common)
         rows.append({"step_size": h, **plain})
         for name, extra in [("speculative (defaults: window 16, Picard)", {}),
@@ -128,13 +132,17 @@ def bench_logistic(args) -> dict:
     init = w + torch.randn(args.chains, len(w), generator=g, dtype=torch.float64) @ torch.linalg.cholesky(covariance).T
     common = {"step_size": args.logistic_step, "num_steps": args.steps, "burn_in": args.steps // 10,
               "preconditioner": covariance}
-    gens = lambda: torch.Generator().manual_seed(args.seed)  # one for all chains (a list costs more per step)
+
+    def gens():  # one for all chains (a list costs more per step)
+        return torch.Generator().manual_seed(args.seed)
+
     plain = run("plain ULA", log_prob, init, gens, window=1, **common)
     rows = [plain]
     h = args.logistic_step
     for name, extra in [("speculative (defaults: window 16, Picard)", {}),
                         ("speculative, frozen drafter", {"drafter": "frozen"}),
-                        ("speculative, Laplace surrogate", {"drafter": langevin.SurrogateDrafter.gaussian(w, hessian)})]:
+                        ("speculative, Laplace surrogate",
+                         {"drafter": langevin.SurrogateDrafter.gaussian(w, hessian)})]:
         r = run(name, log_prob, init, gens, **extra, **common)
         r["fewer_sequential_evaluations"] = round(plain["sequential_gradient_evaluations"]
                                                   / r["sequential_gradient_evaluations"], 2)
@@ -151,13 +159,14 @@ def markdown(results: dict) -> str:
               f"ESS: {results['ess_method']}, median (min) over coordinates."), ""]
     for block in results["workloads"]:
         lines += [f"**{block['workload']}**", "",
-                  ("| h | run | sequential gradient evaluations | fewer than plain | wall-clock (s) | wall-clock speedup "
-                   "| acceptance | ESS median (min) | ESS median / sequential evaluation |"),
+                  ("| h | run | sequential gradient evaluations | fewer than plain | wall-clock (s) "
+                   "| wall-clock speedup | acceptance | ESS median (min) | ESS median / sequential evaluation |"),
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in block["rows"]:
             lines.append(f"| {r['step_size']} | {r['run']} | {r['sequential_gradient_evaluations']} | "
                          f"{r.get('fewer_sequential_evaluations', 1.0)}x | {r['wall_clock_s']} | "
-                         f"{r.get('wall_clock_speedup', 1.0)}x | {r['acceptance']} | {r['ess_median']} ({r['ess_min']}) | "
+                         f"{r.get('wall_clock_speedup', 1.0)}x | {r['acceptance']} | "
+                         f"{r['ess_median']} ({r['ess_min']}) | "
                          f"{r['ess_median_per_sequential_evaluation']} |")
         lines.append("")
     return "\n".join(lines)

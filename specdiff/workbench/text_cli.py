@@ -21,7 +21,9 @@ def _drafter(args):
 
     path = Path(args.draft_model or Path(args.model) / "drafter")
     if not path.exists():
-        raise SystemExit(f"specdiff: error: draft model {path} does not exist; pass --draft-model or use --drafter frozen")
+        raise SystemExit(
+            f"specdiff: error: draft model {path} does not exist; pass --draft-model or use --drafter frozen"
+        )
     return AutoModelForMaskedLM.from_pretrained(path).eval().to(args.device)
 
 
