@@ -292,6 +292,7 @@ class ImageJob:
             whose = "this model's" if scheduler is plain.scheduler else "the chosen"
             raise CLIError(f"--eta is DDIM's noise level, but {whose} scheduler is {base}; drop --eta")
         plain.scheduler = scheduler
+        options = {**options, "coupling": args.coupling, "verify": args.verify}
         try:
             self.pipe = SpeculativeDDPMPipeline.from_pipe(plain, **options)
         except (ValueError, TypeError) as err:
@@ -387,7 +388,8 @@ class MaskedJob:
 def _refuse_sampler_choice(args, kind: str) -> None:
     given = [flag for flag, value in (("--scheduler", args.scheduler), ("--stochastic", args.stochastic),
                                       ("--eta", args.eta), ("--karras-sigmas", args.karras_sigmas),
-                                      ("--churn", args.churn)) if value]
+                                      ("--churn", args.churn), ("--coupling", getattr(args, "coupling", None)),
+                                      ("--verify block", getattr(args, "verify", "step") == "block")) if value]
     if given:
         raise CLIError(f"{', '.join(given)}: for image models (a diffusers scheduler); {kind} models sample with "
                        "their masked-diffusion scheduler: drop them")
@@ -681,6 +683,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="who guesses: picard reuses the network's prediction of the same step from the last call "
                           "where there is one, else its last prediction (free); frozen only the last prediction "
                           "(free); model runs --draft-model")
+    gen.add_argument("--coupling", choices=["reflection", "maximal"], default=None,
+                     help="image models: how a drafted step is kept or corrected (default: reflection, or Γ-maximal "
+                          "for a learned variance); the law is the same")
+    gen.add_argument("--verify", choices=["step", "block"], default="step",
+                     help="image models: test drafted steps one by one, or cut the window jointly (block "
+                          "verification); the law is the same")
     gen.add_argument("--draft-model", default=None, metavar="PATH",
                      help="draft model folder for --drafter model (default: the bundled digits draft UNet, or the "
                           "masked model's drafter/ subfolder)")

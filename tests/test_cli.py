@@ -355,6 +355,25 @@ def test_sampler_options_on_masked_and_text_models_are_refused(tmp_path, capsys)
                         "--no-progress"], "--stochastic, --eta", "text models", "drop them")
 
 
+@pytest.mark.parametrize("flags", [["--coupling", "maximal"], ["--verify", "block"]])
+def test_coupling_and_verification_reach_the_image_sampler_and_keep_window_one_plain(tmp_path, flags):
+    """--coupling/--verify choose how drafted steps are kept; at --window 1 the images are the plain
+    loop's (the rule is never used), and at --window 4 the run goes through the chosen rule."""
+    model = tiny_pipeline(tmp_path / "model")
+    common = ["generate", "--model", str(model), "--steps", "12", "--num-images", "2", "--batch-size", "2",
+              "--no-progress", *flags]
+    assert main([*common, "--window", "1", "--compare", "--out", str(tmp_path / "one")]) == 0
+    one = np.load(tmp_path / "one" / "speculative.npy")
+    assert np.array_equal(one, np.load(tmp_path / "one" / "baseline.npy"))
+    assert main([*common, "--window", "4", "--out", str(tmp_path / "four")]) == 0
+    assert np.load(tmp_path / "four" / "speculative.npy").shape == one.shape
+
+
+def test_coupling_and_verification_flags_are_refused_for_masked_models(tmp_path, capsys):
+    fails_with(capsys, ["generate", "--model", "digits-mdm", "--verify", "block", "--coupling", "maximal",
+                        "--out", str(tmp_path), "--no-progress"], "--coupling, --verify block", "drop them")
+
+
 # -- new-user rough edges (issue 20, item 6) ----------------------------------------------------------
 
 

@@ -34,6 +34,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor
 
+from ..block import check_verify
 from ..drafters import Drafter
 from ..kernels import COUPLINGS
 from ..noise import GeneratorArg
@@ -124,6 +125,8 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
             :func:`~specdiff.schedulers.base.step_options`; a test keeps the two equal.
         coupling: ``"reflection"`` or ``"maximal"`` (see :mod:`specdiff.kernels`); ``None``: the chain's
             own (reflection, or maximal for a learned variance). Changes acceptance only, never the law.
+        verify: ``"step"`` (each drafted step tested in order) or ``"block"`` (block verification: the
+            window cut jointly). Changes acceptance only, never the law.
     """
 
     config_name = "scheduler_config.json"
@@ -141,6 +144,7 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
         eta: float | None = None,
         use_clipped_model_output: bool | None = None,
         coupling: str | None = None,
+        verify: str = "step",
     ):
         adapter_cls = check_scheduler_name(base_scheduler_class)  # before instantiating (torchsde etc.)
         base_cls = _scheduler_class(base_scheduler_class)
@@ -157,6 +161,7 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"frozen_prediction must be one of {FROZEN_PREDICTIONS}; got {frozen_prediction!r}")
         if coupling not in (None, *COUPLINGS):
             raise ValueError(f"coupling must be one of {COUPLINGS} or None (the chain's own); got {coupling!r}")
+        check_verify(verify)
         self._base = base_cls.from_config(dict(base_scheduler_config or {}))
         self._said_plain_step = False
         adapter_cls.check(self._base, **adapter_cls.accepted_options(self._step_options()))
@@ -378,6 +383,7 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
             progress=progress,
             callback=callback,
             coupling=self.config.coupling,
+            verify=self.config.get("verify", "step"),
         )
 
     @torch.no_grad()
