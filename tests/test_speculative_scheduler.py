@@ -325,7 +325,8 @@ def test_sample_baseline_uses_the_same_chain():
 def test_the_wrappers_step_options_are_the_ones_the_adapters_declare():
     from specdiff.schedulers.base import step_options
 
-    config_options = set(SpeculativeScheduler.options()) - {"window", "drafter", "frozen_prediction", "coupling", "verify"}
+    sampler_options = {"window", "drafter", "frozen_prediction", "coupling", "verify"}
+    config_options = set(SpeculativeScheduler.options()) - sampler_options
     assert config_options == set(step_options())  # declared once, by the adapters
     with pytest.raises(TypeError, match="unknown SpeculativeScheduler option"):
         SpeculativeScheduler.from_scheduler(DDPMScheduler(), churn=1.0)
