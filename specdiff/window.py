@@ -69,6 +69,14 @@ class WindowPolicy(Protocol):
         the rounds, acceptance counts and ``prefix_rows`` only (see :class:`SpeculativeStats`)."""
 
 
+WINDOW_FORMS = "a positive integer (1 = plain sampler), 'auto', a list of windows (a replay) or a WindowPolicy"
+
+
+def window_error(window) -> ValueError:
+    """The one message for a window that is none of the accepted forms."""
+    return ValueError(f"window must be {WINDOW_FORMS}; got {window!r}")
+
+
 def resolve_window(window, chain=None, x_init: Tensor | None = None, drafter=None,
                    max_rows: int | None = None) -> int | WindowPolicy:
     """An int (checked), or a policy bound to ``chain``/``x_init`` (and the run's ``drafter``):
@@ -76,7 +84,7 @@ def resolve_window(window, chain=None, x_init: Tensor | None = None, drafter=Non
     :class:`ReplayWindow` (the run's schedule, replayed)."""
     if isinstance(window, str):
         if window != "auto":
-            raise ValueError(f"window must be a positive integer, 'auto' or a WindowPolicy; got {window!r}")
+            raise window_error(window)
         window = AutoWindow()
     elif isinstance(window, (list, tuple, SpeculativeStats)):
         window = ReplayWindow(window)
@@ -92,10 +100,7 @@ def resolve_window(window, chain=None, x_init: Tensor | None = None, drafter=Non
                 window.bind(chain, x_init, drafter)
         return window
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-        raise ValueError(
-            f"window must be a positive integer (1 = plain sampler), 'auto', a list of windows (a replay) or a "
-            f"WindowPolicy; got {window!r}"
-        )
+        raise window_error(window)
     return window
 
 

@@ -39,6 +39,7 @@ from ..drafters import Drafter
 from ..kernels import COUPLINGS
 from ..noise import GeneratorArg
 from ..sampler import SpeculativeOutput, sample_baseline, speculative_sample
+from ..window import window_error
 from .base import FROZEN_PREDICTIONS, ModelFn, SchedulerChain, adapter_class_for, check_scheduler_name, step_options
 
 
@@ -151,7 +152,8 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
         if base_cls is None or not issubclass(base_cls, SchedulerMixin):
             raise ValueError(f"{base_scheduler_class!r} is not a diffusers scheduler class")
         if window != "auto" and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
-            raise ValueError(f"window must be a positive integer (1 = plain sampler) or 'auto'; got {window!r}")
+            raise ValueError(f"{window_error(window)} (the scheduler's config stores an integer or 'auto': pass a "
+                             "list or a policy to sample(window=...) or to the pipeline call)")
         if drafter not in ("frozen", "picard"):
             raise ValueError(
                 f"drafter={drafter!r}: the scheduler config stores 'picard' or 'frozen'; pass a draft model to "
