@@ -19,6 +19,7 @@ _LAZY = {
     "SpeculativeFlowPipelineOutput": "speculative_utils",
     "SpeculativeMaskedDiffusionPipeline": "pipeline_speculative_masked_diffusion",
     "MaskedDiffusionPipelineOutput": "pipeline_speculative_masked_diffusion",
+    "SpeculativeScoreSdeVePipeline": "pipeline_speculative_score_sde_ve",
     "SpeculativeTextDiffusionPipeline": "pipeline_speculative_text",
     "TextDiffusionPipelineOutput": "pipeline_speculative_text",
 }
