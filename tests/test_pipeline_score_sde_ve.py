@@ -58,6 +58,7 @@ def test_window_one_is_score_sde_ve_pipeline_bit_for_bit(per_sample):
     assert out.stats.target_calls == STEPS and out.stats.num_steps == STEPS
 
 
+@torch.no_grad()
 def test_last_step_is_step_pred_mean():
     """The images are step_pred's prev_sample_mean of the last step (clamped), not its noisy draw."""
     plain, fast = pipes()
@@ -106,11 +107,27 @@ def test_correct_steps_without_a_fixed_step_size_is_refused():
         fast(batch_size=2, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0))
 
 
+@torch.no_grad()
 def test_correct_steps_with_a_fixed_step_size_runs_the_fixed_corrector():
-    _, fast = pipes(correct_steps=2)
-    kwargs = dict(batch_size=2, num_inference_steps=STEPS, output_type="pt", corrector_step_size=1e-5)
+    """Window 1 is, bit for bit, the loop of ScoreSdeVePipeline with its step_correct replaced by the
+    fixed-step annealed-Langevin step x + (a/2) s(x, sigma_i) + sqrt(a) z, a = eps sigma_i^2 / sigma_min^2."""
+    plain, fast = pipes(correct_steps=2)
+    eps = 1e-5
+    kwargs = dict(batch_size=2, num_inference_steps=STEPS, output_type="pt", corrector_step_size=eps)
     one = fast(generator=torch.Generator().manual_seed(0), window=1, **kwargs)
     assert one.stats.num_steps == 3 * STEPS and one.stats.target_calls == 3 * STEPS
+    s, g = plain.scheduler, torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, generator=g) * s.init_noise_sigma
+    s.set_timesteps(STEPS)
+    s.set_sigmas(STEPS)
+    for i, t in enumerate(s.timesteps):
+        sigma = s.sigmas[i] * torch.ones(2)
+        a = torch.tensor(eps * float(s.sigmas[i]) ** 2 / s.config.sigma_min**2, dtype=torch.float32)
+        for _ in range(2):
+            x = x + (a / 2) * plain.unet(x, sigma).sample + a.sqrt() * torch.randn(x.shape, generator=g)
+        last = s.step_pred(plain.unet(x, sigma).sample, t, x, generator=g)
+        x = last.prev_sample
+    assert torch.equal(one.images, last.prev_sample_mean.clamp(0, 1))
     four = fast(generator=torch.Generator().manual_seed(0), window=4, **kwargs)
     assert four.images.shape == (2, 3, 8, 8) and torch.isfinite(four.images).all()
     assert four.stats.target_calls < 3 * STEPS
