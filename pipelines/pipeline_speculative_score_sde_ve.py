@@ -165,10 +165,14 @@ class SpeculativeScoreSdeVePipeline(DiffusionPipeline):
         # The last predictor step's mean, step_pred's prev_sample_mean: x + d² s(x, σ).
         last = torch.full((batch_size,), head.num_steps, dtype=torch.long)
         x = output.sample
-        mean, _ = chain.transition(x, last, chain.predict(x, last))
-        stats = output.stats  # the last step's call counted as the plain pipeline counts it: one per step
+        stats = output.stats
+        cap = stats.max_rows or batch_size  # the run's row cap holds for this call too
+        score = torch.cat([chain.predict(x[s : s + cap], last[s : s + cap]) for s in range(0, batch_size, cap)])
+        mean, _ = chain.transition(x, last, score)
+        # The last step's call counted as the plain pipeline counts it: one call per step.
         stats.num_steps, stats.target_calls, stats.target_rows = chain.num_steps, stats.target_calls + 1, \
             stats.target_rows + batch_size
+        stats.peak_rows = max(stats.peak_rows, min(batch_size, cap))
         stats.per_sample_target_calls = [c + 1 for c in stats.per_sample_target_calls]
         images = mean.clamp(0, 1)
         if output_type != "pt":

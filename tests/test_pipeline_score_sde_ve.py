@@ -151,6 +151,15 @@ def test_stats_max_rows_and_output_types():
     torch.testing.assert_close(capped.images, free.images, rtol=0, atol=1e-5)
     assert capped.stats.peak_rows <= 2 < free.stats.peak_rows and capped.stats.max_rows == 2
     assert free.stats.proposed > 0 and free.stats.per_sample_target_calls
+    rows = []
+    hook = fast.unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        plain_capped = fast(generator=torch.Generator().manual_seed(3), output_type="pt", max_rows=2,
+                            **{**kwargs, "window": 1})
+    finally:
+        hook.remove()
+    assert max(rows) == 2 and sum(rows) == 3 * STEPS  # every call capped, the last step's mean included
+    assert plain_capped.stats.peak_rows == 2 and plain_capped.stats.target_calls == STEPS
     pil, stats = fast(generator=torch.Generator().manual_seed(3), return_dict=False, **kwargs)
     assert len(pil) == 3 and pil[0].size == (8, 8) and stats.num_steps == STEPS
     with pytest.raises(ValueError, match="output_type"):
