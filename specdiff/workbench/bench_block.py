@@ -1,7 +1,7 @@
 """Step-by-step vs block verification, same seeds: steps committed per target call, sequential
 calls (rounds), wall-clock, on the analytic Gaussian mixture chain and a tiny masked chain.
 
-    python -m specdiff.workbench.bench_block [--samples 400] [--out results/bench_block.json]
+    python -m specdiff.workbench.bench_block [--samples 400] [--out results/bench_block.json] [--churn]
 """
 
 from __future__ import annotations
@@ -31,9 +31,21 @@ def _workloads(samples: int):
     yield "masked V=4 L=6, 24 steps, bad drafter", masked, tokens, ScaledDrafter(-1.0), 4
 
 
-def run(samples: int) -> dict:
+def _churn(samples: int):
+    """The d = 512 churn protocol (:mod:`.churn`), frozen and Picard drafters, windows 4 and 8."""
+    from .churn import ChurnMixtureChain
+
+    chain = ChurnMixtureChain()
+    x = chain.initial_state(samples, torch.Generator().manual_seed(0))
+    for drafter in ("frozen", "picard"):
+        for window in (4, 8):
+            yield f"churn d=512, 28 steps, {drafter}", chain, x, drafter, window
+
+
+def run(samples: int, churn: bool = False) -> dict:
     rows = []
-    for name, chain, x, drafter, window in _workloads(samples):
+    workloads = _churn(samples) if churn else _workloads(samples)
+    for name, chain, x, drafter, window in workloads:
         for verify in ("step", "block"):
             started = time.perf_counter()
             out = speculative_sample(chain, x, window=window, drafter=drafter, verify=verify,
@@ -55,8 +67,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=400)
     parser.add_argument("--out", type=Path, default=Path("results/bench_block.json"))
+    parser.add_argument("--churn", action="store_true", help="the d = 512 churn protocol instead")
     args = parser.parse_args(argv)
-    result = run(args.samples)
+    result = run(args.samples, args.churn)
     write_result(args.out, result)
     print(f"{'workload':40s} {'verify':6s} {'steps/call':>10s} {'steps/round':>11s} {'seq. calls':>10s} {'wall s':>7s}")
     for r in result["rows"]:

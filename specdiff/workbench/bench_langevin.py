@@ -149,9 +149,42 @@ def bench_logistic(args) -> dict:
         r["wall_clock_speedup"] = round(plain["wall_clock_s"] / r["wall_clock_s"], 2)
         rows.append(r)
     rows = [{"step_size": h, **r} for r in rows]
+    if args.nuts:
+        rows.append(nuts_row(log_prob, w, args, plain))
     return {"workload": f"Bayesian logistic regression, breast cancer (569 x 30 + intercept), {args.chains} chains, "
                         f"{args.steps} steps (burn-in {args.steps // 10}), h={args.logistic_step}, Laplace-covariance "
                         "preconditioner", "rows": rows}
+
+
+def nuts_row(log_prob, start: torch.Tensor, args, plain: dict) -> dict:
+    """pyro's NUTS on the same posterior, for context on ESS per second: a different chain (exact for the
+    posterior, with its own tuning), one chain of ``args.steps`` draws after as many warm-up steps. Every
+    gradient evaluation of NUTS is sequential; they are counted by wrapping the potential."""
+    try:
+        from pyro.infer import MCMC, NUTS
+    except ImportError:
+        raise SystemExit("--nuts runs pyro's NUTS: pip install pyro-ppl") from None
+
+    calls = [0]
+
+    def potential(params):
+        calls[0] += 1
+        return -log_prob(params["w"][None])[0]
+
+    torch.manual_seed(args.seed)  # pyro draws from torch's global generator
+    mcmc = MCMC(NUTS(potential_fn=potential), num_samples=args.steps, warmup_steps=args.steps,
+                initial_params={"w": start.clone()}, disable_progbar=True)
+    started = time.perf_counter()
+    mcmc.run()
+    seconds = time.perf_counter() - started
+    values, method = ess(mcmc.get_samples()["w"][None])
+    return {"step_size": "adaptive", "run": "pyro NUTS (a different, exact chain; 1 chain, warm-up included)",
+            "window": None, "sequential_gradient_evaluations": calls[0], "acceptance": "-",
+            "wall_clock_s": round(seconds, 3), "ess_min": round(float(values.min()), 1),
+            "ess_median": round(float(values.median()), 1), "ess_method": method,
+            "ess_median_per_sequential_evaluation": round(float(values.median()) / calls[0], 4),
+            "fewer_sequential_evaluations": round(plain["sequential_gradient_evaluations"] / calls[0], 2),
+            "wall_clock_speedup": round(plain["wall_clock_s"] / seconds, 2)}
 
 
 def markdown(results: dict) -> str:
@@ -191,6 +224,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--step-sizes", type=float, nargs="+", default=[0.02, 0.05, 0.1], help="MLP energy: ULA step sizes")
     p.add_argument("--chains", type=int, default=8, help="logistic regression: chains")
     p.add_argument("--logistic-step", type=float, default=0.1, help="logistic regression: h (preconditioned)")
+    p.add_argument("--nuts", action="store_true",
+                   help="logistic regression: pyro's NUTS beside it, for context (needs pyro-ppl)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="JSON results (default assets/bench/langevin.json)")
