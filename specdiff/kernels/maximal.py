@@ -49,7 +49,7 @@ import math
 import torch
 from torch import Tensor
 
-from .gaussian import _as, draft_affine
+from .gaussian import GaussianKernel, _as, draft_affine
 
 #: The rejection residual (unequal σ) gives up with an error after this many proposals of one
 #: step; the chance that a step reaches it is at most ``1/(e · MAX_RESIDUAL_PROPOSALS)``.
@@ -229,11 +229,7 @@ class MaximalKernel:
         std = _std_like(std, z.flatten(0, 1), L * batch)
         return draft_affine(x, shift, scale, std.view(L, batch, *std.shape[1:]), z)
 
-    @staticmethod
-    def draw(law: tuple[Tensor, Tensor], z: Tensor, like: Tensor) -> Tensor:
-        mean, std = law
-        y = mean + std * z
-        return y if y.dtype == like.dtype else y.to(like.dtype)
+    draw = staticmethod(GaussianKernel.draw)  # the same step: y = m + σ z, in the states' dtype
 
     @staticmethod
     def accept(law_draft, law_target, y: Tensor, z: Tensor, u: Tensor) -> Tensor:
