@@ -138,6 +138,13 @@ def draft_affine(x: Tensor, shift: Tensor, scale: Tensor, std: Tensor, z: Tensor
     return torch.stack(y), (torch.stack(means), std)
 
 
+def transition(chain, x: Tensor, step: Tensor, prediction: Tensor, previous: Tensor):
+    """The chain's ``(mean, std)``, with ``previous=`` for a chain that declares it reads it."""
+    if getattr(chain, "uses_previous_prediction", False):
+        return chain.transition(x, step, prediction, previous=previous)
+    return chain.transition(x, step, prediction)
+
+
 class GaussianKernel:
     """A step ``y = m + σ z`` of a :class:`~specdiff.GaussianChain`; law = ``(mean, std)``.
 
@@ -148,10 +155,7 @@ class GaussianKernel:
 
     @staticmethod
     def law(chain, x: Tensor, step: Tensor, prediction: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
-        if getattr(chain, "uses_previous_prediction", False):
-            mean, std = chain.transition(x, step, prediction, previous=previous)
-        else:
-            mean, std = chain.transition(x, step, prediction)
+        mean, std = transition(chain, x, step, prediction, previous)
         std = torch.as_tensor(std, device=x.device)
         batch, ones = x.shape[0], [1] * (x.ndim - 1)
         if std.numel() == batch:  # the usual case: one value per row, no expand needed

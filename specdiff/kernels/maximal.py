@@ -49,7 +49,7 @@ import math
 import torch
 from torch import Tensor
 
-from .gaussian import GaussianKernel, _as, draft_affine
+from .gaussian import GaussianKernel, _as, draft_affine, transition
 
 #: The rejection residual (unequal σ) gives up with an error after this many proposals of one
 #: step; the chance that a step reaches it is at most ``1/(e · MAX_RESIDUAL_PROPOSALS)``.
@@ -212,10 +212,7 @@ class MaximalKernel:
 
     @staticmethod
     def law(chain, x: Tensor, step: Tensor, prediction: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
-        if getattr(chain, "uses_previous_prediction", False):
-            mean, std = chain.transition(x, step, prediction, previous=previous)
-        else:
-            mean, std = chain.transition(x, step, prediction)
+        mean, std = transition(chain, x, step, prediction, previous)
         return mean, _std_like(std, x, x.shape[0])
 
     @staticmethod
