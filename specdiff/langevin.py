@@ -241,10 +241,9 @@ class SurrogateDrafter(Drafter):
         if self.chain is None:
             raise RuntimeError("SurrogateDrafter is not bound to a chain: call drafter.bind(chain) before "
                                "speculative_sample (specdiff.langevin.sample binds it)")
-        guess = self.chain.whitened_score(self.score, x, step)
-        # A guess may be anything (exactness never depends on it); a non-finite one, at a drafted
-        # state far off, becomes 0 rather than stopping the run.
-        return torch.where(torch.isfinite(guess), guess, 0.0)
+        # A non-finite guess (a drafted state far off) is drafted from the frozen prediction by the
+        # sampler (exactness never depends on the guess).
+        return self.chain.whitened_score(self.score, x, step)
 
     def __repr__(self) -> str:
         return f"SurrogateDrafter({getattr(self.score.fn, '__name__', self.score.fn)!r})"
@@ -260,20 +259,17 @@ class _Recorder:
     sampler's output. The plain loop evaluates exactly its states.
 
     A drafted state far from the chain (a stale gradient on a stiff target) may have a NaN/inf
-    gradient. Its prediction is only read if the state is committed, so it is handed to the round
-    as 0 and flagged; the run fails if a committed state had one (the plain loop fails there too).
-    The other uses (the acceptance tests after a rejection, a drafter's guesses) do not touch the law.
+    gradient: the sampler uses a verified prediction only at committed states, and stops the run
+    only if one of those is non-finite (the plain loop fails there too).
     """
 
     uses_sample_index = True
 
-    def __init__(self, chain: LangevinChain, slots: Tensor, like: Tensor, count: int, plain: bool):
-        self.chain, self.slots, self.num_steps, self.plain = chain, slots, chain.num_steps, plain
+    def __init__(self, chain: LangevinChain, slots: Tensor, like: Tensor, count: int):
+        self.chain, self.slots, self.num_steps = chain, slots, chain.num_steps
         self.kernel, self.affine = chain.kernel, chain.affine
         self.draws = like.new_zeros((like.shape[0], count, *like.shape[1:]))
         self.seen = torch.zeros(like.shape[0], count + 1, dtype=torch.bool)  # the last column: never used
-        self.bad = torch.zeros(like.shape[0], chain.num_steps, dtype=torch.bool)  # last evaluation non-finite
-        self.replaced = 0  # non-finite gradients handed to the round as 0
 
     def predict(self, x: Tensor, step: Tensor, sample: Tensor) -> Tensor:
         slot = self.slots[step.cpu()].to(x.device)
@@ -281,15 +277,7 @@ class _Recorder:
         if bool(keep.any()):
             self.draws[sample[keep], slot[keep]] = x[keep]
         self.seen[sample.cpu(), slot.cpu()] = True
-        grad = self.chain.predict(x, step)
-        finite = torch.isfinite(grad).flatten(1).all(1)
-        self.bad[sample.cpu(), step.cpu()] = ~finite.cpu()
-        if not bool(finite.all()):
-            if self.plain:
-                _raise_non_finite(step[~finite], sample[~finite])
-            self.replaced += int((~finite).sum())
-            grad = torch.where(finite.view(-1, *[1] * (grad.ndim - 1)), grad, 0.0)
-        return grad
+        return self.chain.predict(x, step)
 
     def transition(self, x: Tensor, step: Tensor, prediction: Tensor):
         return self.chain.transition(x, step, prediction)
@@ -298,9 +286,6 @@ class _Recorder:
         return self.chain.transition_affine(step, prediction)
 
     def finish(self, final: Tensor) -> Tensor:
-        if bool(self.bad.any()):
-            sample, step = self.bad.nonzero(as_tuple=True)
-            _raise_non_finite(step, sample)
         last = int(self.slots[self.num_steps])
         if last >= 0:
             self.draws[:, last] = final
@@ -308,13 +293,6 @@ class _Recorder:
         if not bool(self.seen[:, :-1].all()):
             raise RuntimeError("internal: a kept step was never evaluated; please report it")
         return self.draws
-
-
-def _raise_non_finite(step: Tensor, sample: Tensor):
-    raise FloatingPointError(
-        f"the gradient of log_prob is NaN/inf at a state of the chain (chain(s) {sorted(set(sample.tolist()))[:5]}, "
-        f"step(s) {sorted(set(step.tolist()))[:5]}): ULA diverged or left the density's support; use a smaller "
-        "step_size (or a preconditioner), or a log_prob that is finite everywhere")
 
 
 @dataclass
@@ -396,14 +374,20 @@ def sample(
     slots = torch.full((num_steps + 1,), -1, dtype=torch.long)
     slots[draw_steps] = torch.arange(count)
     y0 = chain.whiten(init)
-    recorder = _Recorder(chain, slots, y0, count, plain=window == 1)
+    recorder = _Recorder(chain, slots, y0, count)
     if isinstance(drafter, SurrogateDrafter):
         drafter.bind(chain)
-    if window == 1:
-        out = sample_baseline(recorder, y0, generator, progress=progress, return_stats=True)
-    else:
-        out = speculative_sample(recorder, y0, window=window, drafter=drafter, generator=generator,
-                                 max_rows=max_rows, progress=progress)
+    try:
+        if window == 1:
+            out = sample_baseline(recorder, y0, generator, progress=progress, return_stats=True)
+        else:
+            out = speculative_sample(recorder, y0, window=window, drafter=drafter, generator=generator,
+                                     max_rows=max_rows, progress=progress)
+    except FloatingPointError as err:  # a NaN/inf gradient at a state of the chain (never at a discarded draft)
+        raise FloatingPointError(
+            f"the gradient of log_prob is NaN/inf at a state of the chain ({err}): ULA diverged or left the "
+            "density's support; use a smaller step_size (or a preconditioner), or a log_prob that is finite "
+            "everywhere") from None
     draws = recorder.finish(out.sample)
     return LangevinResult(chain.unwhiten(draws.flatten(0, 1)).view(draws.shape), draw_steps,
                           chain.unwhiten(out.sample), out.stats)
