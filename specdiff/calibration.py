@@ -14,7 +14,8 @@ The policy (:mod:`specdiff.window`) is arithmetic on these numbers; this module 
   ``max_rows``), with at most ``share`` (30%) of the rows the plain sampler would evaluate
   (``B * steps``), warm-up call and the dry run (priced as ``DRY_ROWS`` calls on ``B`` rows)
   included. Since a batched call never costs more per row than a smaller one, the time it spends
-  is at most about that share of the plain sampler's network time. A run
+  is at most about that share of the plain sampler's network time. The two smallest sizes come
+  first, and when they show no batching gain the run measures nothing more (:func:`measure_curve`). A run
   too short to afford three points measures nothing, and its window prices every row at the cost of
   one (so it takes ``L = 1``: the plain sampler's cost). The plan depends on counts only (batch, steps,
   window), so a run uses the same points every time; a longer run of the same model adds the
@@ -43,6 +44,7 @@ DRY_STEPS, DRY_WINDOWS = 12, (2, 6)  # the dry run: 6 + 2 rounds with a free tar
 DRY_ROWS = 4  # ... priced as 4 calls on B rows (a round outside the network costs under half a call)
 MIN_POINTS = 3  # fewer points say nothing about a batch's gain: measure none
 MAX_SWEEPS = 3
+NO_GAIN = 0.95  # a batched call within 5% of the smallest call's cost per row shows no batching gain
 
 _MEMORY_CACHE: dict[str, dict[int, float]] = {}
 
@@ -94,18 +96,15 @@ def calibrate(chain, x_init: Tensor, drafter=None, *, max_window: int = 32, max_
     elif sizes:
         known = {} if recalibrate else _cached(key, persist)
         out.source = "memory cache" if all(b in _MEMORY_CACHE.get(key, {}) for b in sizes) else "disk cache"
-        missing = [b for b in sizes if b not in known]
-        if missing:
-            known = dict(known)
-            known.update(measure_latency(chain, x_init, missing, sweeps))
-            out.rows += missing[0] + sweeps * sum(missing)
+        if any(b not in known for b in sizes):
+            known, out.rows = measure_curve(chain, x_init, sizes, known, sweeps)
             out.source = "measured"
             _store(key, known, persist, replace=recalibrate)
         _MEMORY_CACHE.setdefault(key, {}).update({b: known[b] for b in sizes})
         out.latency = {b: known[b] for b in sizes}
     if outside is not None:
         out.outside = tuple(outside)
-    elif out.latency:  # without a curve the window is 1 whatever a round costs: nothing to measure
+    elif batching_gain(out.latency):  # else the window is 1 whatever a round costs: nothing to measure
         from .drafters import as_drafter
 
         drafter = as_drafter(drafter)
@@ -122,6 +121,41 @@ def calibrate(chain, x_init: Tensor, drafter=None, *, max_window: int = 32, max_
     if out.rows:
         out.seconds = time.perf_counter() - started
     return out
+
+
+def measure_curve(chain, x_init: Tensor, sizes: list[int], known: dict[int, float],
+                  sweeps: int) -> tuple[dict[int, float], int]:
+    """``(points, rows measured)``: ``known`` completed with the points of ``sizes`` it lacks, in two
+    stages. The two smallest sizes come first; when the second shows no batching gain
+    (:func:`batching_gain`), the larger sizes are not measured but recorded proportional to rows from
+    it, an upper bound on them since a batched call never costs more per row than a smaller one (the
+    window then takes ``L = 1``). The decision reads frozen points only, so a run that finds them
+    cached makes the same one."""
+    points, rows = dict(known), 0
+
+    def measure(stage: list[int]) -> None:
+        nonlocal rows
+        missing = [b for b in stage if b not in points]
+        if missing:
+            points.update(measure_latency(chain, x_init, missing, sweeps))
+            rows += missing[0] + sweeps * sum(missing)  # warm-up call and sweeps
+
+    head, rest = sizes[:2], sizes[2:]
+    measure(head)
+    if batching_gain({b: points[b] for b in head}):
+        measure(rest)
+    else:
+        points.update({b: points[head[1]] * b / head[1] for b in rest if b not in points})
+    return points, rows
+
+
+def batching_gain(latency: dict[int, float]) -> bool:
+    """Whether some point of the curve costs less per row than ``NO_GAIN`` times its smallest: else
+    verifying extra rows costs as much as the calls it saves, and the window stays 1."""
+    if len(latency) < 2:
+        return False
+    smallest = min(latency)
+    return min(t / b for b, t in latency.items()) < NO_GAIN * latency[smallest] / smallest
 
 
 def _cached(key: str, persist: bool) -> dict[int, float]:

@@ -532,17 +532,28 @@ def summary(report: dict) -> str:
 
 
 def cmd_generate(args) -> int:
-    import numpy as np
     import torch
     from accelerate import PartialState
+
+    # accelerate runs CPU processes together (gloo) only when told they are CPU processes.
+    gpu = torch.cuda.is_available() or torch.backends.mps.is_available()
+    state = PartialState(cpu=args.device == "cpu" or (args.device == "auto" and not gpu))
+    code = _generate(args, state)
+    # Every process leaves together and tears its process group down: a process that exits while the
+    # group is alive can abort in gloo's teardown (seen as SIGABRT under torchrun). Errors skip this and
+    # propagate, so torchrun stops the others instead of leaving them at a barrier.
+    state.wait_for_everyone()
+    state.destroy_process_group()
+    return code
+
+
+def _generate(args, state) -> int:
+    import numpy as np
     from accelerate.utils import gather_object
     from diffusers.utils import logging as diffusers_logging
 
     from .workbench.text_cli import generate_text, is_text_model
 
-    # accelerate runs CPU processes together (gloo) only when told they are CPU processes.
-    gpu = torch.cuda.is_available() or torch.backends.mps.is_available()
-    state = PartialState(cpu=args.device == "cpu" or (args.device == "auto" and not gpu))
     device = _device(args.device, state)
     args.model = resolve_model(args.model)
     if args.draft_model:

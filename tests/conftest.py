@@ -86,7 +86,8 @@ def torchrun_generate(tmp_path):
 
     def finish(run):
         stdout, stderr = run.communicate(timeout=300)
-        assert run.returncode == 0, stderr[-2000:]
+        # A failing rank's own message comes first and torchrun's summary last: show both ends.
+        assert run.returncode == 0, stderr if len(stderr) < 6000 else f"{stderr[:3000]}\n[...]\n{stderr[-3000:]}"
         return stdout
 
     return launch, finish

@@ -220,6 +220,10 @@ def test_generate_replay_reproduces_a_runs_images_on_another_machines_cache(tmp_
 
     from specdiff.cli import CLIError, main
 
+    # A calibration with a batching gain (not this shared CPU's timing of the moment, which may show none).
+    monkeypatch.setattr(calibration_module, "measure_latency", lambda chain, x, sizes, repeats=3:
+                        {b: 0.05 + 0.002 * b for b in sizes})
+    monkeypatch.setattr(calibration_module, "measure_outside", lambda *a, **k: (1e-3, 1e-4))
     args = ["generate", "--num-images", "2", "--batch-size", "2", "--steps", "40", "--no-progress"]
     assert main([*args, "--out", str(tmp_path / "first")]) == 0
     recorded = json.loads((tmp_path / "first" / "stats.json").read_text())
@@ -239,3 +243,34 @@ def test_generate_replay_reproduces_a_runs_images_on_another_machines_cache(tmp_
     except CLIError as err:
         code = err.code
     assert code == 2 and "no batch of seeds [5, 6]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["no batching gain", "batching gain"])
+def test_a_calibration_that_finds_no_batching_gain_stops_after_two_sizes(monkeypatch, device):
+    """Issue 20: at batch 8 on a CPU the calibration measured every size and the dry run, found no
+    window worth taking, and the run paid 1.22x the plain sampler. Now the two smallest sizes come
+    first; when the second costs as much per row as the first (within 5%), nothing more is measured
+    (no larger size, no dry run), the larger sizes are recorded proportional to rows, and the run is
+    the plain loop. A second run reads the same frozen points and decides the same, measuring nothing."""
+    per_row = {"no batching gain": lambda b: 1.0 * b, "batching gain": lambda b: 1.0 + 0.1 * b}[device]
+    asked, dry_runs = [], []
+    monkeypatch.setattr(calibration_module, "measure_latency", lambda chain, x, sizes, repeats=3:
+                        asked.append(list(sizes)) or {b: per_row(b) for b in sizes})
+    monkeypatch.setattr(calibration_module, "measure_outside", lambda *a, **k: dry_runs.append(1) or (1e-4, 1e-5))
+    chain, x = mixture(steps=400, batch=2, key="two-stage")
+    sizes, sweeps = plan(2, 8, 400)
+    out = speculative_sample(chain, x, window=AutoWindow(max_window=8), generator=gens(2))
+    assert asked[0] == sizes[:2]
+    if device == "no batching gain":
+        assert asked == [sizes[:2]] and dry_runs == [] and set(out.stats.windows) == {1}
+        assert out.stats.calibration_rows == sizes[0] + sweeps * sum(sizes[:2])
+    else:
+        assert asked == [sizes[:2], sizes[2:]] and dry_runs == [1] and max(out.stats.windows) > 1
+        assert out.stats.calibration_rows == sizes[0] + sweeps * sum(sizes[:2]) + sizes[2] + sweeps * sum(sizes[2:]) + 1
+    cached = calibration_module._MEMORY_CACHE
+    (key, curve), = ((k, v) for k, v in cached.items() if "|outside|" not in k)
+    assert curve == {b: pytest.approx(per_row(b)) for b in sizes}  # measured or an upper bound on it
+    asked.clear()
+    again = speculative_sample(chain, x, window=AutoWindow(max_window=8), generator=gens(2))
+    assert asked == [] and again.stats.calibration_rows == 0 and again.stats.windows == out.stats.windows
+    assert torch.equal(again.sample, out.sample)
