@@ -262,7 +262,9 @@ def progress_for(pipe, num_steps: int | None = None, desc: str = "speculative sa
     ``desc``), labelled, counting denoising steps per image (the batch's mean) out of
     ``num_steps``, as a plain sampler's bar does."""
 
-    def open_bar(total: int):
+    def open_bar(total: int, desc: str = desc, unit: str | None = None):
+        if unit is not None:  # another count than the steps (the window's calibration: network calls)
+            return tqdm(total=total, **{"desc": desc, "unit": unit, **getattr(pipe, "_progress_bar_config", {})})
         steps = num_steps or total
         config = {"desc": desc, "unit": "step", **getattr(pipe, "_progress_bar_config", {})}
         return _StepBar(tqdm(total=steps, **config), per_step=total / steps)

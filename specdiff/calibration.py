@@ -32,6 +32,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,46 +84,95 @@ def plan(batch: int, max_window: int, num_steps: int, max_rows: int | None = Non
     return chosen, max(1, min(MAX_SWEEPS, int((budget - chosen[0]) // sum(chosen))))
 
 
+_OPEN_BAR: ContextVar[Callable | None] = ContextVar("specdiff_calibration_progress", default=None)
+_BAR: ContextVar = ContextVar("specdiff_calibration_bar", default=None)
+
+
+@contextmanager
+def progress_to(open_bar: Callable | None):
+    """A calibration measured inside shows its network calls on ``open_bar(total)`` (a tqdm-like bar;
+    the sampler passes its own ``progress``): ``None`` shows nothing."""
+    token = _OPEN_BAR.set(open_bar)
+    try:
+        yield
+    finally:
+        _OPEN_BAR.reset(token)
+
+
+def _calls_bar(total: int):
+    open_bar = _OPEN_BAR.get()
+    bar = open_bar(total) if open_bar is not None else None
+    if bar is None:
+        return nullcontext()
+
+    @contextmanager
+    def showing():
+        token = _BAR.set(bar)
+        try:
+            with bar:
+                yield
+        finally:
+            _BAR.reset(token)
+
+    return showing()
+
+
+def _tick() -> None:
+    bar = _BAR.get()
+    if bar is not None:
+        bar.update(1)
+
+
 def calibrate(chain, x_init: Tensor, drafter=None, *, max_window: int = 32, max_rows: int | None = None,
               latency: dict[int, float] | None = None, outside: tuple[float, float] | None = None,
               cache: bool = True, recalibrate: bool = False, share: float = SHARE) -> Calibration:
     """The calibration of a run of ``chain`` from ``x_init``: given values, else cached points, else
-    measured (the run's :func:`plan`)."""
+    measured (the run's :func:`plan`), its network calls shown on the caller's bar (:func:`progress_to`)."""
     started = time.perf_counter()
     key, stable = latency_key(chain, x_init)
     persist = stable and cache
     sizes, sweeps = plan(x_init.shape[0], max_window, chain.num_steps, max_rows, share)
     out = Calibration(source="given" if latency is not None else "none")
-    if latency is not None:
-        out.latency = dict(latency)
-    elif sizes:
-        known = {} if recalibrate else _cached(key, persist)
-        out.source = "memory cache" if all(b in _MEMORY_CACHE.get(key, {}) for b in sizes) else "disk cache"
-        if any(b not in known for b in sizes):
-            known, out.rows = measure_curve(chain, x_init, sizes, known, sweeps)
-            out.source = "measured"
-            _store(key, known, persist, replace=recalibrate)
-        _MEMORY_CACHE.setdefault(key, {}).update({b: known[b] for b in sizes})
-        out.latency = {b: known[b] for b in sizes}
-    if outside is not None:
-        out.outside = tuple(outside)
-    elif batching_gain(out.latency):  # else the window is 1 whatever a round costs: nothing to measure
-        from .drafters import as_drafter
-
-        drafter = as_drafter(drafter)
-        okey = f"{key}|batch={x_init.shape[0]}|outside|{type(drafter).__name__}"  # a round's cost grows with B
-        known = {} if recalibrate else _cached(okey, persist)
-        if set(known) != {0, 1}:
-            c, h = measure_outside(chain, x_init, drafter, windows=(2, max(2, min(DRY_WINDOWS[1], max_window))),
-                                   steps=DRY_STEPS, repeats=1)
-            known = {0: c, 1: h}
-            out.rows += 1
-            _store(okey, known, persist, replace=True)
-        _MEMORY_CACHE[okey] = dict(known)
-        out.outside = (known[0], known[1])
+    known = {} if recalibrate or latency is not None else _cached(key, persist)
+    missing = [b for b in sizes if b not in known] if latency is None else []
+    warmups = sum(any(b in missing for b in stage) for stage in (sizes[:2], sizes[2:]))  # measure_curve's
+    with _calls_bar(warmups + sweeps * len(missing) + 1) if missing else nullcontext():  # ... sweeps, dry run
+        if latency is not None:
+            out.latency = dict(latency)
+        elif sizes:
+            out.source = "memory cache" if all(b in _MEMORY_CACHE.get(key, {}) for b in sizes) else "disk cache"
+            if missing:
+                known, out.rows = measure_curve(chain, x_init, sizes, known, sweeps)
+                out.source = "measured"
+                _store(key, known, persist, replace=recalibrate)
+            _MEMORY_CACHE.setdefault(key, {}).update({b: known[b] for b in sizes})
+            out.latency = {b: known[b] for b in sizes}
+        if outside is not None:
+            out.outside = tuple(outside)
+        elif batching_gain(out.latency):  # else the window is 1 whatever a round costs: nothing to measure
+            out.outside = _outside(chain, x_init, drafter, key, persist, max_window, recalibrate, out)
     if out.rows:
         out.seconds = time.perf_counter() - started
     return out
+
+
+def _outside(chain, x_init: Tensor, drafter, key: str, persist: bool, max_window: int, recalibrate: bool,
+             out: Calibration) -> tuple[float, float]:
+    """``(c, h)`` of a round outside the network: cached, else the dry run (:func:`measure_outside`)."""
+    from .drafters import as_drafter
+
+    drafter = as_drafter(drafter)
+    okey = f"{key}|batch={x_init.shape[0]}|outside|{type(drafter).__name__}"  # a round's cost grows with B
+    known = {} if recalibrate else _cached(okey, persist)
+    if set(known) != {0, 1}:
+        c, h = measure_outside(chain, x_init, drafter, windows=(2, max(2, min(DRY_WINDOWS[1], max_window))),
+                               steps=DRY_STEPS, repeats=1)
+        _tick()
+        known = {0: c, 1: h}
+        out.rows += 1
+        _store(okey, known, persist, replace=True)
+    _MEMORY_CACHE[okey] = dict(known)
+    return known[0], known[1]
 
 
 def measure_curve(chain, x_init: Tensor, sizes: list[int], known: dict[int, float],
@@ -292,6 +344,7 @@ def measure_latency(chain, x_init: Tensor, sizes: list[int], repeats: int = 5) -
     times = {b: [] for b in sizes}
     with torch.no_grad():
         predict(chain, *inputs[sizes[0]])  # warm-up: kernels, caches, lazy initialisation
+        _tick()
         for _ in range(repeats):
             for b in sizes:
                 _synchronize(x_init.device)
@@ -299,6 +352,7 @@ def measure_latency(chain, x_init: Tensor, sizes: list[int], repeats: int = 5) -
                 predict(chain, *inputs[b])
                 _synchronize(x_init.device)
                 times[b].append(time.perf_counter() - started)
+                _tick()
     return {b: min(t) for b, t in times.items()}
 
 

@@ -10,6 +10,7 @@ serving all of them).
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .block import BlockNoise, check_verify
-from .calibration import register_sampler
+from .calibration import progress_to, register_sampler
 from .chains import GaussianChain
 from .drafters import Drafter, as_drafter
 from .kernels import kernel_for
@@ -124,7 +125,9 @@ def speculative_sample(
     verify = check_verify(verify)
     kernel = _check_chain(chain, x_init, coupling)
     drafter = as_drafter(drafter)
-    policy = _window_policy(window, chain, x_init, drafter, max_rows)
+    calibration_bar = (lambda total: _progress(progress, total, "calibrating the window", "call")) if progress else None
+    with progress_to(calibration_bar):
+        policy = _window_policy(window, chain, x_init, drafter, max_rows)
     batch, num_steps, device = x_init.shape[0], chain.num_steps, x_init.device
     calibrated = {"calibration_seconds": getattr(policy, "calibration_seconds", 0.0),
                   "calibration_rows": getattr(policy, "calibration_rows", 0)}
@@ -343,13 +346,18 @@ def _track_memory(device, reset: bool = False) -> int | None:
     return torch.cuda.max_memory_allocated(device)
 
 
-def _progress(progress: bool | Callable, total: int, desc: str):
+def _progress(progress: bool | Callable, total: int, desc: str, unit: str | None = None):
+    """The run's bar: ``progress(total=)`` counting sample-steps, or, for another ``unit`` (the
+    calibration's network calls), ``progress(total=, desc=, unit=)`` where the callable takes them
+    (the pipelines' bars do); a tqdm bar for ``True``; else none."""
     if callable(progress):
-        return progress(total=total)
+        named = inspect.signature(progress).parameters
+        labelled = unit is not None and {"desc", "unit"} <= set(named)
+        return progress(total=total, **({"desc": desc, "unit": unit} if labelled else {}))
     if progress:
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=desc, unit="step")
+        return tqdm(total=total, desc=desc, unit=unit or "step")
     return nullcontext()
 
 

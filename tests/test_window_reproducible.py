@@ -274,3 +274,44 @@ def test_a_calibration_that_finds_no_batching_gain_stops_after_two_sizes(monkeyp
     again = speculative_sample(chain, x, window=AutoWindow(max_window=8), generator=gens(2))
     assert asked == [] and again.stats.calibration_rows == 0 and again.stats.windows == out.stats.windows
     assert torch.equal(again.sample, out.sample)
+
+
+def test_the_calibration_shows_its_network_calls_on_the_runs_progress_bar():
+    """Issue 20: the calibration was silent. A run that measures one shows it on the caller's progress:
+    a bar "calibrating the window" counting its network calls (a warm-up per stage, sweeps, dry run),
+    then the
+    sampling bar; a run that finds its calibration cached opens no calibration bar."""
+    bars = []
+
+    class Bar:
+        def __init__(self, total, desc="", unit=""):
+            self.total, self.desc, self.unit, self.n = total, desc, unit, 0
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    chain, x = mixture(steps=400, batch=2, key="progress")
+    calls, real = [], chain.predict
+    chain.predict = lambda rows, step: calls.append(rows.shape[0]) or real(rows, step)
+    out = speculative_sample(chain, x, window=AutoWindow(max_window=8), generator=gens(2), progress=Bar)
+    calibration_calls = len(calls) - out.stats.target_calls
+    assert out.stats.calibration_rows > 0 and calibration_calls > 0
+    assert [(b.desc, b.unit) for b in bars] == [("calibrating the window", "call"), ("", "")]  # then the steps
+    sizes, sweeps = plan(2, 8, 400)
+    assert bars[0].n == calibration_calls <= bars[0].total == 2 + sweeps * len(sizes) + 1  # at most two stages
+    assert bars[1].n == bars[1].total == 2 * 400
+    bars.clear()
+    speculative_sample(chain, x, window=AutoWindow(max_window=8), generator=gens(2), progress=Bar)
+    assert [b.desc for b in bars] == [""]
+    # A callable that takes only total= (the documented signature) still works: no label passed.
+    opened = []
+    speculative_sample(chain, x, window=AutoWindow(max_window=8, recalibrate=True), generator=gens(2),
+                       progress=lambda total: opened.append(total) or Bar(total))
+    assert len(opened) == 2 and opened[0] == 2 + sweeps * len(sizes) + 1
