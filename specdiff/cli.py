@@ -468,7 +468,9 @@ def _run(job, sampler: str, batches, args, rank_shows: bool) -> list[dict]:
     return records
 
 
-def _ratio_text(plain: float, spec: float, what: str, worse: str = "slower") -> str:
+def _ratio_text(plain: float, spec: float, what: str, worse: str = "slower", same: str | None = None) -> str:
+    if same is not None and abs(spec - plain) <= 0.05 * plain:  # within timing noise
+        return same
     if spec <= plain:
         return f"{plain / spec:.1f}x {what}"
     return f"{spec / plain:.1f}x {worse}"
@@ -498,13 +500,24 @@ def summary(report: dict) -> str:
     ran = [n for n in names if n != "speculative" and n in report]
     best = min(ran, key=lambda n: report[n]["wall_clock_s"], default="plain")
     against = {"plain": "the plain sampler", "cached": "the cached plain sampler (the fastest baseline here)"}[best]
-    made = _ratio_text(calls[best], spec["target_calls"], "fewer network calls", "more network calls")
-    verdict = f"Speculative sampling made {made}"
-    if ran:
-        faster = _ratio_text(report[best]["wall_clock_s"], spec["wall_clock_s"], "faster")
-        verdict += f" and was {faster} than {against} in wall-clock time."
+    windows = [w for batch in spec.get("batches", []) for w in batch.get("chosen_windows", [])]
+    plain_loop = report["window"] == "auto" and bool(windows) and set(windows) == {1}
+    if plain_loop:  # the automatic window kept L = 1: the plain loop itself ran, so time differs by noise only
+        verdict = ("The automatic window found no gain for this batch and step count on this machine, so the "
+                   "speculative sampler ran the plain loop: the same network calls and the same images as the plain "
+                   "sampler")
+        if "plain" in report:
+            verdict += f" (wall-clock {spec['wall_clock_s']:.1f} s against {report['plain']['wall_clock_s']:.1f} s)"
+        verdict += "."
     else:
-        verdict += " (add --compare to time the plain sampler on the same seeds)."
+        made = _ratio_text(calls[best], spec["target_calls"], "fewer network calls", "more network calls")
+        verdict = f"Speculative sampling made {made}"
+        if ran:
+            faster = _ratio_text(report[best]["wall_clock_s"], spec["wall_clock_s"], "faster than",
+                                 "slower than", same="about as fast as")
+            verdict += f" and was {faster} {against} in wall-clock time."
+        else:
+            verdict += " (add --compare to time the plain sampler on the same seeds)."
     lines.append(verdict)
     drafter = {"frozen": "reusing the network's last prediction", "picard": "reusing the network's latest "
                "predictions", "model": "with a small draft model"}.get(report["drafter"], report["drafter"])
@@ -523,7 +536,7 @@ def summary(report: dict) -> str:
     )
     if report.get("scheduler_note"):
         lines.append(f"Sampler: {report['scheduler_note']}.")
-    if ran and spec["wall_clock_s"] > report[best]["wall_clock_s"]:
+    if ran and not plain_loop and spec["wall_clock_s"] > 1.05 * report[best]["wall_clock_s"]:
         lines.append("Here a batched call costs more than the calls it saves; speculation pays on devices with "
                      "spare parallel capacity (a GPU) and with many small steps.")
     text = "\n".join(textwrap.fill(line, 100) if len(line) > 100 else line for line in lines)

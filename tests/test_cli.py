@@ -464,3 +464,26 @@ def test_torch_is_not_capped():
     for dep in deps:
         if dep.startswith(("torch", "torchvision")):
             assert "<" not in dep, dep
+
+
+def test_a_default_run_that_ran_the_plain_loop_is_never_called_slower():
+    """Issue 20: with the default window, a run too short (or a batch too large) for speculation to pay
+    runs the plain loop: the same calls and images as the plain sampler. Its wall-clock differs from the
+    plain sampler's only by timing noise, and the summary says what happened rather than "1.1x slower";
+    a run within 5% of the plain sampler's time is "about as fast"."""
+    from specdiff.cli import summary
+
+    def run(calls, wall, **more):
+        return {"target_calls": calls, "wall_clock_s": wall, **more}
+
+    plain_loop = {"batches": [{"chosen_windows": [1] * 25}], "acceptance_rate": 0.0}
+    report = {"num_steps": 25, "num_images": 1, "batch_size": 1, "processes": 1, "device": "cpu", "drafter": "picard",
+              "window": "auto", "plain": run(25, 1.60), "speculative": run(25, 1.80, **plain_loop)}
+    text = " ".join(summary(report).split())
+    assert "slower" not in text and "ran the plain loop" in text and "same network calls and the same images" in text
+    speculated = {"batches": [{"chosen_windows": [3, 3, 3, 2, 1]}], "acceptance_rate": 0.8}
+    report["speculative"] = run(12, 1.62, **speculated)
+    text = " ".join(summary(report).split())
+    assert "2.1x fewer network calls and was about as fast as the plain sampler" in text and "slower" not in text
+    report["speculative"] = run(12, 2.0, **speculated)  # a real loss is still said plainly
+    assert "1.2x slower than the plain sampler" in " ".join(summary(report).split())
