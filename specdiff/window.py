@@ -232,6 +232,10 @@ class AutoWindow:
             calibration is otherwise never re-measured: :mod:`specdiff.calibration`).
         share: the most rows the calibration may measure, as a share of the plain sampler's
             ``batch * steps`` (a run that cannot afford three batch sizes measures none and runs ``L = 1``).
+        margin: a window above 1 is taken only where its expected rate beats the plain sampler's
+            (``L = 1``) by this fraction. The calibration and the acceptance estimate err by about
+            that much on a shared CPU, and the default must not be slower than the plain sampler;
+            0 takes any window the model predicts faster.
 
     Every run starts from the same state (``bind`` forgets the last run), so an object reused across
     runs gives a seed the same windows every time.
@@ -240,7 +244,7 @@ class AutoWindow:
     def __init__(self, max_window: int = 32, *, prior_acceptance: float = 0.9, prior_weight: float = 4.0,
                  memory: float = 0.95, latency: dict[int, float] | None = None,
                  outside: tuple[float, float] | None = None, cache: bool = True, tolerance: float = 0.03,
-                 recalibrate: bool = False, share: float = SHARE):
+                 recalibrate: bool = False, share: float = SHARE, margin: float = 0.1):
         if not isinstance(max_window, int) or isinstance(max_window, bool) or max_window < 1:
             raise ValueError(f"max_window must be a positive integer; got {max_window!r}")
         if not 0 < prior_acceptance < 1:
@@ -249,7 +253,9 @@ class AutoWindow:
             raise ValueError(f"tolerance must be in [0, 1); got {tolerance!r}")
         if not 0 <= share <= 1:
             raise ValueError(f"share must be in [0, 1] (of the plain sampler's rows); got {share!r}")
-        self.max_window, self.tolerance = max_window, tolerance
+        if not 0 <= margin:
+            raise ValueError(f"margin must be >= 0 (a fraction of the plain sampler's rate); got {margin!r}")
+        self.max_window, self.tolerance, self.margin = max_window, tolerance, margin
         self.prior_acceptance, self.prior_weight, self.memory = prior_acceptance, prior_weight, memory
         self.given = (latency, outside)
         self.cache, self.recalibrate, self.share = cache, recalibrate, share
@@ -359,6 +365,8 @@ class AutoWindow:
         return self._best(self.rates(live))
 
     def _best(self, rates: list[float]) -> int:
+        if max(rates) < (1 + self.margin) * rates[0]:  # not clearly faster than the plain sampler
+            return 1
         good = max((1 - self.tolerance) * max(rates), rates[0])  # and never slower than the plain sampler
         return 1 + max(w for w, rate in enumerate(rates) if rate >= good)
 

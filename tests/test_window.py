@@ -135,7 +135,7 @@ def test_window_is_the_argmax_of_the_expected_rate_and_falls_with_acceptance():
     curve = {1: 1.0, 2: 1.6, 4: 2.0, 8: 2.9, 17: 5.3, 33: 8.8}  # the bundled UNet on a CPU (issue 10)
     chosen = []
     for alpha in (0.6, 0.9, 0.96, 0.995):
-        policy = AutoWindow(max_window=32, latency=curve, prior_weight=1e-9, tolerance=0)
+        policy = AutoWindow(max_window=32, latency=curve, prior_weight=1e-9, tolerance=0, margin=0)
         window = policy.choose(stats_with([alpha] * 32, proposed=10**6), live=1)
         rates = [policy.expected_rate(w, 1) for w in range(1, 33)]
         assert rates[window - 1] == max(rates)
@@ -143,12 +143,33 @@ def test_window_is_the_argmax_of_the_expected_rate_and_falls_with_acceptance():
     assert chosen == sorted(chosen) and chosen[0] < chosen[-1]
 
 
+def test_a_window_is_taken_only_where_it_beats_the_plain_sampler_by_the_margin():
+    """Issue 20: the default must not be slower than the plain sampler, and the calibration and the
+    acceptance estimate err by about 10% on a shared CPU: where the best window's expected rate is
+    within ``margin`` (10%) of L = 1's, the policy keeps L = 1; with margin 0 it takes the argmax."""
+    curve = {1: 1.0, 2: 1.6, 4: 2.0, 8: 2.9, 17: 5.3, 33: 8.8}
+    seen = set()
+    for alpha in (0.5, 0.6, 0.65, 0.7, 0.8, 0.9):
+        stats = stats_with([alpha] * 32, proposed=10**6)
+        rates = [AutoWindow(max_window=32, latency=curve, margin=0).expected_rate(w, 1, [alpha] * 32)
+                 for w in range(1, 33)]
+        gain = max(rates) / rates[0]
+        safe = AutoWindow(max_window=32, latency=curve, prior_weight=1e-9, tolerance=0).choose(stats, live=1)
+        eager = AutoWindow(max_window=32, latency=curve, prior_weight=1e-9, tolerance=0, margin=0).choose(stats, 1)
+        assert rates[eager - 1] == max(rates)
+        assert safe == (eager if gain >= 1.1 else 1)
+        seen.add((gain >= 1.1, eager > 1))
+    assert seen >= {(False, True), (True, True)}  # some windows predicted faster, but by less than the margin
+    with pytest.raises(ValueError, match="margin"):
+        AutoWindow(margin=-0.1)
+
+
 def test_the_largest_window_within_the_tolerance_of_the_best_rate_is_taken():
     curve = {1: 1.0, 2: 1.3, 3: 1.4, 5: 1.6, 9: 2.0, 17: 3.3, 33: 6.5}  # the bundled UNet, 2 CPU threads
     for alpha in (0.9, 0.95, 0.97):
         stats = stats_with([alpha] * 32, proposed=10**6)
-        exact = AutoWindow(max_window=32, latency=curve, prior_weight=1e-9, tolerance=0)
-        tolerant = AutoWindow(max_window=32, latency=curve, prior_weight=1e-9, tolerance=0.03)
+        exact = AutoWindow(max_window=32, latency=curve, prior_weight=1e-9, tolerance=0, margin=0)
+        tolerant = AutoWindow(max_window=32, latency=curve, prior_weight=1e-9, tolerance=0.03, margin=0)
         best, window = exact.choose(stats, live=1), tolerant.choose(stats, live=1)
         rates = [tolerant.expected_rate(w, 1) for w in range(1, 33)]
         assert window >= best and rates[window - 1] >= 0.97 * max(rates)
