@@ -69,3 +69,14 @@ def test_the_readme_shows_the_command_that_make_demo_runs():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     shown = re.search(r"^(specdiff generate .*?)\s+# what `make demo` runs$", readme, re.M).group(1)
     assert shown == demo.strip()
+
+
+def test_the_defaults_table_in_the_docs_is_the_saved_benchmark():
+    """docs/defaults.md shows exactly what ``bench_defaults --table`` renders from assets/bench/defaults.json."""
+    import json
+
+    from specdiff.workbench.bench_defaults import table
+
+    result = json.loads((ROOT / "assets" / "bench" / "defaults.json").read_text())
+    assert f"<!-- bench_defaults table -->\n{table(result)}\n<!-- /bench_defaults table -->" in (
+        ROOT / "docs" / "defaults.md").read_text()
