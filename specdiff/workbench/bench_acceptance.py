@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -223,7 +224,22 @@ class StepTally:
         self.n, self.seen = n_new, (stats.proposed, stats.accepted)
 
 
-def run_runs(samplers, steps_list, seeds: int, windows, drafters, spaces, verify: str = "step") -> list[dict]:
+class TailWindow:
+    """A per-step window: ``window`` before the last fifth of the schedule, ``tail`` in it (where the
+    map puts most rejections). A deterministic function of the steps done, read from the run's counts
+    (batch 1: the steps committed so far), so the sampler stays exact."""
+
+    def __init__(self, window: int, tail: int, steps: int):
+        self.window, self.tail, self.cut = window, tail, steps - steps // 5
+        self.max_window = max(window, tail)
+
+    def choose(self, stats, live: int) -> int:
+        done = sum(c * count for c, count in enumerate(stats.committed_per_round))
+        return self.window if done < self.cut else self.tail
+
+
+def run_runs(samplers, steps_list, seeds: int, windows, drafters, spaces, verify: str = "step",
+             tail_window: int | None = None) -> list[dict]:
     unet, base = load()
     rows = []
     for name in samplers:
@@ -240,7 +256,8 @@ def run_runs(samplers, steps_list, seeds: int, windows, drafters, spaces, verify
                         started = time.perf_counter()
                         for seed in range(seeds):
                             tally = StepTally(steps)
-                            out = speculative_sample(chain, latents(unet, seed), window=window, drafter=drafter,
+                            policy = window if tail_window is None else TailWindow(window, tail_window, steps)
+                            out = speculative_sample(chain, latents(unet, seed), window=policy, drafter=drafter,
                                                      generator=torch.Generator().manual_seed(100 + seed),
                                                      callback=tally, verify=verify)
                             calls.append(out.stats.target_calls)
@@ -254,7 +271,8 @@ def run_runs(samplers, steps_list, seeds: int, windows, drafters, spaces, verify
                         mean = sum(calls) / seeds
                         sd = (sum((c - mean) ** 2 for c in calls) / max(seeds - 1, 1)) ** 0.5
                         rows.append({"sampler": name, "steps": steps, "space": space, "drafter": drafter,
-                                     "verify": verify, "window": window, "seeds": seeds, "calls": mean,
+                                     "verify": verify, "window": window, "tail_window": tail_window,
+                                     "seeds": seeds, "calls": mean,
                                      "calls_sd": sd, "rows": rows_evaluated / seeds,
                                      "speedup": steps / mean, "proposed_by_position": pos_p,
                                      "accepted_by_position": pos_a, "proposed_by_step": step_p,
@@ -265,15 +283,38 @@ def run_runs(samplers, steps_list, seeds: int, windows, drafters, spaces, verify
 
 
 def run_key(r: dict) -> tuple:
-    return r["sampler"], r["steps"], r["space"], r["drafter"], r.get("verify", "step"), r["window"]
+    return (r["sampler"], r["steps"], r["space"], r["drafter"], r.get("verify", "step"), r["window"],
+            r.get("tail_window"))
 
 
-def merge(out: Path, part: str, result) -> None:
+STORED_LAGS = (1, 4)
+
+
+def compact(row: dict) -> dict:
+    """A map row as stored: acceptance at a few lags (3 decimals), and where the calls go (simulated
+    from every lag, window 32): as mapped, with the last fifth of the schedule free, with only it costing."""
+    if "calls_where" in row:
+        return row
+    table, steps = row["acceptance"]["sample"], row["steps"]
+    cut = steps - steps // 5
+    rng = torch.Generator().manual_seed(0)
+    where = {"as_mapped": simulated_calls(table, 32, rng),
+             "tail_free": simulated_calls([t if k < cut else [1.0] * MAX_LAG for k, t in enumerate(table)], 32, rng),
+             "tail_only": simulated_calls([[1.0] * MAX_LAG if k < cut else t for k, t in enumerate(table)], 32, rng)}
+    acceptance = {v: {str(d): [None if t[d - 1] is None else round(t[d - 1], 3) for t in row["acceptance"][v]]
+                      for d in STORED_LAGS} for v in SPACES}
+    return {**row, "acceptance": acceptance, "calls_where": where,
+            "simulated_calls": {v: {str(w): round(c, 2) for w, c in calls.items()}
+                                for v, calls in row["simulated_calls"].items()}}
+
+
+def merge(out: Path, part: str, result, command: str) -> None:
     data = json.loads(out.read_text()) if out.exists() else {}
     data["environment"] = environment()
+    data["commands"] = [c for c in data.get("commands", []) if c != command] + [command]
     if part == "map":
         old = {(r["sampler"], r["steps"]): r for r in data.get("map", {}).get("rows", [])}
-        old.update({(r["sampler"], r["steps"]): r for r in result["rows"]})
+        old.update({(r["sampler"], r["steps"]): compact(r) for r in result["rows"]})
         data["map"] = {"rows": list(old.values())}
     else:
         old = {run_key(r): r for r in data.get("runs", [])}
@@ -305,13 +346,14 @@ def tables(result: dict) -> str:
     """docs/acceptance.md's tables from the results file."""
     lines = []
     runs = result.get("runs", [])
-    if runs:
+    plain = [r for r in runs if r.get("verify", "step") == "step" and r.get("tail_window") is None]
+    if plain:
         lines += ["Sequential target calls per image (speed-up over the plain sampler's steps), x0 held, "
                   "mean over seeds:", "",
                   "| sampler | steps | drafter | window 4 | window 8 | window 16 | window 32 |", "| --- " * 7 + "|"]
-        keys = sorted({(r["sampler"], r["steps"], r["drafter"]) for r in runs if r["space"] == "sample"},
+        keys = sorted({(r["sampler"], r["steps"], r["drafter"]) for r in plain if r["space"] == "sample"},
                       key=lambda t: (SAMPLERS.index(t[0]), t[1], t[2]))
-        by = {(r["sampler"], r["steps"], r["drafter"], r["space"], r["window"]): r for r in runs}
+        by = {(r["sampler"], r["steps"], r["drafter"], r["space"], r["window"]): r for r in plain}
         for name, steps, drafter in keys:
             cells = []
             for w in (4, 8, 16, 32):
@@ -327,50 +369,64 @@ def tables(result: dict) -> str:
                 continue
             rates = [a / p if p else None for a, p in zip(r["accepted_by_position"], r["proposed_by_position"])]
             lines.append(f"| {name} | {steps} | {drafter} | " + " | ".join(_cell(x) for x in rates[:8]) + " |")
-        lines += ["", "Measured acceptance by step, in tenths of the schedule (first = noisiest), window 16:", "",
-                  "| sampler | steps | drafter | " + " | ".join(f"{b + 1}" for b in range(BINS)) + " |",
-                  "| --- " * (BINS + 3) + "|"]
+        lines += ["", "Measured acceptance by step, in tenths of the schedule (first = noisiest), window 16; last "
+                  "column: rejections per image in the last fifth (each ends a round: about one call):", "",
+                  "| sampler | steps | drafter | " + " | ".join(f"{b + 1}" for b in range(BINS))
+                  + " | rejections, last fifth / all |", "| --- " * (BINS + 4) + "|"]
         for name, steps, drafter in keys:
             r = by.get((name, steps, drafter, "sample", 16))
             if r is None:
                 continue
-            rates = [a / p if p else None for a, p in zip(r["accepted_by_step"], r["proposed_by_step"])]
+            proposed, accepted = r["proposed_by_step"], r["accepted_by_step"]
+            rates = [a / p if p else None for a, p in zip(accepted, proposed)]
+            rejected = [(p - a) / r["seeds"] for a, p in zip(accepted, proposed)]
+            tail = sum(rejected[steps - steps // 5 :])
             lines.append(f"| {name} | {steps} | {drafter} | "
-                         + " | ".join(_cell(x) for x in _tenths(rates, steps, r["proposed_by_step"])) + " |")
-        spaces = [r for r in runs if r["space"] != "sample"]
-        if spaces:
-            lines += ["", "Other prediction spaces held by the chain (`frozen_prediction=`), window 16:", "",
-                      "| sampler | steps | drafter | space | calls |", "| --- " * 5 + "|"]
-            for r in sorted(runs, key=lambda r: (SAMPLERS.index(r["sampler"]), r["steps"], r["drafter"], r["space"])):
-                if r["window"] == 16 and any((s["sampler"], s["steps"]) == (r["sampler"], r["steps"]) for s in spaces):
-                    lines.append(f"| {r['sampler']} | {r['steps']} | {r['drafter']} | {r['space']} | "
-                                 f"{r['calls']:.1f} ({r['speedup']:.1f}×) |")
+                         + " | ".join(_cell(x) for x in _tenths(rates, steps, proposed))
+                         + f" | {tail:.1f} / {sum(rejected):.1f} |")
+    others = [r for r in runs if r not in plain or r["space"] != "sample"]
+    if others:
+        lines += ["", "Variants against the same runs at window 16 (calls per image; rows: states the target "
+                  "evaluated per image):", "",
+                  "| sampler | steps | drafter | held | verify | window | calls | rows |", "| --- " * 8 + "|"]
+        cases = {(r["sampler"], r["steps"], r["drafter"]) for r in others}
+        shown = [r for r in runs if (r["sampler"], r["steps"], r["drafter"]) in cases and r["window"] == 16]
+        for r in sorted(shown, key=lambda r: (SAMPLERS.index(r["sampler"]), r["steps"], r["drafter"], r["space"],
+                                              r.get("verify", "step"), r.get("tail_window") or 0)):
+            window = "16" if r.get("tail_window") is None else f"16, {r['tail_window']} in the last fifth"
+            rows = f"{r['rows']:.0f}" if "rows" in r else ""
+            lines.append(f"| {r['sampler']} | {r['steps']} | {r['drafter']} | {r['space']} | {r.get('verify', 'step')} "
+                         f"| {window} | {r['calls']:.1f} ({r['speedup']:.1f}×) | {rows} |")
     maps = result.get("map", {}).get("rows", [])
     if maps:
-        lines += ["", "Where the calls go (simulated from the map, x0 held, window 32): calls per image as measured, "
+        lines += ["", "Where the calls go (simulated from the map, x0 held, window 32): calls per image as mapped, "
                   "with every step of the last fifth accepted, and with every step *before* the last fifth "
                   "accepted (the floor the last fifth sets):", "",
                   "| sampler | steps | as mapped | last fifth free | only the last fifth costs |", "| --- " * 5 + "|"]
         for row in sorted(maps, key=lambda r: (SAMPLERS.index(r["sampler"]), r["steps"])):
-            table, steps = row["acceptance"]["sample"], row["steps"]
-            cut = steps - steps // 5
-            free_tail = [t if k < cut else [1.0] * MAX_LAG for k, t in enumerate(table)]
-            free_head = [[1.0] * MAX_LAG if k < cut else t for k, t in enumerate(table)]
-            rng = torch.Generator().manual_seed(0)
-            lines.append(f"| {row['sampler']} | {steps} | {row['simulated_calls']['sample']['32']:.1f} | "
-                         f"{simulated_calls(free_tail, 32, rng):.1f} | {simulated_calls(free_head, 32, rng):.1f} |")
-    for row in maps:
-        name, steps = row["sampler"], row["steps"]
-        lines += ["", f"Map, {name}, {steps} steps ({row['seeds']} plain trajectories): acceptance of a held "
-                  "prediction at lag 1 and lag 4, by tenth of the schedule; calls a frozen drafter would make "
-                  "(simulated from the map) at window 32:", "",
-                  "| held | lag | " + " | ".join(f"{b + 1}" for b in range(BINS)) + " | calls (w32) |",
-                  "| --- " * (BINS + 3) + "|"]
-        for variant, table in row["acceptance"].items():
-            for lag in (1, 4):
-                cells = _tenths([t[lag - 1] for t in table], steps)
-                calls = f"{row['simulated_calls'][variant]['32']:.1f}" if lag == 1 else ""
-                lines.append(f"| {variant} | {lag} | " + " | ".join(_cell(c) for c in cells) + f" | {calls} |")
+            where = row["calls_where"]
+            lines.append(f"| {row['sampler']} | {row['steps']} | {where['as_mapped']:.1f} | {where['tail_free']:.1f} "
+                         f"| {where['tail_only']:.1f} |")
+    if maps:
+        ordered = sorted(maps, key=lambda r: (SAMPLERS.index(r["sampler"]), r["steps"]))
+        lines += ["", f"Map: calls per image a frozen drafter would make at window 32 (simulated from the map, "
+                  f"{maps[0]['seeds']} plain trajectories each), by what the draft holds constant:", "",
+                  "| held | " + " | ".join(f"{r['sampler']} {r['steps']}" for r in ordered) + " |",
+                  "| --- " * (len(ordered) + 1) + "|"]
+        for variant in ordered[0]["simulated_calls"]:
+            lines.append(f"| {variant} | " + " | ".join(f"{r['simulated_calls'][variant]['32']:.1f}" for r in ordered)
+                         + " |")
+        shown = [r for r in ordered if r["steps"] == 50] or ordered
+        lines += ["", f"Map: acceptance of a held prediction at lag 1 (a window's first drafted step) and lag 4, by "
+                  f"tenth of the schedule (first = noisiest), {shown[0]['steps']} steps:", "",
+                  "| sampler | steps | held | lag | " + " | ".join(f"{b + 1}" for b in range(BINS)) + " |",
+                  "| --- " * (BINS + 4) + "|"]
+        for row in shown:
+            for variant, by_lag in row["acceptance"].items():
+                for lag in STORED_LAGS:
+                    cells = _tenths(by_lag[str(lag)], row["steps"])
+                    lines.append(f"| {row['sampler']} | {row['steps']} | {variant} | {lag} | "
+                                 + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -384,15 +440,18 @@ def main(argv=None) -> None:
     parser.add_argument("--drafters", nargs="+", default=["frozen", "picard"])
     parser.add_argument("--spaces", nargs="+", default=["sample"], choices=SPACES)
     parser.add_argument("--verify", default="step", choices=("step", "block"))
+    parser.add_argument("--tail-window", type=int, default=None,
+                        help="the window in the last fifth of the schedule (--windows: before it)")
     parser.add_argument("--out", type=Path, default=asset("bench") / "acceptance.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    command = "python -m specdiff.workbench.bench_acceptance " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.part == "map":
         with torch.no_grad():
-            merge(args.out, "map", run_map(args.steps, args.seeds, args.samplers))
+            merge(args.out, "map", run_map(args.steps, args.seeds, args.samplers), command)
     elif args.part == "runs":
         merge(args.out, "runs", run_runs(args.samplers, args.steps, args.seeds, args.windows, args.drafters,
-                                         args.spaces, args.verify))
+                                         args.spaces, args.verify, args.tail_window), command)
     print(tables(json.loads(args.out.read_text())))
 
 
