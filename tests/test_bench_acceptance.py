@@ -9,7 +9,7 @@ from specdiff import speculative_sample
 from specdiff.drafters import Drafter
 from specdiff.kernels.gaussian import acceptance_probability
 from specdiff.schedulers import SpeculativeScheduler
-from specdiff.workbench.bench_acceptance import SPACES, StepTally, lag_map, trajectory
+from specdiff.workbench.bench_acceptance import SPACES, StepTally, TailWindow, draft_model_map, lag_map, trajectory
 
 STEPS = 12
 
@@ -114,3 +114,35 @@ def test_lag_map_is_the_acceptance_of_the_chains_own_frozen_draft(make, space):
             assert acc[k][d - 1] == pytest.approx(want, abs=1e-5)
             checked += 1
     assert checked >= 30
+
+
+def test_draft_model_map_accepts_a_draft_equal_to_the_target():
+    """A draft model whose outputs are the target's is accepted at every noisy step; one far off never."""
+    adapter, xs, outs = trajectory(toy_model, scheduler(DDPMScheduler(num_train_timesteps=1000, clip_sample=False)),
+                                   torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(0)),
+                                   torch.Generator().manual_seed(1))
+    same = draft_model_map(adapter, xs, outs, outs.clone())
+    off = draft_model_map(adapter, xs, outs, outs + 100.0)
+    noisy = [k for k in range(1, STEPS) if same[k] is not None]
+    assert len(noisy) == STEPS - 2  # step 0 has no draft, the last step no noise
+    assert all(same[k] == pytest.approx(1.0) for k in noisy) and all(off[k] < 1e-6 for k in noisy)
+
+
+def test_tail_window_shrinks_the_window_in_the_last_fifth():
+    """The per-step window runs ``window`` until four fifths of the steps are done, then ``tail``."""
+    steps = 20
+    s = SpeculativeScheduler.from_scheduler(DDPMScheduler(num_train_timesteps=1000, clip_sample=False))
+    s.set_timesteps(steps)
+    chain = s.chain(toy_model)
+    done = []
+
+    def record(info):
+        done.append(int(info["step"][0]))
+
+    out = speculative_sample(chain, torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(0)),
+                             window=TailWindow(6, 2, steps), drafter=Exact(chain), callback=record,
+                             generator=torch.Generator().manual_seed(1))
+    windows = out.stats.chosen_windows
+    starts = [0] + done[:-1]
+    assert windows == [min(6 if n < 16 else 2, steps - n) for n in starts]
+    assert 2 in windows and 6 in windows

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import DDPMPipeline
+from diffusers import DDPMPipeline, UNet2DModel
 
 from ..kernels.gaussian import acceptance_probability
 from ..paths import asset
@@ -104,6 +104,19 @@ def variants() -> dict:
     return out
 
 
+def draft_model_map(adapter, xs: torch.Tensor, outs: torch.Tensor, draft_outs: torch.Tensor) -> list:
+    """``acc[k]``: acceptance probability of step ``k`` drafted by an independent draft model at the drafted
+    state itself (its outputs ``draft_outs`` at ``xs``; no lag: it sees the state, at a draft call's cost)."""
+    n = len(xs)
+    steps = torch.arange(n)
+    mean_t, std = _mean(adapter, xs, steps, outs, outs.roll(1, 0), xs.roll(1, 0))
+    prev = torch.cat([outs[:1], draft_outs[:-1]])  # a drafted window's previous is the draft before it
+    mean_d, _ = _mean(adapter, xs, steps, draft_outs, prev, xs.roll(1, 0))
+    std = std.flatten()
+    acc = acceptance_probability(mean_d, mean_t, std.clamp(min=1e-30))
+    return [None if k == 0 or float(std[k]) == 0 else float(acc[k]) for k in range(n)]
+
+
 def lag_map(adapter, xs: torch.Tensor, outs: torch.Tensor, max_lag: int = MAX_LAG) -> dict:
     """``acc[variant][k][d - 1]``: acceptance probability of step ``k`` drafted from lag ``d``.
 
@@ -168,8 +181,9 @@ def simulated_calls(acc: list[list], window: int, rng: torch.Generator, draws: i
     return total / draws
 
 
-def run_map(steps_list, seeds: int, samplers=SAMPLERS) -> dict:
+def run_map(steps_list, seeds: int, samplers=SAMPLERS, draft_model: bool = True) -> dict:
     unet, base = load()
+    draft = UNet2DModel.from_pretrained(asset("models", "digits-draft")).eval() if draft_model else None
     rows = []
     for name in samplers:
         for steps in steps_list:
@@ -180,6 +194,11 @@ def run_map(steps_list, seeds: int, samplers=SAMPLERS) -> dict:
                 adapter, xs, outs = trajectory(lambda x, t: unet(x, t).sample, scheduler, latents(unet, seed),
                                                torch.Generator().manual_seed(100 + seed))
                 m = lag_map(adapter, xs, outs)
+                if draft is not None:  # one value per step, whatever the lag
+                    every = torch.arange(len(xs))
+                    draft_outs = draft(adapter.scale_model_input(xs, every), adapter.model_timesteps(every, xs.device))
+                    by_step = draft_model_map(adapter, xs, outs, draft_outs.sample)
+                    m["draft model"] = [[p] * MAX_LAG for p in by_step]
                 if sums is None:
                     sums = {v: [[0.0] * MAX_LAG for _ in range(steps)] for v in m}
                     count = [[0] * MAX_LAG for _ in range(steps)]
@@ -348,15 +367,17 @@ def tables(result: dict) -> str:
     runs = result.get("runs", [])
     plain = [r for r in runs if r.get("verify", "step") == "step" and r.get("tail_window") is None]
     if plain:
+        windows = sorted({r["window"] for r in plain})
         lines += ["Sequential target calls per image (speed-up over the plain sampler's steps), x0 held, "
                   "mean over seeds:", "",
-                  "| sampler | steps | drafter | window 4 | window 8 | window 16 | window 32 |", "| --- " * 7 + "|"]
+                  "| sampler | steps | drafter | " + " | ".join(f"window {w}" for w in windows) + " |",
+                  "| --- " * (3 + len(windows)) + "|"]
         keys = sorted({(r["sampler"], r["steps"], r["drafter"]) for r in plain if r["space"] == "sample"},
                       key=lambda t: (SAMPLERS.index(t[0]), t[1], t[2]))
         by = {(r["sampler"], r["steps"], r["drafter"], r["space"], r["window"]): r for r in plain}
         for name, steps, drafter in keys:
             cells = []
-            for w in (4, 8, 16, 32):
+            for w in windows:
                 r = by.get((name, steps, drafter, "sample", w))
                 cells.append("" if r is None else f"{r['calls']:.1f} ({r['speedup']:.1f}×)")
             lines.append(f"| {name} | {steps} | {drafter} | " + " | ".join(cells) + " |")
@@ -414,8 +435,8 @@ def tables(result: dict) -> str:
                   "| held | " + " | ".join(f"{r['sampler']} {r['steps']}" for r in ordered) + " |",
                   "| --- " * (len(ordered) + 1) + "|"]
         for variant in ordered[0]["simulated_calls"]:
-            lines.append(f"| {variant} | " + " | ".join(f"{r['simulated_calls'][variant]['32']:.1f}" for r in ordered)
-                         + " |")
+            cells = [r["simulated_calls"].get(variant, {}).get("32") for r in ordered]
+            lines.append(f"| {variant} | " + " | ".join("–" if c is None else f"{c:.1f}" for c in cells) + " |")
         shown = [r for r in ordered if r["steps"] == 50] or ordered
         lines += ["", f"Map: acceptance of a held prediction at lag 1 (a window's first drafted step) and lag 4, by "
                   f"tenth of the schedule (first = noisiest), {shown[0]['steps']} steps:", "",
