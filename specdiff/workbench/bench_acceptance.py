@@ -292,7 +292,7 @@ def run_runs(samplers, steps_list, seeds: int, windows, drafters, spaces, verify
                         rows.append({"sampler": name, "steps": steps, "space": space, "drafter": drafter,
                                      "verify": verify, "window": window, "tail_window": tail_window,
                                      "seeds": seeds, "calls": mean,
-                                     "calls_sd": sd, "rows": rows_evaluated / seeds,
+                                     "calls_sd": sd, "calls_per_seed": calls, "rows": rows_evaluated / seeds,
                                      "speedup": steps / mean, "proposed_by_position": pos_p,
                                      "accepted_by_position": pos_a, "proposed_by_step": step_p,
                                      "accepted_by_step": step_a, "seconds": time.perf_counter() - started})
