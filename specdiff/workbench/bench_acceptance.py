@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -32,13 +33,14 @@ from pathlib import Path
 import torch
 from diffusers import DDPMPipeline, UNet2DModel
 
+from ..drafters import PicardDrafter
 from ..kernels.gaussian import acceptance_probability
 from ..paths import asset
 from ..sampler import sample_baseline, speculative_sample
 from ..schedulers import SpeculativeScheduler
 from ..schedulers.base import output_from, output_to
 from ..schedulers.names import scheduler_from_name
-from .results import environment, write_result
+from .results import environment
 
 SAMPLERS = ("ddpm", "euler-a", "dpmpp-2m-sde")
 SPACES = ("epsilon", "sample", "v_prediction")  # what a frozen draft holds constant across the window
@@ -220,6 +222,27 @@ def run_map(steps_list, seeds: int, samplers=SAMPLERS, draft_model: bool = True)
 
 # -- runs: the speculative sampler, acceptance by position and by step ------------------------------------
 
+class PicardReach(PicardDrafter):
+    """The Picard drafter, its same-step predictions used only up to ``reach`` steps past the target's last
+    prediction (the held x0 beyond): "Picard for the first redrafted steps, frozen beyond"."""
+
+    def __init__(self, reach: int):
+        self.reach = reach
+
+    def predict(self, x, step, memory):
+        if memory.same_step is None:
+            return memory.prediction
+        near = memory.has_same_step & (step - memory.step <= self.reach)
+        return torch.where(near.view(-1, *[1] * (memory.prediction.ndim - 1)), memory.same_step, memory.prediction)
+
+
+def as_bench_drafter(name: str):
+    """``frozen``, ``picard`` or ``picard-reachN`` (:class:`PicardReach`)."""
+    if name.startswith("picard-reach"):
+        return PicardReach(int(name.removeprefix("picard-reach")))
+    return name
+
+
 class StepTally:
     """Per-step proposed/accepted counts of a batch-1 run, from the stats after each round."""
 
@@ -276,7 +299,8 @@ def run_runs(samplers, steps_list, seeds: int, windows, drafters, spaces, verify
                         for seed in range(seeds):
                             tally = StepTally(steps)
                             policy = window if tail_window is None else TailWindow(window, tail_window, steps)
-                            out = speculative_sample(chain, latents(unet, seed), window=policy, drafter=drafter,
+                            out = speculative_sample(chain, latents(unet, seed), window=policy,
+                                                     drafter=as_bench_drafter(drafter),
                                                      generator=torch.Generator().manual_seed(100 + seed),
                                                      callback=tally, verify=verify)
                             calls.append(out.stats.target_calls)
@@ -339,7 +363,9 @@ def merge(out: Path, part: str, result, command: str) -> None:
         old = {run_key(r): r for r in data.get("runs", [])}
         old.update({run_key(r): r for r in result})
         data["runs"] = list(old.values())
-    write_result(out, data)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(data, indent=1)  # then each list of numbers on one line: a diffable, smaller file
+    out.write_text(re.sub(r"\[[-0-9.eE,\snul]*\]", lambda m: " ".join(m.group(0).split()), text))
 
 
 BINS = 10  # the schedule is shown in tenths (first tenth = the noisiest steps)
@@ -407,14 +433,17 @@ def tables(result: dict) -> str:
                          + f" | {tail:.1f} / {sum(rejected):.1f} |")
     others = [r for r in runs if r not in plain or r["space"] != "sample"]
     if others:
-        lines += ["", "Variants against the same runs at window 16 (calls per image; rows: states the target "
-                  "evaluated per image):", "",
+        lines += ["", "Variants, each beside the same sampler, steps, drafter and window with x0 held and step "
+                  "verification (calls per image; rows: states the target evaluated per image):", "",
                   "| sampler | steps | drafter | held | verify | window | calls | rows |", "| --- " * 8 + "|"]
-        cases = {(r["sampler"], r["steps"], r["drafter"]) for r in others}
-        shown = [r for r in runs if (r["sampler"], r["steps"], r["drafter"]) in cases and r["window"] == 16]
-        for r in sorted(shown, key=lambda r: (SAMPLERS.index(r["sampler"]), r["steps"], r["drafter"], r["space"],
-                                              r.get("verify", "step"), r.get("tail_window") or 0)):
-            window = "16" if r.get("tail_window") is None else f"16, {r['tail_window']} in the last fifth"
+        cases = {(r["sampler"], r["steps"], r["drafter"], r["window"]) for r in others}
+        shown = others + [r for r in plain if r["space"] == "sample"
+                          and (r["sampler"], r["steps"], r["drafter"], r["window"]) in cases]
+        for r in sorted(shown, key=lambda r: (SAMPLERS.index(r["sampler"]), r["steps"], r["drafter"], r["window"],
+                                              r["space"] != "sample", r["space"], r.get("verify", "step"),
+                                              r.get("tail_window") or 0)):
+            window = str(r["window"]) if r.get("tail_window") is None else f"{r['window']}, {r['tail_window']} in " \
+                "the last fifth"
             rows = f"{r['rows']:.0f}" if "rows" in r else ""
             lines.append(f"| {r['sampler']} | {r['steps']} | {r['drafter']} | {r['space']} | {r.get('verify', 'step')} "
                          f"| {window} | {r['calls']:.1f} ({r['speedup']:.1f}×) | {rows} |")
