@@ -9,7 +9,15 @@ from specdiff import speculative_sample
 from specdiff.drafters import Drafter
 from specdiff.kernels.gaussian import acceptance_probability
 from specdiff.schedulers import SpeculativeScheduler
-from specdiff.workbench.bench_acceptance import SPACES, StepTally, TailWindow, draft_model_map, lag_map, trajectory
+from specdiff.workbench.bench_acceptance import (
+    SPACES,
+    PicardReach,
+    StepTally,
+    TailWindow,
+    draft_model_map,
+    lag_map,
+    trajectory,
+)
 
 STEPS = 12
 
@@ -146,3 +154,21 @@ def test_tail_window_shrinks_the_window_in_the_last_fifth():
     starts = [0] + done[:-1]
     assert windows == [min(6 if n < 16 else 2, steps - n) for n in starts]
     assert 2 in windows and 6 in windows
+
+
+def test_picard_reach_spans_frozen_to_picard_bit_for_bit():
+    """Reach 0 never uses a same-step prediction (the frozen drafter); a reach past the window always does
+    (the Picard drafter): same samples and stats, bit for bit. Rejections make the two differ."""
+    s = SpeculativeScheduler.from_scheduler(DDPMScheduler(num_train_timesteps=1000, clip_sample=False))
+    s.set_timesteps(30)
+    chain = s.chain(toy_model)
+    x = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+
+    def sample(drafter):
+        return speculative_sample(chain, x, window=6, drafter=drafter, generator=torch.Generator().manual_seed(1))
+
+    frozen, picard = sample("frozen"), sample("picard")
+    assert not torch.equal(frozen.sample, picard.sample)  # the same-step predictions were used
+    for reach, want in [(0, frozen), (6, picard)]:
+        got = sample(PicardReach(reach))
+        assert torch.equal(got.sample, want.sample) and got.stats.target_calls == want.stats.target_calls

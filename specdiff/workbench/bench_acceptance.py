@@ -1,26 +1,30 @@
 """Where speculation's drafts are rejected, on the bundled digits model, batch 1: DDPM, Euler ancestral and
-DPM++ 2M SDE at short schedules.
+DPM++ 2M SDE at short schedules (docs/acceptance.md).
 
     python -m specdiff.workbench.bench_acceptance map  [--steps 25 50 100] [--seeds 16]
     python -m specdiff.workbench.bench_acceptance runs [--samplers ddpm ...] [--steps 25 50 100] [--seeds 16]
                                                        [--windows 4 8 16 32] [--drafters frozen picard]
                                                        [--spaces sample epsilon v_prediction]
+                                                       [--verify step|block] [--tail-window T]
+    python -m specdiff.workbench.bench_acceptance table
 
 ``map``: along plain trajectories (one per seed), the acceptance probability of a frozen draft of step ``k``
 made from the target's prediction ``d`` steps earlier (the lag: a drafted window's position ``j`` has lag
 ``j`` after a fully accepted round, ``j + 1`` after a rejection), for each prediction space the draft holds
-constant (eps, x0, v) and for linear extrapolation in it. With one std ``s`` for both laws, the reflection
-coupling accepts with probability ``1 - TV = 2 Phi(-|m_D - m_T| / (2 s))``, so the map has no sampling
-noise of its own: only the trajectories' (a state a window drafts is near the plain chain's, not on it).
-No speculative run, ``steps`` calls per seed.
+constant (eps, x0, v), for linear extrapolation in it and for x0 mixed with the eps-held x0; and the bundled
+draft model at the drafted state. With one std ``s`` for both laws, the reflection coupling accepts with
+probability ``1 - TV = 2 Phi(-|m_D - m_T| / (2 s))``, so the map has no sampling noise of its own: only the
+trajectories' (a state a window drafts is near the plain chain's, not on it). No speculative run, ``steps``
+calls per seed.
 
 ``runs``: the speculative sampler itself: sequential calls per image and the measured acceptance by
 position in the window and by step (from the sampler's stats after every round, through its callback).
+``--drafters`` also takes ``picard-reachN`` (:class:`PicardReach`); ``--tail-window T`` runs window ``T`` in
+the last fifth of the schedule (:class:`TailWindow`).
 
-Results merge into ``assets/bench/acceptance.json`` (``--out``), keyed by part; ``python -m
-specdiff.workbench.bench_acceptance table`` prints docs/acceptance.md's tables from it.
+Results merge into ``assets/bench/acceptance.json`` (``--out``), keyed by part; ``table`` prints
+docs/acceptance.md's tables from it.
 """
-
 from __future__ import annotations
 
 import argparse
