@@ -2,11 +2,17 @@
 calls (rounds), wall-clock, on the analytic Gaussian mixture chain and a tiny masked chain.
 
     python -m specdiff.workbench.bench_block [--samples 400] [--out results/bench_block.json] [--churn]
+    python -m specdiff.workbench.bench_block --masked --text --samples 64 --out assets/bench/block_discrete.json
+
+``--masked`` / ``--text``: the bundled masked-diffusion digits model (assets/models/digits-mdm) and
+text model (assets/models/stdlib-text; needs ``transformers``), frozen and distilled drafters, step
+vs block verification on the same per-sample generators (the Γ-maximal coupling is Gaussian only).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -63,12 +69,123 @@ def run(samples: int, churn: bool = False) -> dict:
     return {"environment": environment(), "samples": samples, "rows": rows}
 
 
+def _bundled(masked: bool, text: bool, steps: dict):
+    """``(name, chain, x, drafters {name: drafter}, steps)`` for the bundled discrete models."""
+    from ..discrete.chain import MaskedDiffusionChain
+    from ..discrete.model import MaskedDiffusionTransformer
+    from ..discrete.scheduler import MaskedDiffusionScheduler
+    from ..drafters import ModelDrafter
+    from ..paths import asset
+
+    if masked:
+        folder = asset("models", "digits-mdm")
+        target = MaskedDiffusionTransformer.from_pretrained(folder, subfolder="transformer").eval()
+        draft = MaskedDiffusionTransformer.from_pretrained(folder / "drafter", subfolder="transformer").eval()
+        for n in steps["masked"]:
+            scheduler = MaskedDiffusionScheduler.from_pretrained(folder, subfolder="scheduler")
+            scheduler.set_timesteps(n)
+            chain = MaskedDiffusionChain(lambda x: target(x).logits, scheduler)
+            drafters = {"frozen": None, "distilled": ModelDrafter(lambda x, step: draft(x).logits)}
+            yield f"digits-mdm, {n} steps", chain, (64,), drafters
+    if text:
+        from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+        from ..text.chain import MaskedLMChain
+
+        folder = asset("models", "stdlib-text")
+        target = AutoModelForMaskedLM.from_pretrained(folder / "transformer").eval()
+        draft = AutoModelForMaskedLM.from_pretrained(folder / "drafter").eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+        for n in steps["text"]:
+            scheduler = MaskedDiffusionScheduler.from_pretrained(folder, subfolder="scheduler")
+            scheduler.set_timesteps(n)
+            chain = MaskedLMChain.from_tokenizer(target, tokenizer, scheduler)
+            drafter = MaskedLMChain.from_tokenizer(draft, tokenizer, scheduler)
+            yield f"stdlib-text 128 tokens, {n} steps", chain, (128,), {"frozen": None,
+                                                                       "distilled": ModelDrafter(drafter.predict)}
+
+
+@torch.no_grad()
+def run_bundled(samples: int, windows: list[int], masked: bool, text: bool, steps: dict, latency: int) -> dict:
+    """Step vs block verification on the bundled discrete models. ``samples`` samples in one batch
+    (generator ``i`` for sample ``i``, the same for both rules): each sample's own target calls are
+    those of a batch-1 run (its draws depend on its own generator only), so ``steps_per_call``
+    (mean over samples, with its standard error) is the batch-1 latency measure; ``batch_calls``
+    are the batch's sequential calls. ``latency`` samples are then timed at batch 1, the rules
+    interleaved sample by sample (a shared machine's load hits both alike)."""
+    rows = []
+    for name, chain, shape, drafters in _bundled(masked, text, steps):
+        for drafter_name, drafter in drafters.items():
+            for window in windows:
+                record = {}
+                for verify in ("step", "block"):
+                    gens = [torch.Generator().manual_seed(i) for i in range(samples)]
+                    started = time.perf_counter()
+                    out = speculative_sample(chain, chain.prior(samples, shape), window=window, drafter=drafter,
+                                             verify=verify, generator=gens)
+                    wall = time.perf_counter() - started
+                    s = out.stats
+                    per_call = chain.num_steps / torch.tensor(s.per_sample_target_calls, dtype=torch.float64)
+                    record[verify] = {
+                        "workload": name, "drafter": drafter_name, "window": window, "verify": verify,
+                        "steps_per_call": float(per_call.mean()),
+                        "steps_per_call_se": float(per_call.std() / samples**0.5),
+                        "calls_per_sample": sum(s.per_sample_target_calls) / samples,
+                        "rows_per_sample": s.target_rows / samples,
+                        "draft_calls": s.draft_calls,
+                        "batch_calls": s.target_calls, "batch_wall_clock_s": wall, "per_sample": per_call,
+                    }
+                step_rate, block_rate = record["step"].pop("per_sample"), record["block"].pop("per_sample")
+                gain = block_rate / step_rate - 1  # steps per call, per sample, paired by seed
+                record["block"]["paired_gain"] = float(gain.mean())
+                record["block"]["paired_gain_se"] = float(gain.std() / samples**0.5)
+                times = {"step": 0.0, "block": 0.0}
+                for i in range(latency):
+                    for verify in times:
+                        started = time.perf_counter()
+                        speculative_sample(chain, chain.prior(1, shape), window=window, drafter=drafter,
+                                           verify=verify, generator=torch.Generator().manual_seed(i))
+                        times[verify] += time.perf_counter() - started
+                for verify in times:
+                    record[verify]["batch1_wall_clock_s"] = times[verify] / latency if latency else None
+                rows += [record["step"], record["block"]]
+    return {"environment": environment(), "samples": samples, "latency_samples": latency, "rows": rows}
+
+
+def bundled_table(result: dict) -> str:
+    lines = ["| workload | drafter | window | verify | steps/call (± s.e.) | block vs step, paired | calls/sample "
+             "| rows/sample | batch calls | batch wall s | batch-1 wall s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["rows"]:
+        gain = f"{100 * r['paired_gain']:+.1f}% ± {100 * r['paired_gain_se']:.1f}" if "paired_gain" in r else ""
+        batch1 = "" if r["batch1_wall_clock_s"] is None else f"{r['batch1_wall_clock_s']:.2f}"
+        lines.append(f"| {r['workload']} | {r['drafter']} | {r['window']} | {r['verify']} | {r['steps_per_call']:.2f} "
+                     f"± {r['steps_per_call_se']:.2f} | {gain} | {r['calls_per_sample']:.2f} "
+                     f"| {r['rows_per_sample']:.1f} | {r['batch_calls']} | {r['batch_wall_clock_s']:.2f} | {batch1} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=400)
     parser.add_argument("--out", type=Path, default=Path("results/bench_block.json"))
     parser.add_argument("--churn", action="store_true", help="the d = 512 churn protocol instead")
+    parser.add_argument("--masked", action="store_true", help="the bundled masked-diffusion digits model")
+    parser.add_argument("--text", action="store_true", help="the bundled text model (needs transformers)")
+    parser.add_argument("--windows", type=int, nargs="+", default=[8, 16], help="with --masked / --text")
+    parser.add_argument("--masked-steps", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--text-steps", type=int, nargs="+", default=[128])
+    parser.add_argument("--latency-samples", type=int, default=2, help="samples timed at batch 1 (--masked/--text)")
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.masked or args.text:
+        steps = {"masked": args.masked_steps, "text": args.text_steps}
+        result = run_bundled(args.samples, args.windows, args.masked, args.text, steps, args.latency_samples)
+        result["command"] = "python -m specdiff.workbench.bench_block " + " ".join(argv or sys.argv[1:])
+        write_result(args.out, result)
+        print(bundled_table(result))
+        return
     result = run(args.samples, args.churn)
     write_result(args.out, result)
     print(f"{'workload':40s} {'verify':6s} {'steps/call':>10s} {'steps/round':>11s} {'seq. calls':>10s} {'wall s':>7s}")
