@@ -121,6 +121,12 @@ def test_a_bad_coupling_is_one_clear_error_naming_the_choices(name):
         run(pipe, call, coupling="maximum")
 
 
+def test_block_verification_with_the_maximal_coupling_is_one_clear_error():
+    pipe, call = PIPELINES["ddpm"]()
+    with pytest.raises(ValueError, match="pass verify='step' with it, or coupling='reflection'"):
+        run(pipe, call, verify="block", coupling="maximal")
+
+
 @pytest.mark.parametrize("name", ["masked", "text"])
 def test_block_verification_beside_the_plain_sampler_is_refused(name):
     pipe, call = PIPELINES[name]()
