@@ -3,6 +3,10 @@ calls (rounds), wall-clock, on the analytic Gaussian mixture chain and a tiny ma
 
     python -m specdiff.workbench.bench_block [--samples 400] [--out results/bench_block.json] [--churn]
     python -m specdiff.workbench.bench_block --masked --text --samples 64 --out assets/bench/block_discrete.json
+    python -m specdiff.workbench.bench_block --speed [--repeats 3] --out results/block_speed.json
+
+``--speed``: wall-clock of one run per rule of the tiny chains and the bundled digits DDPM (100
+steps, frozen, window 8, batch 1 and 8), best of ``--repeats``: what the block code itself costs.
 
 ``--masked`` / ``--text``: the bundled masked-diffusion digits model (assets/models/digits-mdm) and
 text model (assets/models/stdlib-text; needs ``transformers``), frozen and distilled drafters, step
@@ -12,6 +16,7 @@ vs block verification on the same per-sample generators (the Γ-maximal coupling
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -165,6 +170,51 @@ def bundled_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+@torch.no_grad()
+def run_speed(repeats: int) -> dict:
+    """Seconds of one ``speculative_sample`` call per (workload, rule), best of ``repeats``, the
+    rules interleaved so that a shared machine's load hits both alike."""
+    from diffusers import DDPMPipeline
+
+    from ..paths import asset
+    from ..schedulers import SpeculativeScheduler
+
+    mixture = GaussianMixtureDDPM.random(dim=2, components=4, num_steps=100, seed=1)
+    x = mixture.sample_prior(400, torch.Generator().manual_seed(11), dtype=torch.float32)
+    masked = MaskedDiffusionChain(LookupDenoiser(4, 6, seed=3), MaskedDiffusionScheduler(vocab_size=4,
+                                                                                         num_inference_steps=24))
+    ddpm = DDPMPipeline.from_pretrained(asset("models", "digits-ddpm"))
+    unet = ddpm.unet.eval()
+    scheduler = SpeculativeScheduler.from_scheduler(ddpm.scheduler)
+    scheduler.set_timesteps(100)
+    digits = scheduler.chain(lambda v, t: unet(v, t).sample)
+
+    def noise(b):
+        size = unet.config.sample_size
+        return torch.randn(b, unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(0))
+
+    workloads = [
+        ("mixture d=2, 400 samples, 100 steps, frozen, window 8", mixture, lambda: x, 8, "frozen", None),
+        ("mixture d=2, 400 samples, 100 steps, picard, window 8", mixture, lambda: x, 8, "picard", None),
+        ("masked V=4, 400 samples, 24 steps, frozen, window 4", masked, lambda: torch.full((400, 6), 4), 4,
+         "frozen", None),
+        ("digits DDPM, 100 steps, frozen, window 8, batch 1", digits, lambda: noise(1), 8, "frozen", 1),
+        ("digits DDPM, 100 steps, frozen, window 8, batch 8", digits, lambda: noise(8), 8, "frozen", 8),
+    ]
+    rows = []
+    for name, chain, x_init, window, drafter, per_sample in workloads:
+        best = {"step": math.inf, "block": math.inf}
+        for _ in range(repeats):
+            for verify in best:
+                gen = ([torch.Generator().manual_seed(100 + i) for i in range(per_sample)] if per_sample
+                       else torch.Generator().manual_seed(13))
+                started = time.perf_counter()
+                speculative_sample(chain, x_init(), window=window, drafter=drafter, verify=verify, generator=gen)
+                best[verify] = min(best[verify], time.perf_counter() - started)
+        rows.append({"workload": name, "step_s": best["step"], "block_s": best["block"]})
+    return {"environment": environment(), "repeats": repeats, "rows": rows}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=400)
@@ -177,8 +227,18 @@ def main(argv=None) -> None:
     parser.add_argument("--text-steps", type=int, nargs="+", default=[128])
     parser.add_argument("--latency-samples", type=int, default=2, help="samples timed at batch 1 (--masked/--text)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--speed", action="store_true", help="wall-clock of the block code (best of --repeats)")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.speed:
+        result = run_speed(args.repeats)
+        result["command"] = "python -m specdiff.workbench.bench_block " + " ".join(argv or sys.argv[1:])
+        write_result(args.out, result)
+        print("| run | step s | block s |\n| --- | --- | --- |")
+        for r in result["rows"]:
+            print(f"| {r['workload']} | {r['step_s']:.2f} | {r['block_s']:.2f} |")
+        return
     if args.masked or args.text:
         steps = {"masked": args.masked_steps, "text": args.text_steps}
         result = run_bundled(args.samples, args.windows, args.masked, args.text, steps, args.latency_samples)
