@@ -57,6 +57,8 @@ def _configs():
         "gauss-w2-frozen-per-sample": (g2, x2, dict(window=2, drafter="frozen", generator=_gens(12))),
         "gauss-w8-picard-one-generator": (g2, x2, dict(window=8, drafter="picard",
                                                        generator=torch.Generator().manual_seed(7))),
+        "gauss-w4-picard-per-sample": (g2, x2, dict(window=4, drafter="picard", generator=_gens(12, 200))),
+        "masked-w4-picard-per-sample": (m, tokens, dict(window=4, drafter="picard", generator=_gens(12, 300))),
         "gauss-w8-frozen-bf16-cap5": (g2, x2.to(torch.bfloat16), dict(window=8, drafter="frozen", max_rows=5,
                                                                       generator=_gens(12, 100))),
         "gauss-d5-w5-frozen": (_mixture(5), _mixture(5).sample_prior(6, torch.Generator().manual_seed(3)),
