@@ -1,5 +1,5 @@
 """Block verification's draws are pinned: the samples and decisions of a handful of runs (Gaussian
-and categorical chains, windows 2 and 8, frozen, Picard and a bad drafter, one generator and one per
+and categorical chains, windows 2, 4, 5 and 8, frozen, Picard and a bad drafter, one generator and one per
 sample, ragged batches, a row cap, bf16 states, the DDPM adapter) are bit for bit those stored in
 tests/data/block_draws.pt, computed before the block code was made faster. A speed-up must change
 no draw; regenerate the file (``python tests/test_block_draws_unchanged.py``) only for a change that
