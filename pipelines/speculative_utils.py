@@ -26,6 +26,8 @@ from diffusers.utils import logging as diffusers_logging
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from specdiff.block import check_verify
+from specdiff.kernels import COUPLINGS
 from specdiff.sampler import SpeculativeOutput
 from specdiff.schedulers import SpeculativeScheduler
 from specdiff.stats import SpeculativeStats
@@ -96,9 +98,6 @@ def rule_options(verify: str | None = None, coupling: str | None = None, *, plai
     ``"maximal"``), checked before any work: the options to pass on to the sampler (``None``: left out,
     so the scheduler's config decides). ``plain``: the call runs the plain loop (``window=None``),
     which verifies nothing, so block verification is refused there."""
-    from specdiff.block import check_verify
-    from specdiff.kernels import COUPLINGS
-
     if verify is not None:
         check_verify(verify)
     if coupling is not None and coupling not in COUPLINGS:
