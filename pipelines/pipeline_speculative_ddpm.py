@@ -93,6 +93,8 @@ class SpeculativeDDPMPipeline(DiffusionPipeline):
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         max_rows: int | str | None = "auto",
+        verify: str | None = None,
+        coupling: str | None = None,
     ) -> SpeculativeImagePipelineOutput | tuple:
         r"""Generate images.
 
@@ -112,6 +114,10 @@ class SpeculativeDDPMPipeline(DiffusionPipeline):
             max_rows: the most states per network call (a verify call holds up to batch x window);
                 larger calls run as exact micro-batches: the same images, less memory. ``"auto"``
                 (the default): no cap on CPU, fitted to free memory on CUDA; ``None``: no cap.
+            verify: ``"step"`` (each drafted step tested in order) or ``"block"`` (block verification,
+                the window cut jointly; see docs/block-verification.md); default: the scheduler's.
+            coupling: ``"reflection"`` or ``"maximal"`` (Γ-maximal) for the Gaussian steps; default: the
+                scheduler's. Like ``verify``, it changes acceptance only, never the images' law.
 
         Returns:
             ``SpeculativeImagePipelineOutput(images, stats)``, or ``(images, stats)``.
@@ -141,6 +147,7 @@ class SpeculativeDDPMPipeline(DiffusionPipeline):
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, generator=generator,
             window=window, drafter=self._drafter(drafter, draft_unet), max_rows=max_rows,
+            verify=verify, coupling=coupling,
         )  # fmt: skip
 
         image = images_from_samples(output.sample, output_type, self)

@@ -102,10 +102,12 @@ class SpeculativeFluxPipeline(FluxPipeline):
         drafter: str | Callable | None = None,
         draft_transformer=None,
         max_rows: int | str | None = "auto",
+        verify: str | None = None,
+        coupling: str | None = None,
     ) -> SpeculativeFlowPipelineOutput | tuple:
         r"""Generate images from text. Arguments as in ``FluxPipeline.__call__`` (IP-Adapter inputs
-        are not supported), plus ``window``, ``drafter``, ``draft_transformer`` and ``max_rows`` as in
-        ``SpeculativeStableDiffusion3Pipeline``; so is ``pipe._interrupt``.
+        are not supported), plus ``window``, ``drafter``, ``draft_transformer``, ``max_rows``, ``verify`` and
+        ``coupling`` as in ``SpeculativeStableDiffusion3Pipeline``; so is ``pipe._interrupt``.
 
         With ``true_cfg_scale > 1`` the conditional and unconditional rows share one network call
         (diffusers makes two), so ``window=1`` matches ``FluxPipeline`` to float rounding there and
@@ -185,7 +187,7 @@ class SpeculativeFluxPipeline(FluxPipeline):
             self.transformer, latents, generator=generator, window=window, drafter=drafter,
             draft_network=draft_transformer, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, timesteps=timesteps,
-            max_rows=max_rows,
+            max_rows=max_rows, verify=verify, coupling=coupling,
         )  # fmt: skip
 
         # 4. Unpack and decode, as the parent does.

@@ -28,7 +28,12 @@ from specdiff.discrete.chain import MaskedDiffusionChain
 from specdiff.discrete.model import MaskedDiffusionTransformer
 from specdiff.discrete.scheduler import MaskedDiffusionScheduler
 from specdiff.drafters import Drafter, ModelDrafter, as_drafter
-from specdiff.pipelines.speculative_utils import check_cache_option, check_max_rows_option, progress_for
+from specdiff.pipelines.speculative_utils import (
+    check_cache_option,
+    check_max_rows_option,
+    progress_for,
+    rule_options,
+)
 from specdiff.sampler import speculative_sample_discrete
 from specdiff.stats import SpeculativeStats
 
@@ -97,6 +102,7 @@ class SpeculativeMaskedDiffusionPipeline(DiffusionPipeline):
         return_dict: bool = True,
         callback: Callable[[dict], None] | None = None,
         max_rows: int | str | None = "auto",
+        verify: str = "step",
     ) -> MaskedDiffusionPipelineOutput | tuple:
         """Generate ``batch_size`` token images.
 
@@ -116,9 +122,12 @@ class SpeculativeMaskedDiffusionPipeline(DiffusionPipeline):
             max_rows: the most states per network call of the speculative sampler (a verify call
                 holds up to batch x window); larger calls run as exact micro-batches: the same tokens,
                 less memory. ``"auto"``: no cap on CPU, fitted to free memory on CUDA.
+            verify: ``"step"`` (each drafted step tested in order) or ``"block"`` (block verification,
+                the window cut jointly; see docs/block-verification.md): acceptance only, never the law.
         """
         check_cache_option(cache, window)
         check_max_rows_option(max_rows, window)
+        rules = rule_options(verify, plain=window is None)
         device = self._execution_device
         length = self.transformer.config.sample_size**2
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -136,6 +145,7 @@ class SpeculativeMaskedDiffusionPipeline(DiffusionPipeline):
                 progress=progress_for(self, num_inference_steps),
                 callback=callback,
                 max_rows=max_rows,
+                **rules,
             )
             tokens, stats = out.sample, out.stats
         images = self.decode(tokens, output_type)

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from specdiff.drafters import Drafter
 from specdiff.langevin import ScoreSdeVeChain
-from specdiff.pipelines.speculative_utils import check_generators, progress_for, speculative_from_pipe
+from specdiff.pipelines.speculative_utils import check_generators, progress_for, rule_options, speculative_from_pipe
 from specdiff.sampler import speculative_sample
 from specdiff.schedulers import SpeculativeScheduler
 from specdiff.stats import SpeculativeStats
@@ -127,6 +127,8 @@ class SpeculativeScoreSdeVePipeline(DiffusionPipeline):
         drafter: str | Callable | None = None,
         corrector_step_size: float | None = None,
         max_rows: int | str | None = "auto",
+        verify: str | None = None,
+        coupling: str | None = None,
     ) -> SpeculativeScoreSdeVePipelineOutput | tuple:
         r"""Generate images.
 
@@ -141,6 +143,10 @@ class SpeculativeScoreSdeVePipeline(DiffusionPipeline):
                 annealed-Langevin corrector instead of diffusers' ``step_correct`` (a different
                 corrector; see the module's docstring).
             max_rows: the most states per network call; larger calls run as exact micro-batches.
+            verify: ``"step"`` (the default: each drafted step tested in order) or ``"block"`` (block
+                verification, the window cut jointly; see docs/block-verification.md).
+            coupling: ``"reflection"`` (the default) or ``"maximal"`` (Γ-maximal). Like ``verify``, it
+                changes acceptance only, never the images' law.
 
         Returns:
             ``SpeculativeScoreSdeVePipelineOutput(images, stats)``, or ``(images, stats)``. As in
@@ -160,7 +166,7 @@ class SpeculativeScoreSdeVePipeline(DiffusionPipeline):
         head = _AllButLast(chain)
         output = speculative_sample(
             head, sample, window=window, drafter=self._drafter(drafter, chain), generator=generator,
-            max_rows=max_rows, progress=progress_for(self, head.num_steps),
+            max_rows=max_rows, progress=progress_for(self, head.num_steps), **rule_options(verify, coupling),
         )  # fmt: skip
         # The last predictor step's mean, step_pred's prev_sample_mean: x + d² s(x, σ).
         last = torch.full((batch_size,), head.num_steps, dtype=torch.long)

@@ -136,6 +136,8 @@ class SpeculativeStableDiffusionPipeline(StableDiffusionPipeline):
         drafter: str | Callable | None = None,
         draft_unet: UNet2DConditionModel | None = None,
         max_rows: int | str | None = "auto",
+        verify: str | None = None,
+        coupling: str | None = None,
     ) -> SpeculativeStableDiffusionPipelineOutput | tuple:
         r"""Generate images from text. Arguments as in ``StableDiffusionPipeline.__call__``
         (IP-Adapter inputs are not supported), plus:
@@ -155,6 +157,10 @@ class SpeculativeStableDiffusionPipeline(StableDiffusionPipeline):
                 states, each doubled inside the call for classifier-free guidance); larger calls run
                 as exact micro-batches: the same images, less memory. ``"auto"``: no cap on CPU,
                 fitted to free memory on CUDA; ``None``: no cap.
+            verify: ``"step"`` (each drafted step tested in order) or ``"block"`` (block verification,
+                the window cut jointly; see docs/block-verification.md); default: the scheduler's.
+            coupling: ``"reflection"`` or ``"maximal"`` (Γ-maximal) for the Gaussian steps; default: the
+                scheduler's. Like ``verify``, it changes acceptance only, never the images' law.
 
         Returns:
             ``SpeculativeStableDiffusionPipelineOutput(images, nsfw_content_detected, stats)``
@@ -218,7 +224,7 @@ class SpeculativeStableDiffusionPipeline(StableDiffusionPipeline):
             self.unet, latents, generator=generator, window=window, drafter=drafter, draft_network=draft_unet,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, timesteps=timesteps, eta=eta,
-            max_rows=max_rows,
+            max_rows=max_rows, verify=verify, coupling=coupling,
         )  # fmt: skip
         latents, stats = output.sample, output.stats
 

@@ -104,12 +104,15 @@ class SpeculativeStableDiffusion3Pipeline(StableDiffusion3Pipeline):
         drafter: str | Callable | None = None,
         draft_transformer=None,
         max_rows: int | str | None = "auto",
+        verify: str | None = None,
+        coupling: str | None = None,
     ) -> SpeculativeFlowPipelineOutput | tuple:
         r"""Generate images from text. Arguments as in ``StableDiffusion3Pipeline.__call__``
         (IP-Adapter and skip-layer guidance are not supported), plus ``window``, ``drafter``
         (``"frozen"`` or a guided draft model function), ``draft_transformer`` (an independent
         draft transformer on the same schedule and conditioning) and ``max_rows`` (the most states
-        per network call: larger calls run as exact micro-batches, the same images); as in
+        per network call: larger calls run as exact micro-batches, the same images), ``verify`` and
+        ``coupling`` (block verification, the Γ-maximal coupling; default: the scheduler's); as in
         ``SpeculativeStableDiffusionPipeline``, ``pipe._interrupt`` set from ``callback_on_step_end``
         stops the run after the round.
 
@@ -179,7 +182,7 @@ class SpeculativeStableDiffusion3Pipeline(StableDiffusion3Pipeline):
             generator=generator, window=window, drafter=drafter, draft_network=draft_transformer,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, timesteps=timesteps,
-            max_rows=max_rows,
+            max_rows=max_rows, verify=verify, coupling=coupling,
         )  # fmt: skip
 
         # 4. Decode, as the parent does.

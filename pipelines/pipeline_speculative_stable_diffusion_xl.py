@@ -162,12 +162,14 @@ class SpeculativeStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         drafter: str | Callable | None = None,
         draft_unet: UNet2DConditionModel | None = None,
         max_rows: int | str | None = "auto",
+        verify: str | None = None,
+        coupling: str | None = None,
     ) -> SpeculativeStableDiffusionXLPipelineOutput | tuple:
         r"""Generate images from text. Arguments as in ``StableDiffusionXLPipeline.__call__``
         (IP-Adapter inputs and ``denoising_end`` are not supported), plus ``window``, ``drafter``
         (``"frozen"`` or a guided draft model function), ``draft_unet`` (an independent draft
-        UNet) and ``max_rows`` (the most states per network call), as in
-        ``SpeculativeStableDiffusionPipeline``; ``pipe._interrupt`` set from
+        UNet), ``max_rows`` (the most states per network call), ``verify`` and ``coupling`` (default: the
+        scheduler's), as in ``SpeculativeStableDiffusionPipeline``; ``pipe._interrupt`` set from
         ``callback_on_step_end`` stops the run after the round.
 
         Returns ``SpeculativeStableDiffusionXLPipelineOutput(images, stats)`` or ``(images, stats)``.
@@ -254,7 +256,7 @@ class SpeculativeStableDiffusionXLPipeline(StableDiffusionXLPipeline):
             generator=generator, window=window, drafter=drafter, draft_network=draft_unet,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, timesteps=timesteps, eta=eta,
-            max_rows=max_rows,
+            max_rows=max_rows, verify=verify, coupling=coupling,
         )  # fmt: skip
 
         # 4. Decode and post-process, as the parent does.

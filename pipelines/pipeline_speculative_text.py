@@ -26,7 +26,7 @@ from torch import nn
 
 from specdiff.discrete.scheduler import MaskedDiffusionScheduler
 from specdiff.drafters import Drafter, ModelDrafter, as_drafter
-from specdiff.pipelines.speculative_utils import check_cache_option, check_max_rows_option
+from specdiff.pipelines.speculative_utils import check_cache_option, check_max_rows_option, rule_options
 from specdiff.sampler import sample_baseline_discrete, speculative_sample_discrete
 from specdiff.stats import SpeculativeStats
 from specdiff.text.blocks import sample_blocks
@@ -91,6 +91,7 @@ class SpeculativeTextDiffusionPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         return_dict: bool = True,
         max_rows: int | str | None = "auto",
+        verify: str = "step",
     ) -> TextDiffusionPipelineOutput | tuple:
         """Generate ``num_samples`` texts of ``length`` tokens per prompt.
 
@@ -107,10 +108,13 @@ class SpeculativeTextDiffusionPipeline(DiffusionPipeline):
             max_rows: the most states per network call of the speculative sampler (a verify call
                 holds up to samples x window); larger calls run as exact micro-batches: the same
                 tokens, less memory. ``"auto"``: no cap on CPU, fitted to free memory on CUDA.
+            verify: ``"step"`` (each drafted step tested in order) or ``"block"`` (block verification,
+                the window cut jointly; see docs/block-verification.md): acceptance only, never the law.
         """
         device = self._execution_device
         check_cache_option(cache, window)
         check_max_rows_option(max_rows, window)
+        rules = rule_options(verify, plain=window is None)
         prompt_ids = self._prompt_ids(prompt, num_samples)
         blocks = 1 if block_size is None else -(-length // block_size)
         if num_inference_steps % blocks:
@@ -124,13 +128,13 @@ class SpeculativeTextDiffusionPipeline(DiffusionPipeline):
         drafter = self._drafter(drafter)
         if block_size is not None:
             out = sample_blocks(chain, x, block_size=block_size, window=window, drafter=drafter, cached=cache,
-                                generator=generator, progress=self.progress_bar, max_rows=max_rows)
+                                generator=generator, progress=self.progress_bar, max_rows=max_rows, **rules)
         elif window is None:
             out = sample_baseline_discrete(chain, x, generator, cached=cache, progress=self.progress_bar,
                                            return_stats=True)
         else:
             out = speculative_sample_discrete(chain, x, window=window, drafter=drafter, generator=generator,
-                                              progress=self.progress_bar, max_rows=max_rows)
+                                              progress=self.progress_bar, max_rows=max_rows, **rules)
         texts = self.tokenizer.batch_decode(out.sample.cpu(), skip_special_tokens=True)
         self.maybe_free_model_hooks()
         if not return_dict:

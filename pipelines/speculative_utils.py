@@ -26,6 +26,8 @@ from diffusers.utils import logging as diffusers_logging
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from specdiff.block import check_verify
+from specdiff.kernels import COUPLINGS
 from specdiff.sampler import SpeculativeOutput
 from specdiff.schedulers import SpeculativeScheduler
 from specdiff.stats import SpeculativeStats
@@ -89,6 +91,21 @@ def check_cache_option(cache: bool, window) -> None:
     if cache and window is not None:
         raise ValueError("cache=True is an option of the plain sampler: pass window=None with it (the speculative "
                          "sampler already skips the network for unchanged states)")
+
+
+def rule_options(verify: str | None = None, coupling: str | None = None, *, plain: bool = False) -> dict:
+    """A pipeline call's ``verify`` (``"step"`` / ``"block"``) and ``coupling`` (``"reflection"`` /
+    ``"maximal"``), checked before any work: the options to pass on to the sampler (``None``: left out,
+    so the scheduler's config decides). ``plain``: the call runs the plain loop (``window=None``),
+    which verifies nothing, so block verification is refused there."""
+    if verify is not None:
+        check_verify(verify)
+    if coupling is not None and coupling not in COUPLINGS:
+        raise ValueError(f"coupling must be one of {COUPLINGS} (or None: the scheduler's); got {coupling!r}")
+    if plain and verify not in (None, "step"):
+        raise ValueError(f"verify={verify!r} is an option of the speculative sampler; the plain sampler "
+                         "(window=None) verifies nothing: pass a window with it")
+    return {k: v for k, v in (("verify", verify), ("coupling", coupling)) if v is not None}
 
 
 def check_max_rows_option(max_rows, window) -> None:
@@ -214,15 +231,19 @@ def sample_rounds(
     timesteps,
     callback_on_step_end=None,
     callback_on_step_end_tensor_inputs=None,
+    verify: str | None = None,
+    coupling: str | None = None,
     **options,
 ) -> SpeculativeOutput:
     """``pipe.scheduler.sample(model_fn, latents, **options)`` under the pipeline's progress bar
-    (steps per image out of ``len(timesteps)``) and its ``callback_on_step_end``.
+    (steps per image out of ``len(timesteps)``) and its ``callback_on_step_end``; the call's ``verify``
+    and ``coupling`` (:func:`rule_options`; ``None``: the scheduler's config).
 
     A callback that sets ``pipe._interrupt = True`` stops the run after its round, as diffusers'
     loops skip the steps left once it is set: the output is the states the run had committed
     (each sample at its own step, ``info["step"]``; what the callback saw as ``latents``) and the
     stats of the rounds that ran."""
+    options.update(rule_options(verify, coupling))
     pipe._interrupt = False
     started = time.perf_counter()
     callback = round_callback(pipe, callback_on_step_end, callback_on_step_end_tensor_inputs, timesteps)
@@ -314,7 +335,8 @@ def run_speculative(
     for the whole batch (:func:`sample_rounds`). ``guidance(network)`` returns :func:`guided_model`'s
     arguments for the target ``network`` or a ``draft_network`` (an independent drafter; exclusive
     with ``drafter``, a draft model function or ``"frozen"``). ``options``: the rest of
-    :meth:`SpeculativeScheduler.sample`'s (``max_rows``, DDIM's ``eta``)."""
+    :meth:`SpeculativeScheduler.sample`'s (``max_rows``, DDIM's ``eta``, :func:`rule_options`' ``verify`` and
+    ``coupling``)."""
     if draft_network is not None and drafter is not None:
         raise ValueError("pass either drafter= or a draft network (draft_unet= / draft_transformer=), not both")
     if draft_network is not None:

@@ -75,32 +75,22 @@ class BlockNoise:
         shape = torch.broadcast_shapes(rows.shape, steps.shape)
         return steps.expand(shape) < self.touched[rows].expand(shape)
 
-    def _generators(self, rows: Tensor, steps: Tensor, purpose: bytes) -> list[torch.Generator]:
-        """Private streams keyed by (sample, step, round start), one per entry of ``rows``/``steps`` [R]."""
-        seeds = [g.initial_seed() for g in self.base.residual_generators(rows, steps)]
-        out = []
-        for seed, start in zip(seeds, self.start[rows.cpu()].tolist()):
-            digest = hashlib.sha256(purpose + struct.pack("<QQ", seed, start)).digest()
-            out.append(torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1))
-        return out
+    @staticmethod
+    def _fresh_seeds(seeds: list[int], starts: list[int], purpose: bytes) -> list[int]:
+        """Private stream seeds keyed by (base seed of (sample, step), round start, purpose)."""
+        return [int.from_bytes(hashlib.sha256(purpose + struct.pack("<QQ", seed, start)).digest()[:8], "little") >> 1
+                for seed, start in zip(seeds, starts)]
 
-    def _per_round(self, rows: Tensor, stale: Tensor, purpose: bytes, draw) -> Tensor:
-        """The stale entries of a ``[..., m]`` grid (sample ``rows[i]`` in column ``i``), drawn in order
-        from one stream per (sample, round start): ``draw(count, generator)`` -> ``[count, ...]``."""
-        cols = stale.reshape(-1, stale.shape[-1]) if stale.ndim > 1 else stale[None]
-        want = cols.any(0).nonzero().squeeze(1)
-        gens = self._generators(rows.cpu()[want], self.start[rows.cpu()[want]], purpose)
-        parts = {i: draw(int(cols[:, i].sum()), g) for i, g in zip(want.tolist(), gens)}
-        order = cols.nonzero()  # (position, column) pairs, row-major: each column's entries in position order
-        taken = dict.fromkeys(parts, 0)
-        out = []
-        for i in order[:, 1].tolist():
-            out.append(parts[i][taken[i]])
-            taken[i] += 1
-        return torch.stack(out)
+    def _fresh_draws(self, samples: Tensor, counts: list[int], purpose: bytes, draw) -> Tensor:
+        """``counts[i]`` draws in a row from the stream of (sample ``samples[i]``, its round start,
+        ``purpose``), concatenated: ``draw(count, generator)`` -> ``[count, ...]``."""
+        starts = self.start[samples]
+        seeds = self._fresh_seeds(self.base.residual_seeds(samples, starts).tolist(), starts.tolist(), purpose)
+        return torch.cat([draw(n, torch.Generator().manual_seed(seed)) for n, seed in zip(counts, seeds)])
 
     def noise(self, rows: Tensor, steps: Tensor) -> Tensor:
-        """The step noise ``[span, m, ...]`` of a round's grid (``rows [m]``, ``steps [span, m]``)."""
+        """The step noise ``[span, m, ...]`` of a round's grid (``rows [m]``, ``steps [span, m]``); a
+        sample's stale steps get its round's fresh stream, drawn in step order."""
         out = self.base.noise(rows, steps)
         stale = self._stale(rows, steps)
         if bool(stale.any()):
@@ -110,36 +100,45 @@ class BlockNoise:
             def draw(count, g):
                 return (torch.randn if normal else torch.rand)((count, *self.base.shape), generator=g, dtype=dtype)
 
-            fresh = self._per_round(rows, stale, b"specdiff-block-noise", draw)
+            column, position = stale.reshape(-1, stale.shape[-1]).T.nonzero().unbind(1)  # per sample, step order
+            samples, counts = torch.unique_consecutive(column, return_counts=True)
+            fresh = self._fresh_draws(rows.cpu()[samples], counts.tolist(), b"specdiff-block-noise", draw)
             out = out.clone()
-            out[stale.to(out.device)] = fresh.to(out.device, out.dtype)
+            grid = out.view(-1, stale.shape[-1], *out.shape[stale.ndim:])
+            grid[position.to(out.device), column.to(out.device)] = fresh.to(out.device, out.dtype)
         return out
 
     def uniform(self, rows: Tensor, steps: Tensor) -> Tensor:
-        """Acceptance uniforms of the pairs (``rows[i]``, ``steps[i]``), a sample's pairs in step order."""
+        """Acceptance uniforms of the pairs (``rows[i]``, ``steps[i]``); a sample's stale pairs get its
+        round's fresh stream, drawn in step order."""
         out = self.base.uniform(rows, steps)
         stale = self._stale(rows, steps)
         if bool(stale.any()):
-            samples, inverse = rows.cpu().unique(return_inverse=True)
-            grid = torch.zeros(len(rows), len(samples), dtype=torch.bool)
-            grid[torch.arange(len(rows)), inverse] = stale
-            order = torch.argsort(inverse * len(rows) + steps.cpu(), stable=True)  # per sample, in step order
-            fresh = self._per_round(samples, grid[order], b"specdiff-block-uniform",
-                                    lambda count, g: torch.rand(count, generator=g, dtype=torch.float64))
+            at = stale.nonzero().squeeze(1)
+            sample, step = rows.cpu()[at], steps.cpu()[at]
+            order = torch.argsort(step, stable=True)
+            order = order[torch.argsort(sample[order], stable=True)]  # by sample, then step
+            samples, counts = torch.unique_consecutive(sample[order], return_counts=True)
+            fresh = self._fresh_draws(samples, counts.tolist(), b"specdiff-block-uniform",
+                                      lambda count, g: torch.rand(count, generator=g, dtype=torch.float64))
             out = out.clone()
-            for (r, _), value in zip(grid[order].nonzero().tolist(), fresh.tolist()):  # _per_round's walk
-                out[int(order[r])] = value
+            out[at[order]] = fresh
+        return out
+
+    def residual_seeds(self, rows: Tensor, steps: Tensor) -> Tensor:
+        """Seeds of the residual streams of (``rows``, ``steps``) (broadcast; int64, CPU): the base
+        streams', or fresh ones keyed by (sample, step, round start) for the stale steps."""
+        rows, steps = rows.cpu(), steps.cpu()
+        out = self.base.residual_seeds(rows, steps)
+        stale = self._stale(rows, steps)
+        if bool(stale.any()):
+            starts = self.start[rows].expand(stale.shape)[stale].tolist()
+            out = out.clone()
+            out[stale] = torch.tensor(self._fresh_seeds(out[stale].tolist(), starts, b"specdiff-block-residual"))
         return out
 
     def residual_generators(self, rows: Tensor, steps: Tensor) -> list[torch.Generator]:
-        out = self.base.residual_generators(rows, steps)
-        stale = self._stale(rows, steps)
-        if bool(stale.any()):
-            at = stale.nonzero().squeeze(1)
-            fresh = self._generators(rows.cpu()[at], steps.cpu()[at], b"specdiff-block-residual")
-            for i, g in zip(at.tolist(), fresh):
-                out[i] = g
-        return out
+        return [torch.Generator().manual_seed(s) for s in self.residual_seeds(rows, steps).tolist()]
 
 
 def log_weights(log_ratio: Tensor) -> Tensor:
@@ -171,23 +170,26 @@ def accept_block(kernel, noise, ids: Tensor, w, c, t):
     last = t.rows.index(w.L - 1, samples).cpu()
     u_last[:] = t.u[last]
     tau = torch.where(torch.log(u_last) < log_p[w.L, samples], w.L, -1)
-    fixes, draws = {}, torch.zeros(m, dtype=torch.long)
+    # The residual streams of every (sample, position) at once (a lookup has no side effect on the draws).
+    seeds = noise.residual_seeds(ids, c.n.cpu()[None] + torch.arange(w.span)[:, None])  # [span, m]
+    fixes, draws = None, torch.zeros(m, dtype=torch.long)
     for i in range(w.span - 1, -1, -1):
         at = ((tau < 0) & (i < w.L)).nonzero().squeeze(1)
         if not at.numel():
             continue
         rows = t.rows.index(torch.full_like(at, i), at)
         law_D, law_T, y_next, _ = t.take(rows)
-        gens = noise.residual_generators(ids[at], c.n[at] + i)
+        gens = [torch.Generator().manual_seed(s) for s in seeds[i, at].tolist()]
         stop, x, used = bk.stop_or_go_on(law_D, law_T, log_p[i, at], gens, y_next)
         draws[at] += used
         tau[at[stop]] = i
-        for r, xr in zip(at[stop].tolist(), x[stop.to(x.device)]):
-            fixes[r] = xr
+        if bool(stop.any()):
+            fixes = x.new_zeros((m, *x.shape[1:])) if fixes is None else fixes
+            fixes[at[stop].to(x.device)] = x[stop.to(x.device)]
     if bool((tau < 0).any()):
         raise RuntimeError("block verification left a sample without a cut; this is a bug")
     cut = (tau < w.L).nonzero().squeeze(1)
-    fixed = (torch.stack([fixes[r] for r in cut.tolist()]), draws[cut]) if cut.numel() else None
+    fixed = (fixes[cut.to(fixes.device)], draws[cut]) if cut.numel() else None
     accepted = ~w.drafted | (w.j[: w.span] < tau)
     return accepted, tau, fixed
 

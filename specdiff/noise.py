@@ -163,9 +163,13 @@ class NoiseStreams:
         """Acceptance uniforms ``[len(rows)]`` (float64, CPU)."""
         return self._lookup(1, rows, steps)
 
+    def residual_seeds(self, rows: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """The seeds of :meth:`residual_generators` (int64, CPU; ``rows`` and ``steps`` broadcast)."""
+        return self._lookup(2, rows, steps)
+
     def residual_generators(self, rows: torch.Tensor, steps: torch.Tensor) -> list[torch.Generator]:
         """The private sub-streams of the rejection residuals of (``rows[i]``, ``steps[i]``)."""
-        return [torch.Generator().manual_seed(int(s)) for s in self._lookup(2, rows, steps).tolist()]
+        return [torch.Generator().manual_seed(s) for s in self.residual_seeds(rows, steps).tolist()]
 
     def forget_before(self, n: torch.Tensor) -> None:
         """Drop the draws of steps that every sample of a generator has moved past."""

@@ -202,5 +202,10 @@ def block_kernel(kernel):
     for base in getattr(kernel, "__mro__", (type(kernel),)):
         if base in _BLOCKS:
             return _BLOCKS[base]
+    if getattr(kernel, "__name__", None) == "MaximalKernel":
+        raise ValueError("verify='block' has its own rule for a window of Gaussian steps with one std shared by draft "
+                         "and target, and takes no step coupling; the Γ-maximal kernel (coupling='maximal', or a "
+                         "learned variance) is step by step: pass verify='step' with it, or coupling='reflection' "
+                         "(or none) with verify='block'")
     raise ValueError(f"verify='block' supports the Gaussian and categorical kernels; {kernel!r} has no block rule: "
                      "use verify='step'")

@@ -342,6 +342,8 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
         max_rows: int | str | None = "auto",
         progress: bool | Callable = False,
         callback: Callable[[dict], None] | None = None,
+        coupling: str | None = None,
+        verify: str | None = None,
         **step_options,
     ) -> SpeculativeOutput:
         """Run the whole sampler speculatively from ``latents`` (already scaled by
@@ -363,6 +365,7 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
                 micro-batches); ``"auto"``: no cap on CPU, fitted to free memory on CUDA.
             progress: ``True`` for a tqdm bar, or ``progress(total=) -> tqdm``-like.
             callback: called after every round with ``{"round", "x", "step", "stats"}``.
+            coupling, verify: for this call (default: the config's; see the class's arguments).
             step_options: DDIM's ``eta`` / ``use_clipped_model_output`` for this call.
         """
         if num_inference_steps is not None:
@@ -384,8 +387,8 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
             max_rows=max_rows,
             progress=progress,
             callback=callback,
-            coupling=self.config.coupling,
-            verify=self.config.get("verify", "step"),
+            coupling=self.config.coupling if coupling is None else coupling,
+            verify=self.config.get("verify", "step") if verify is None else verify,
         )
 
     @torch.no_grad()

@@ -74,11 +74,12 @@ def sample_blocks(
     generator=None,
     progress: bool | Callable = False,
     max_rows: int | str | None = "auto",
+    verify: str = "step",
 ) -> SpeculativeOutput:
     """Generate the masked suffix of ``x_init [B, L]`` in blocks of ``block_size`` tokens.
 
     Each block runs ``chain.num_steps`` steps: the plain sampler (``window=None``; ``cached``
-    as MDLM's ``ddpm_cache``) or the speculative one (``window``, ``drafter``, ``max_rows``). ``stats`` add
+    as MDLM's ``ddpm_cache``) or the speculative one (``window``, ``drafter``, ``max_rows``, ``verify``). ``stats`` add
     up over blocks (``num_steps`` = blocks x steps).
     """
     if not isinstance(block_size, int) or block_size < 1:
@@ -92,7 +93,8 @@ def sample_blocks(
             out = sample_baseline_discrete(chain, x[:, :end], g, cached=cached, progress=progress, return_stats=True)
         else:
             out = speculative_sample_discrete(
-                chain, x[:, :end], window=window, drafter=drafter, generator=g, progress=progress, max_rows=max_rows
+                chain, x[:, :end], window=window, drafter=drafter, generator=g, progress=progress, max_rows=max_rows,
+                verify=verify,
             )
         x[:, :end] = out.sample
         if stats is None:  # the first block's stats, for the whole run (sized by its window)
