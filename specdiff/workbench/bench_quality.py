@@ -48,8 +48,11 @@ SAMPLERS = {
 }
 
 # The full run: plain step counts per sampler; speculative (steps, window) per stochastic sampler.
-# Sized for a shared 2-core CPU (one thread): 1000 steps for DDPM only, 250 steps and window 32
-# for DDPM only (a window of 32 evaluates about twice the rows of a window of 8 at 100 steps).
+# Sized for a shared 2-core CPU (one thread), where the cost is the rows evaluated: 1000 steps for
+# plain DDPM only, 250 steps and window 32 for DDPM only (a window of 32 evaluates about twice the
+# rows of a window of 8 at 100 steps); no speculative run at 1000 steps (about 1460 rows per image
+# at window 32, some 40 minutes for 128 images on that machine): add it with
+# ``--resume --add ddpm:1000:32``.
 PLAIN_GRID = {
     "ddpm": [5, 10, 20, 50, 100, 250, 1000],
     "euler-a": [5, 10, 20, 50, 100],
@@ -58,7 +61,7 @@ PLAIN_GRID = {
     "dpmpp-2m": [5, 10, 20, 50, 100],
 }
 SPECULATIVE_GRID = {
-    "ddpm": [(50, 8), (100, 8), (100, 32), (250, 32), (1000, 32)],
+    "ddpm": [(50, 8), (100, 8), (100, 32), (250, 32)],
     "euler-a": [(50, 8), (100, 8)],
     "dpmpp-2m-sde": [(50, 8), (100, 8)],
 }
@@ -235,7 +238,7 @@ def run_benchmark(samples: int, plain_grid: dict, speculative_grid: dict, out: P
     plain_feats = {}
     jobs = [(s, k, None) for s, ks in plain_grid.items() for k in ks if k <= max_steps]
     jobs += [(s, k, w) for s, kw in speculative_grid.items() for k, w in kw if k <= max_steps]
-    jobs.sort(key=lambda job: (job[1], job[2] or 0))  # the cheap runs first, each plain before its speculative
+    jobs = sorted(set(jobs), key=lambda job: (job[1], job[2] or 0, job[0]))  # cheap first, plain before speculative
     for sampler, steps, window in jobs:
         if (sampler, steps, window) in done:
             continue
@@ -368,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=asset("bench") / "quality.json")
     parser.add_argument("--docs", type=Path, default=DOCS)
     parser.add_argument("--table", action="store_true", help="re-render the table and the plot from --out only")
+    parser.add_argument("--add", action="append", default=[], metavar="SAMPLER:STEPS[:WINDOW]",
+                        help="one more run besides the grid: plain (SAMPLER:STEPS) or speculative (with a window); "
+                        "repeatable, e.g. --add ddpm:1000:32")
     parser.add_argument("--max-steps", type=int, default=1000, help="skip the runs of more steps")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in --out (same --samples)")
     args = parser.parse_args(argv)
@@ -378,7 +384,18 @@ def main(argv: list[str] | None = None) -> int:
         result = json.loads(args.out.read_text())
     else:
         torch.set_num_threads(args.threads)
-        grids = (QUICK_PLAIN, QUICK_SPECULATIVE) if args.quick else (PLAIN_GRID, SPECULATIVE_GRID)
+        plain, speculative = (QUICK_PLAIN, QUICK_SPECULATIVE) if args.quick else (PLAIN_GRID, SPECULATIVE_GRID)
+        plain, speculative = {k: list(v) for k, v in plain.items()}, {k: list(v) for k, v in speculative.items()}
+        for extra in args.add:
+            name, *numbers = extra.split(":")
+            if name not in SAMPLERS or len(numbers) not in (1, 2) or not all(x.isdigit() for x in numbers):
+                parser.error(f"--add {extra}: expected SAMPLER:STEPS or SAMPLER:STEPS:WINDOW with SAMPLER one of "
+                             f"{', '.join(SAMPLERS)}")
+            if len(numbers) == 1:
+                plain.setdefault(name, []).append(int(numbers[0]))
+            else:
+                speculative.setdefault(name, []).append((int(numbers[0]), int(numbers[1])))
+        grids = (plain, speculative)
         command = " ".join(["python -m specdiff.workbench.bench_quality", *argv])
         result = run_benchmark(args.samples, *grids, args.out, args.max_rows, args.resume, command,
                                args.max_steps, log=lambda line: print(line, flush=True))
