@@ -31,6 +31,7 @@ import torch
 
 from .. import calibration
 from ..paths import asset
+from .results import write_between
 
 LOAD = "import torch\ntorch.set_num_threads(1)\na = torch.randn(384, 384)\nwhile True:\n    a = (a @ a).tanh()\n"
 
@@ -154,15 +155,7 @@ def table(result: dict) -> str:
 
 
 def _write_docs(result: dict, path: Path) -> None:
-    text = path.read_text() if path.exists() else ""
-    start, end = "<!-- bench_defaults table -->", "<!-- /bench_defaults table -->"
-    block = f"{start}\n{table(result)}\n{end}"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + ("\n\n" if text else "") + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    write_between(path, ("<!-- bench_defaults table -->", "<!-- /bench_defaults table -->"), table(result))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import platform
-import re
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 
 from .. import langevin
 from ..paths import asset
+from .results import write_between
 
 REPO = Path(__file__).resolve().parents[2]
 MARK_START, MARK_END = "<!-- bench_langevin:start -->", "<!-- bench_langevin:end -->"
@@ -206,13 +206,7 @@ def markdown(results: dict) -> str:
 
 
 def write_doc(path: Path, table: str) -> None:
-    text = path.read_text() if path.exists() else ""
-    block = f"{MARK_START}\n{table}\n{MARK_END}"
-    if MARK_START in text:
-        text = re.sub(re.escape(MARK_START) + ".*?" + re.escape(MARK_END), lambda _: block, text, flags=re.DOTALL)
-    else:
-        text = text + ("\n" if text else "") + block + "\n"
-    path.write_text(text)
+    write_between(path, (MARK_START, MARK_END), table)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

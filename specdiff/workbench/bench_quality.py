@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..paths import asset
-from .results import environment
+from .results import environment, write_between
 
 SEED0 = 10_000  # image i is drawn from torch.Generator().manual_seed(SEED0 + i), for every sampler
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "quality.md"
@@ -296,15 +296,7 @@ def table(result: dict) -> str:
 
 def write_docs(result: dict, path: Path = DOCS) -> None:
     """Put :func:`table` between the markers of ``path`` (appended, with them, if absent)."""
-    text = path.read_text() if path.exists() else ""
-    start, end = MARKERS
-    block = f"{start}\n{table(result)}\n{end}"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + ("\n\n" if text else "") + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    write_between(path, MARKERS, table(result))
 
 
 def plot(result: dict, path: Path) -> None:
