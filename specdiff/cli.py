@@ -850,7 +850,9 @@ def run_probe(args) -> int:
 
 def _installed() -> bool:
     """True when specdiff runs from an installed wheel (its assets are not a checkout's)."""
-    return not (asset().parent / "pyproject.toml").exists()
+    from .paths import checkout
+
+    return checkout() is None
 
 
 def _bench_argv(argv: list[str]) -> list[str]:

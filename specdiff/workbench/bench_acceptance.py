@@ -39,7 +39,7 @@ from diffusers import DDPMPipeline, UNet2DModel
 
 from ..drafters import PicardDrafter
 from ..kernels.gaussian import acceptance_probability
-from ..paths import asset
+from ..paths import asset, results
 from ..sampler import sample_baseline, speculative_sample
 from ..schedulers import SpeculativeScheduler
 from ..schedulers.base import output_from, output_to
@@ -496,7 +496,7 @@ def main(argv=None) -> None:
     parser.add_argument("--verify", default="step", choices=("step", "block"))
     parser.add_argument("--tail-window", type=int, default=None,
                         help="the window in the last fifth of the schedule (--windows: before it)")
-    parser.add_argument("--out", type=Path, default=asset("bench") / "acceptance.json")
+    parser.add_argument("--out", type=Path, default=results("acceptance.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     command = "python -m specdiff.workbench.bench_acceptance " + " ".join(argv if argv is not None else sys.argv[1:])

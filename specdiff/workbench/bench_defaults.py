@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from .. import calibration
-from ..paths import asset
+from ..paths import asset, docs_page, results
 from .results import write_between
 
 LOAD = "import torch\ntorch.set_num_threads(1)\na = torch.randn(384, 384)\nwhile True:\n    a = (a @ a).tanh()\n"
@@ -167,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved plain/default pairs per cell")
     parser.add_argument("--load-processes", type=int, default=1, help="busy processes of the loaded condition")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--out", type=Path, default=asset("bench") / "defaults.json")
-    parser.add_argument("--docs", type=Path, default=Path("docs") / "defaults.md")
+    parser.add_argument("--out", type=Path, default=results("defaults.json"))
+    parser.add_argument("--docs", type=Path, default=docs_page("defaults.md"))
     parser.add_argument("--table", action="store_true", help="only re-render the table from --out")
     parser.add_argument("--append", action="store_true",
                         help="add the measured cells to those already in --out (same cell: replaced)")

@@ -32,7 +32,7 @@ from scipy import stats as sps
 from ..discrete.chain import MaskedDiffusionChain
 from ..discrete.model import MaskedDiffusionTransformer
 from ..discrete.scheduler import MaskedDiffusionScheduler
-from ..paths import asset
+from ..paths import asset, results
 from ..sampler import sample_baseline_discrete, speculative_sample_discrete
 
 
@@ -145,7 +145,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=1e-3, help="family-wise level of the two-sample check")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=asset("bench", "discrete.json"))
+    p.add_argument("--out", type=Path, default=results("discrete.json"))
     p.add_argument("--quick", action="store_true", help="a smoke run: 64 steps, windows 4 and 8, 32 samples")
     p.add_argument("--plot", type=Path, default=None, help="PNG path (default: --out with .png)")
     return p.parse_args(argv)

@@ -28,10 +28,9 @@ from pathlib import Path
 import torch
 
 from .. import langevin
-from ..paths import asset
+from ..paths import docs_page
 from .results import write_between
 
-REPO = Path(__file__).resolve().parents[2]
 MARK_START, MARK_END = "<!-- bench_langevin:start -->", "<!-- bench_langevin:end -->"
 
 
@@ -223,7 +222,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="JSON results (default assets/bench/langevin.json)")
-    p.add_argument("--doc", type=Path, default=REPO / "docs" / "langevin.md",
+    p.add_argument("--doc", type=Path, default=docs_page("langevin.md"),
                    help="markdown file whose results block is rewritten ('-' to skip)")
     return p.parse_args(argv)
 
@@ -241,7 +240,7 @@ def main(argv=None) -> dict:
         "machine": f"{platform.processor() or platform.machine()}, {platform.system()}", "threads": args.threads,
         "torch": torch.__version__, "ess_method": blocks[0]["rows"][0]["ess_method"], "workloads": blocks,
     }
-    out = args.out or asset("bench", "langevin.json")
+    out = args.out or results("langevin.json")
     Path(out).write_text(json.dumps(results, indent=2) + "\n")
     if str(args.doc) != "-":
         write_doc(args.doc, markdown(results))

@@ -31,11 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..paths import asset
+from ..paths import asset, docs_page, results
 from .results import environment, write_between
 
 SEED0 = 10_000  # image i is drawn from torch.Generator().manual_seed(SEED0 + i), for every sampler
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "quality.md"
+DOCS = docs_page("quality.md")
 MARKERS = ("<!-- quality table -->", "<!-- /quality table -->")
 
 # name -> (what users call it, stochastic: speculation applies)
@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few runs (smoke test); writes nothing by default")
     parser.add_argument("--max-rows", type=int, default=1024, help="most states per network call (exact)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--out", type=Path, default=asset("bench") / "quality.json")
+    parser.add_argument("--out", type=Path, default=results("quality.json"))
     parser.add_argument("--docs", type=Path, default=DOCS)
     parser.add_argument("--table", action="store_true", help="re-render the table and the plot from --out only")
     parser.add_argument("--add", action="append", default=[], metavar="SAMPLER:STEPS[:WINDOW]",

@@ -27,7 +27,7 @@ import torch
 
 from ..discrete.scheduler import MaskedDiffusionScheduler
 from ..drafters import ModelDrafter
-from ..paths import asset
+from ..paths import asset, results
 from ..text.chain import MaskedLMChain
 from .bench_discrete import _contingency_p, _run, bench_config, plot
 
@@ -86,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=asset("bench", "text.json"))
+    p.add_argument("--out", type=Path, default=results("text.json"))
     p.add_argument("--table", action="store_true", help="only print the README table of the saved --out results")
     return p.parse_args(argv)
 

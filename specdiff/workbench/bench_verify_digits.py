@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMPipeline
 
-from ..paths import asset
+from ..paths import asset, results
 from ..sampler import speculative_sample
 from ..schedulers import SpeculativeScheduler
 from .results import environment, write_result
@@ -69,7 +69,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--window", type=int, default=16)
-    parser.add_argument("--out", type=Path, default=asset("bench") / "verify_digits.json")
+    parser.add_argument("--out", type=Path, default=results("verify_digits.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     result = run(args.steps, args.seeds, args.window)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..paths import docs_page
 from ..window import AutoWindow
 
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
+DOCS = docs_page("benchmarks.md")
 
 INTRODUCTION = """# Benchmarks
 
