@@ -12,15 +12,16 @@ The policy (:mod:`specdiff.window`) is arithmetic on these numbers; this module 
 * **Bounded by the run it serves.** A run measures only the points of its own :func:`plan`: batch sizes
   ``B * k`` no larger than its own largest verify call (``B * (min(max_window, steps) + 1)``, and
   ``max_rows``), with at most ``share`` (30%) of the rows the plain sampler would evaluate
-  (``B * steps``), warm-up call and the dry run (priced as ``DRY_ROWS`` calls on ``B`` rows)
-  included. Since a batched call never costs more per row than a smaller one, the time it spends
-  is at most about that share of the plain sampler's network time. The two smallest sizes come
+  (``B * steps``), the dry run (priced as ``DRY_ROWS`` calls on ``B`` rows) included. Since a batched
+  call never costs more per row than a smaller one, the time it spends is at most about that share
+  of the plain sampler's network time. The two smallest sizes come
   first, and when they show no batching gain the run measures nothing more (:func:`measure_curve`). A run
   too short to afford three points measures nothing, and its window prices every row at the cost of
   one (so it takes ``L = 1``: the plain sampler's cost). The plan depends on counts only (batch, steps,
   window), so a run uses the same points every time; a longer run of the same model adds the
   points it affords to the cache without changing those a shorter run uses.
-* The curve is the fastest of a few interleaved sweeps (load on a shared machine only adds time),
+* The curve is the fastest of a few interleaved sweeps, at least two (load on a shared machine only
+  adds time, and the first call at a new number of rows sets up its kernels: it is never the measurement),
   and never priced above proportional to rows from its smallest point (a call of ``k b`` rows never
   costs more than ``k`` calls of ``b`` rows): a burst of load while measuring cannot make speculation
   look more expensive than a device with no batching gain at all.
@@ -46,7 +47,7 @@ SHARE = 0.3  # the most rows a run may measure, as a share of the plain sampler'
 DRY_STEPS, DRY_WINDOWS = 12, (2, 6)  # the dry run: 6 + 2 rounds with a free target, one sweep
 DRY_ROWS = 4  # ... priced as 4 calls on B rows (a round outside the network costs under half a call)
 MIN_POINTS = 3  # fewer points say nothing about a batch's gain: measure none
-MAX_SWEEPS = 3
+MIN_SWEEPS, MAX_SWEEPS = 2, 3  # each size is timed 2-3 times (its first call warms it up), the fastest kept
 NO_GAIN = 0.95  # a batched call within 5% of the smallest call's cost per row shows no batching gain
 
 _MEMORY_CACHE: dict[str, dict[int, float]] = {}
@@ -76,12 +77,12 @@ def plan(batch: int, max_window: int, num_steps: int, max_rows: int | None = Non
     budget = share * batch * num_steps - 1 - DRY_ROWS * batch  # less the dry run (measure_outside)
     chosen: list[int] = []
     for b in sizes:
-        if sizes[0] + sum(chosen) + b > budget:  # the warm-up call counts
+        if MIN_SWEEPS * (sum(chosen) + b) > budget:
             break
         chosen.append(b)
     if len(chosen) < MIN_POINTS:
         return [], 0
-    return chosen, max(1, min(MAX_SWEEPS, int((budget - chosen[0]) // sum(chosen))))
+    return chosen, min(MAX_SWEEPS, int(budget // sum(chosen)))
 
 
 _OPEN_BAR: ContextVar[Callable | None] = ContextVar("specdiff_calibration_progress", default=None)
@@ -135,8 +136,7 @@ def calibrate(chain, x_init: Tensor, drafter=None, *, max_window: int = 32, max_
     out = Calibration(source="given" if latency is not None else "none")
     known = {} if recalibrate or latency is not None else _cached(key, persist)
     missing = [b for b in sizes if b not in known] if latency is None else []
-    warmups = sum(any(b in missing for b in stage) for stage in (sizes[:2], sizes[2:]))  # measure_curve's
-    with _calls_bar(warmups + sweeps * len(missing) + 1) if missing else nullcontext():  # ... sweeps, dry run
+    with _calls_bar(sweeps * len(missing) + 1) if missing else nullcontext():  # sweeps, dry run
         if latency is not None:
             out.latency = dict(latency)
         elif sizes:
@@ -190,7 +190,7 @@ def measure_curve(chain, x_init: Tensor, sizes: list[int], known: dict[int, floa
         missing = [b for b in stage if b not in points]
         if missing:
             points.update(measure_latency(chain, x_init, missing, sweeps))
-            rows += missing[0] + sweeps * sum(missing)  # warm-up call and sweeps
+            rows += max(MIN_SWEEPS, sweeps) * sum(missing)
 
     head, rest = sizes[:2], sizes[2:]
     measure(head)
@@ -331,10 +331,12 @@ def register_sampler(predict, sample) -> None:
 
 def measure_latency(chain, x_init: Tensor, sizes: list[int], repeats: int = 5) -> dict[int, float]:
     """Synchronised wall-clock of ``chain.predict`` on ``b`` rows (copies of ``x_init``'s rows
-    at step 0) for each ``b`` in ``sizes``: the fastest of ``repeats`` sweeps, taken in turn.
-    Load on a shared machine only ever adds time, and bursts of it hit some calls and not
-    others: the fastest call of each size is the one that measures the model, so bursts in up to
-    ``repeats - 1`` sweeps do not bend the curve."""
+    at step 0) for each ``b`` in ``sizes``: the fastest of ``repeats`` sweeps (at least
+    ``MIN_SWEEPS``), taken in turn. The first call at a new number of rows sets up its kernels
+    (lazy initialisation, per-shape setup: 2x a warm call for the bundled UNet on a CPU), and load on
+    a shared machine only ever adds time, in bursts that hit some calls and not others: the fastest
+    call of each size is the one that measures the model, so neither the cold first sweep nor bursts
+    in up to ``repeats - 1`` sweeps bend the curve."""
     predict = _SAMPLER["predict"]
     batch = x_init.shape[0]
     inputs = {}
@@ -343,9 +345,7 @@ def measure_latency(chain, x_init: Tensor, sizes: list[int], repeats: int = 5) -
         inputs[b] = (x_init[index], torch.zeros(b, dtype=torch.long, device=x_init.device), index)
     times = {b: [] for b in sizes}
     with torch.no_grad():
-        predict(chain, *inputs[sizes[0]])  # warm-up: kernels, caches, lazy initialisation
-        _tick()
-        for _ in range(repeats):
+        for _ in range(max(MIN_SWEEPS, repeats)):
             for b in sizes:
                 _synchronize(x_init.device)
                 started = time.perf_counter()
