@@ -159,6 +159,15 @@ class NoiseStreams:
         shape ``rows`` and ``steps`` broadcast to, followed by ``shape``)."""
         return self._lookup(0, rows, steps)
 
+    def noise_at(self, step: int) -> torch.Tensor:
+        """Every sample's noise at one ``step`` (the plain loop): ``noise(arange(batch), step)``, the same
+        numbers, drawn without the per-row gather of a round's ragged lookups."""
+        if len(self.groups) == 1:
+            batch = len(self.group_of)
+            return self.noise(torch.arange(batch), torch.full((batch,), step, dtype=torch.long))
+        picked = [self._draw(gi, 0, step)[step - self._first[gi][0]] for gi in range(len(self.groups))]
+        return self._on_device(0, torch.cat(picked))
+
     def uniform(self, rows: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         """Acceptance uniforms ``[len(rows)]`` (float64, CPU)."""
         return self._lookup(1, rows, steps)

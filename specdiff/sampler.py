@@ -67,14 +67,18 @@ def sample_baseline(
     with _progress(progress, batch * num_steps, "plain sampler") as bar:
         for k in range(num_steps):
             step = torch.full((batch,), k, dtype=torch.long)
-            ask = changed if cached else torch.ones_like(changed)
-            if ask.any():
-                new = target(x[ask.to(x.device)], step[ask], rows[ask])
-                prediction = new if prediction is None or ask.all() else prediction.index_put((ask.to(x.device),), new)
-                calls += ask
+            if not cached:
+                prediction = target(x, step, rows)
+                calls += 1
+            elif changed.any():
+                new = target(x[changed.to(x.device)], step[changed], rows[changed])
+                prediction = new if prediction is None or changed.all() else prediction.index_put(
+                    (changed.to(x.device),), new)
+                calls += changed
             law = kernel.law(chain, x, step.to(x.device), prediction, prediction if previous is None else previous)
-            x_next = kernel.draw(law, noise.noise(rows, step), x_init)
-            changed = ~(x_next == x).flatten(1).all(1).cpu()
+            x_next = kernel.draw(law, noise.noise_at(k), x_init)
+            if cached:
+                changed = ~(x_next == x).flatten(1).all(1).cpu()
             x, previous = x_next, prediction
             noise.forget_before(step + 1)
             if bar is not None:

@@ -102,3 +102,26 @@ def test_uniform_step_noise_drawn_several_steps_at_once_is_the_step_by_step_draw
         plain = torch.stack([torch.rand((len(slots), *shape), generator=g, dtype=torch.float64) for _ in range(steps)])
         assert torch.equal(got[:, slots], plain)
         assert torch.equal(mine.get_state(), g.get_state())
+
+
+@pytest.mark.parametrize("kind, like", [("normal", torch.zeros(3, 2, 4)),
+                                        ("normal", torch.zeros(3, 2, 4, dtype=torch.bfloat16)),
+                                        ("uniform", torch.zeros(3, 5, dtype=torch.long))])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_the_plain_loops_noise_at_a_step_is_the_keyed_lookup(per_sample, kind, like):
+    """The plain loop draws every sample's noise at step k with ``noise_at(k)``, without the per-row gather
+    of a round's ragged lookup (a generator list of 8 cost 1.5 ms a step, 4% of a digits UNet call at
+    batch 8): the same numbers as ``noise(arange(batch), k)`` and the same generator states after."""
+    batch, steps = like.shape[0], 20
+    make = (lambda: [torch.Generator().manual_seed(50 + b) for b in range(batch)]) if per_sample else (
+        lambda: torch.Generator().manual_seed(50))
+    fast_gens, keyed_gens = make(), make()
+    fast, keyed = NoiseStreams(fast_gens, like, kind), NoiseStreams(keyed_gens, like, kind)
+    rows = torch.arange(batch)
+    for k in range(steps):
+        got, want = fast.noise_at(k), keyed.noise(rows, torch.full((batch,), k))
+        assert got.dtype == want.dtype and torch.equal(got, want)
+        fast.forget_before(torch.full((batch,), k + 1))
+        keyed.forget_before(torch.full((batch,), k + 1))
+    for a, b in zip(fast_gens if per_sample else [fast_gens], keyed_gens if per_sample else [keyed_gens]):
+        assert torch.equal(a.get_state(), b.get_state())
