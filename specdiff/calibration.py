@@ -11,7 +11,7 @@ The policy (:mod:`specdiff.window`) is arithmetic on these numbers; this module 
   (or :func:`calibrate` with ``recalibrate=True``) measures the run's points again and replaces them.
 * **Bounded by the run it serves.** A run measures only the points of its own :func:`plan`: batch sizes
   ``B * k`` no larger than its own largest verify call (``B * (min(max_window, steps) + 1)``, and
-  ``max_rows``), with at most ``share`` (30%) of the rows the plain sampler would evaluate
+  ``max_rows``), with at most ``share`` (40%) of the rows the plain sampler would evaluate
   (``B * steps``), the dry run (priced as ``DRY_ROWS`` calls on ``B`` rows) included. Since a batched
   call never costs more per row than a smaller one, the time it spends is at most about that share
   of the plain sampler's network time. The two smallest sizes come
@@ -43,12 +43,12 @@ import torch
 from torch import Tensor
 
 GRID = (1, 2, 3, 5, 9, 17, 33, 65, 129)  # batch multiples measured (the window's rows are B * (L + 1 - pi))
-SHARE = 0.3  # the most rows a run may measure, as a share of the plain sampler's B * steps
+SHARE = 0.4  # the most rows a run may measure, as a share of the plain sampler's B * steps
 DRY_STEPS, DRY_WINDOWS = 12, (2, 6)  # the dry run: 6 + 2 rounds with a free target, one sweep
 DRY_ROWS = 4  # ... priced as 4 calls on B rows (a round outside the network costs under half a call)
 MIN_POINTS = 3  # fewer points say nothing about a batch's gain: measure none
-MIN_SWEEPS, MAX_SWEEPS = 2, 3  # each size is timed 2-3 times (its first call warms it up), the fastest kept
-NO_GAIN = 0.95  # a batched call within 5% of the smallest call's cost per row shows no batching gain
+MIN_SWEEPS = MAX_SWEEPS = 3  # each size is timed 3 times (the first call warms it up), the fastest kept
+NO_GAIN = 0.9  # a batched call within 10% of the smallest call's cost per row shows no gain worth a window
 
 _MEMORY_CACHE: dict[str, dict[int, float]] = {}
 
@@ -203,7 +203,9 @@ def measure_curve(chain, x_init: Tensor, sizes: list[int], known: dict[int, floa
 
 def batching_gain(latency: dict[int, float]) -> bool:
     """Whether some point of the curve costs less per row than ``NO_GAIN`` times its smallest: else
-    verifying extra rows costs as much as the calls it saves, and the window stays 1."""
+    verifying extra rows saves too little for a window to beat the plain sampler by the policy's margin
+    (at acceptance 0.9, a window of 2 must cost under 0.86 of a step per row to be 10% faster), and
+    the window stays 1."""
     if len(latency) < 2:
         return False
     smallest = min(latency)

@@ -282,6 +282,7 @@ class AutoWindow:
         machine's calibration for it (:func:`specdiff.calibration.calibrate`: given, cached, or measured
         within the run's budget)."""
         self.reset()
+        self._batch = x_init.shape[0]
         # Only a time-free chain verifies fewer rows than drafted (unchanged states); on a timed one,
         # fewer rows happen at the last steps only (windows clamped there), which must not shrink f.
         self.skips_repeats = not getattr(chain, "time_conditioned", True)
@@ -374,14 +375,14 @@ class AutoWindow:
         """Which windows were chosen and why (for the CLI)."""
         a = self.acceptance()
         pooled = sum(a) / len(a)
-        b = self._live or 1
+        b = getattr(self, "_batch", 0) or self._live or 1  # the run's batch (live samples thin out at the end)
         t1 = self.latency(b) if self.latency.points else float("nan")
         curve = ", ".join(f"t({k}B)={self.latency(k * b) / t1:.1f}" for k in (2, 5, 9, 17, 33)
                           if k <= self.max_window + 1)
         used = ", ".join(f"L={w} x{n}" for w, n in sorted(self.chosen.items())) or "none yet"
         return (f"auto window (max {self.max_window}): rounds {used}; chosen to maximise expected committed steps "
                 f"per second, E[C|L]/(t(rows)+c+h*L), with acceptance ~{pooled:.3f} (position 0: {a[0]:.3f}), "
-                f"latency t(B)={t1 * 1e3:.1f} ms for B={b} live rows and t(kB)/t(B): {curve} ({self.source}), "
+                f"latency t(B)={t1 * 1e3:.1f} ms for B={b} rows and t(kB)/t(B): {curve} ({self.source}), "
                 f"verified rows {self.row_fraction():.0%} of L + 1 per sample, "
                 f"outside the network {self.per_round * 1e3:.2f} ms per round + {self.per_step * 1e3:.2f} ms per "
                 f"drafted step (dry run); calibration this run: {self.calibration_rows} rows, "

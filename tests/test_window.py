@@ -281,7 +281,7 @@ def test_windows_chosen_from_the_past_keep_the_baseline_law(mixture_reference, p
 
 @pytest.mark.parametrize("machine", ["same", "changed"])
 def test_auto_window_measures_latency_once_and_reuses_the_disk_cache(tmp_path, monkeypatch, machine):
-    chain = GaussianMixtureDDPM.random(dim=2, num_steps=160)  # a run long enough to afford its whole plan
+    chain = GaussianMixtureDDPM.random(dim=2, num_steps=200)  # a run long enough to afford its whole plan
     chain.latency_key = "analytic-mixture-test"
     x = chain.sample_prior(2, torch.Generator().manual_seed(0))
     first = AutoWindow(max_window=8)
