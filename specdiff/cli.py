@@ -191,6 +191,15 @@ def _chosen_scheduler(scheduler, args):
             chosen = scheduler_from_name(name, scheduler, **given)
     except ValueError as err:
         raise CLIError(f"--scheduler {name}: {_first_line(err)}") from None
+    if given.get("use_karras_sigmas"):  # diffusers' loop fails on a schedule whose steps share a timestep
+        trial = type(chosen).from_config(chosen.config)
+        trial.set_timesteps(args.steps)
+        distinct, steps = len(set(trial.timesteps.tolist())), len(trial.timesteps)
+        if distinct < steps:
+            raise CLIError(f"--karras-sigmas on this model's {chosen.config.get('beta_schedule', '')} noise schedule "
+                           f"gives {distinct} distinct timesteps for {steps} steps, and diffusers' "
+                           f"{type(chosen).__name__} cannot step through repeated ones: drop --karras-sigmas "
+                           "(or use a model with a linear or scaled_linear schedule)")
     return chosen, eta, f"{type(chosen).__name__} ({entry.title}), chosen with --scheduler {name}"
 
 
@@ -567,6 +576,8 @@ def _generate(args, state) -> int:
 
     from .workbench.text_cli import generate_text, is_text_model
 
+    if getattr(args, "replay", None) and args.window != "auto":
+        raise CLIError(f"--replay runs the window schedule recorded in {args.replay}: drop --window {args.window}")
     device = _device(args.device, state)
     args.model = resolve_model(args.model)
     if args.draft_model:
@@ -609,7 +620,8 @@ def _generate(args, state) -> int:
     if not state.is_main_process:
         return 0
 
-    report = {"model": str(args.model), "num_steps": args.steps, "window": args.window, "drafter": args.drafter,
+    window = f"replay of {args.replay}" if args.replay else args.window
+    report = {"model": str(args.model), "num_steps": args.steps, "window": window, "drafter": args.drafter,
               "eta": args.eta, "dtype": args.dtype, "device": str(device), "processes": state.num_processes,
               "num_images": args.num_images, "batch_size": args.batch_size, "seeds": seeds,
               "same_law_as_plain": getattr(job, "same_law", True)}
@@ -702,7 +714,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "on CUDA")
     gen.add_argument("--replay", metavar="STATS_JSON", default=None,
                      help="replay the window schedule of each batch from a stats.json this command wrote: the same "
-                          "images bit for bit (same model, seeds, batch size, steps and drafter), on any machine")
+                          "images bit for bit (same model, seeds, batch size, steps and drafter), on any machine whose "
+                          "network computes the same numbers (device type, dtype, kernels)")
     gen.add_argument("--drafter", choices=["picard", "frozen", "model"], default="picard",
                      help="who guesses: picard reuses the network's prediction of the same step from the last call "
                           "where there is one, else its last prediction (free); frozen only the last prediction "

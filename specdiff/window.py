@@ -42,7 +42,7 @@ estimated from the run's own accept/reject and row counts (exponential forgettin
 towards a prior), starting from the prior in every run. So the windows, hence the samples, are a
 function of the seeds, the batch and that cached calibration: the same seed gives the same images
 run after run and process after process on a machine (timings never steer a run), and
-``stats.windows`` replays them on any machine.
+``stats.windows`` replays them on any machine (bit for bit where the network computes the same numbers).
 """
 
 from __future__ import annotations
@@ -106,7 +106,8 @@ def resolve_window(window, chain=None, x_init: Tensor | None = None, drafter=Non
 
 class ReplayWindow:
     """The windows of a past run, round by round: ``speculative_sample(..., window=stats.windows)`` (or
-    ``window=stats``) reproduces that run's samples bit for bit, on any machine, from the same chain,
+    ``window=stats``) reproduces that run's samples bit for bit, on any machine whose network computes the
+    same numbers (device type, dtype, kernels), from the same chain,
     ``x_init``, drafter and generators. The schedule is fixed before the run (it reads nothing of
     it), so the law is exact whatever the list; a schedule recorded from another run (other batch,
     steps, seeds or drafter) is refused as soon as it disagrees with this one."""

@@ -306,7 +306,7 @@ def test_scheduler_options_reach_the_scheduler(tmp_path):
     assert json.loads((out / "stats.json").read_text())["scheduler"] == "DPMSolverMultistepScheduler"
     from specdiff.cli import _chosen_scheduler, build_parser
 
-    args = build_parser().parse_args(["generate", "--scheduler", "dpmpp-2m-sde", "--karras-sigmas"])
+    args = build_parser().parse_args(["generate", "--scheduler", "dpmpp-2m-sde", "--karras-sigmas", "--steps", "6"])
     chosen, options, _ = _chosen_scheduler(DDPMScheduler(num_train_timesteps=100), args)
     assert chosen.config.use_karras_sigmas and chosen.config.algorithm_type == "sde-dpmsolver++"
     assert chosen.config.num_train_timesteps == 100 and options == {}
@@ -326,6 +326,23 @@ def test_scheduler_options_reach_the_scheduler(tmp_path):
 ])
 def test_a_bad_sampler_choice_is_one_line_naming_the_fix(tmp_path, capsys, argv, expected):
     fails_with(capsys, ["generate", *argv, "--steps", "4", "--out", str(tmp_path), "--no-progress"], *expected)
+
+
+def test_karras_sigmas_that_repeat_timesteps_are_one_line_naming_the_fix(tmp_path, capsys):
+    """On the bundled model's cosine schedule, Karras sigmas map several steps to one timestep (12 steps:
+    8 distinct), and diffusers' own DPM-Solver loop then runs past the end of its sigmas (IndexError) at
+    every step count: --compare ended in a traceback, and without it the summary claimed the law of a
+    plain loop that cannot run. Now it is one line naming the fix, before anything is sampled."""
+    fails_with(capsys, ["generate", "--scheduler", "dpmpp-2m-sde", "--karras-sigmas", "--steps", "12",
+                        "--out", str(tmp_path), "--no-progress"],
+               "--karras-sigmas", "8 distinct timesteps for 12 steps", "drop --karras-sigmas")
+    assert not any(tmp_path.iterdir())
+
+
+def test_replay_with_a_window_is_one_line_naming_the_fix(tmp_path, capsys):
+    """--replay runs the recorded schedule; a --window beside it was ignored, and stats.json recorded it."""
+    fails_with(capsys, ["generate", "--replay", str(tmp_path / "stats.json"), "--window", "8", "--out",
+                        str(tmp_path / "o"), "--no-progress"], "--replay", "drop --window 8")
 
 
 def test_a_refused_deterministic_scheduler_runs_through_the_stochastic_switch(tmp_path, capsys):

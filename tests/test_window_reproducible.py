@@ -232,7 +232,9 @@ def test_generate_replay_reproduces_a_runs_images_on_another_machines_cache(tmp_
     monkeypatch.setenv("SPECDIFF_CACHE_DIR", str(tmp_path / "other-machine"))
     monkeypatch.setattr(calibration_module, "_MEMORY_CACHE", {})
     assert main([*args, "--out", str(tmp_path / "replay"), "--replay", str(tmp_path / "first" / "stats.json")]) == 0
-    replayed = json.loads((tmp_path / "replay" / "stats.json").read_text())["speculative"]["batches"][0]
+    report = json.loads((tmp_path / "replay" / "stats.json").read_text())
+    assert report["window"] == f"replay of {tmp_path / 'first' / 'stats.json'}"
+    replayed = report["speculative"]["batches"][0]
     assert replayed["chosen_windows"] == windows and replayed["calibration_rows"] == 0
     first, again = (np.load(tmp_path / name / "speculative.npy") for name in ("first", "replay"))
     assert np.array_equal(first, again)

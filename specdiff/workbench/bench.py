@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .. import sample_baseline, speculative_sample
-from ..paths import asset
+from ..paths import asset, results
 from ..testing import GaussianMixtureDDPM, two_sample_test
 from ..window import AutoWindow
 from .report import DOCS, render_docs, report
@@ -479,7 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer settings and samples (smoke run)")
     parser.add_argument("--write", nargs="?", const=str(DOCS), default=None, metavar="PATH",
                         help=f"report: write the benchmark page (default {DOCS.name} in docs/) instead of printing")
-    parser.add_argument("--out", default=str(ASSETS / "bench"))
+    parser.add_argument("--out", default=None,
+                        help="results folder (default: a checkout's assets/bench, or ./outputs/bench from a wheel; "
+                        "report reads the shipped results)")
     parser.add_argument("--samples", type=int, default=64, help="digits: images per sampler for the quality check")
     parser.add_argument("--repeats", type=int, default=3, help="digits: seeds timed per sampler (interleaved)")
     parser.add_argument("--no-quality", action="store_true", help="digits: time only; keep the saved quality block")
@@ -489,13 +491,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.out)
     if args.which == "report":
+        out = Path(args.out) if args.out else ASSETS / "bench"  # the results this package ships
         if args.write:
-            Path(args.write).write_text(render_docs(out))
+            page = Path(args.write)
+            page.parent.mkdir(parents=True, exist_ok=True)
+            page.write_text(render_docs(out))
         else:
             print(report(out))
         return 0
+    out = Path(args.out) if args.out else results()
     if args.which in ("analytic", "all"):
         bench_analytic(out, args.quick)
     if args.which in ("churn", "all"):
