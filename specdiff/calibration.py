@@ -313,6 +313,16 @@ def latency_key(chain, x_init: Tensor) -> tuple[str, bool]:
 # Measurements
 
 
+def _clock(device: torch.device) -> Callable[[], float]:
+    """The clock of a measurement. On a CPU with one torch thread the network runs in the calling
+    thread, and its CPU time is its cost without the time other processes held the core: on a shared
+    machine, descheduling inflated single wall-clock calls by up to 2x, which froze a false "no
+    batching gain" (or a false gain) into the cache. Elsewhere (a GPU, several CPU threads) wall-clock."""
+    if device.type == "cpu" and torch.get_num_threads() == 1:
+        return time.thread_time
+    return time.perf_counter
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -332,7 +342,7 @@ def register_sampler(predict, sample) -> None:
 
 
 def measure_latency(chain, x_init: Tensor, sizes: list[int], repeats: int = 5) -> dict[int, float]:
-    """Synchronised wall-clock of ``chain.predict`` on ``b`` rows (copies of ``x_init``'s rows
+    """Synchronised time (:func:`_clock`) of ``chain.predict`` on ``b`` rows (copies of ``x_init``'s rows
     at step 0) for each ``b`` in ``sizes``: the fastest of ``repeats`` sweeps (at least
     ``MIN_SWEEPS``), taken in turn. The first call at a new number of rows sets up its kernels
     (lazy initialisation, per-shape setup: 2x a warm call for the bundled UNet on a CPU), and load on
@@ -345,15 +355,15 @@ def measure_latency(chain, x_init: Tensor, sizes: list[int], repeats: int = 5) -
     for b in sizes:
         index = torch.arange(b) % batch
         inputs[b] = (x_init[index], torch.zeros(b, dtype=torch.long, device=x_init.device), index)
-    times = {b: [] for b in sizes}
+    times, clock = {b: [] for b in sizes}, _clock(x_init.device)
     with torch.no_grad():
         for _ in range(max(MIN_SWEEPS, repeats)):
             for b in sizes:
                 _synchronize(x_init.device)
-                started = time.perf_counter()
+                started = clock()
                 predict(chain, *inputs[b])
                 _synchronize(x_init.device)
-                times[b].append(time.perf_counter() - started)
+                times[b].append(clock() - started)
                 _tick()
     return {b: min(t) for b, t in times.items()}
 
@@ -375,16 +385,16 @@ def measure_outside(chain, x_init: Tensor, drafter=None, windows: tuple[int, int
     with torch.no_grad():  # one row's prediction serves every row of the dry run
         first = predict(chain, x_init[:1], torch.zeros(1, dtype=torch.long, device=x_init.device),
                         torch.zeros(1, dtype=torch.long))
-    dry = _FreeTarget(chain, first, min(steps, chain.num_steps))
+    dry, clock = _FreeTarget(chain, first, min(steps, chain.num_steps)), _clock(x_init.device)
     per_round = []
     for window in windows:
         window = min(window, dry.num_steps)
         best = math.inf
         for _ in range(repeats):
-            started = time.perf_counter()
+            started = clock()
             out = sample(dry, x_init, window=window, drafter=drafter,  # an int window: no calibration inside
                          generator=torch.Generator().manual_seed(0), max_rows=None)
-            best = min(best, (time.perf_counter() - started) / max(out.stats.rounds, 1))
+            best = min(best, (clock() - started) / max(out.stats.rounds, 1))
         per_round.append((window, best))
     (l1, t1), (l2, t2) = per_round
     h = max((t2 - t1) / (l2 - l1), 0.0) if l2 != l1 else 0.0

@@ -325,6 +325,7 @@ def test_latency_is_the_fastest_sweep_so_bursts_of_load_do_not_bend_the_curve(mo
 
     monkeypatch.setattr(chain, "predict", predict)
     monkeypatch.setattr(calibration_module.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(calibration_module, "_clock", lambda device: calibration_module.time.perf_counter)
     sizes = [1, 2, 4, 8]
     assert calibration_module.measure_latency(chain, x, sizes) == {b: pytest.approx(1.0 + 0.1 * b) for b in sizes}
     assert calls[0] == 5 * len(sizes)  # five sweeps, the first of which warms each size up
@@ -449,6 +450,7 @@ def test_the_automatic_window_gives_the_same_samples_run_after_run(monkeypatch):
     jitter = random.Random(0)
     clock = calibration_module.time.perf_counter
     monkeypatch.setattr(calibration_module.time, "perf_counter", lambda: clock() + jitter.random())
+    monkeypatch.setattr(calibration_module, "_clock", lambda device: calibration_module.time.perf_counter)
     for _ in range(2):
         again = speculative_sample(chain, x, window="auto", drafter="picard",
                                    generator=torch.Generator().manual_seed(5))

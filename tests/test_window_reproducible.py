@@ -4,6 +4,7 @@ calibration is never re-measured implicitly (same seed, same samples, process af
 calibration a run measures is bounded by the run; and ``SpeculativeStats.merge``."""
 
 import itertools
+import time
 
 import pytest
 import torch
@@ -110,12 +111,14 @@ def test_a_cached_calibration_is_never_re_measured_so_a_seed_repeats_across_proc
     chain, x = mixture(steps=200, batch=1, key="two-processes")
     quiet = FakeClock(chain, lambda b: 0.01 * (1 + 0.05 * b))
     monkeypatch.setattr(calibration_module.time, "perf_counter", quiet)
+    monkeypatch.setattr(calibration_module, "_clock", lambda device: calibration_module.time.perf_counter)
     first = speculative_sample(chain, x, window="auto", drafter="picard", generator=gens(1))
     assert first.stats.calibration_rows > 0 and len(set(first.stats.windows)) > 1
 
     monkeypatch.setattr(calibration_module, "_MEMORY_CACHE", {})  # a new process, same disk cache
     loaded = FakeClock(chain, lambda b: 0.03 * (1 + 0.05 * b) * (2 if b > 4 else 1))
     monkeypatch.setattr(calibration_module.time, "perf_counter", loaded)
+    monkeypatch.setattr(calibration_module, "_clock", lambda device: calibration_module.time.perf_counter)
     second = speculative_sample(chain, x, window="auto", drafter="picard", generator=gens(1))
     assert second.stats.calibration_rows == 0 and "disk cache" in second.stats.window_choice
     assert second.stats.windows == first.stats.windows and torch.equal(second.sample, first.sample)
@@ -295,6 +298,7 @@ def test_the_first_call_at_a_new_batch_size_never_decides_the_curve(monkeypatch)
 
     monkeypatch.setattr(chain, "predict", predict)
     monkeypatch.setattr(calibration_module.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(calibration_module, "_clock", lambda device: calibration_module.time.perf_counter)
     sizes, sweeps = plan(1, 32, 100)
     assert sweeps >= 2
     out = speculative_sample(chain, x, window=AutoWindow(), generator=gens(1))
@@ -342,3 +346,24 @@ def test_the_calibration_shows_its_network_calls_on_the_runs_progress_bar():
     speculative_sample(chain, x, window=AutoWindow(max_window=8, recalibrate=True), generator=gens(2),
                        progress=lambda total: opened.append(total) or Bar(total))
     assert len(opened) == 2 and opened[0] == sweeps * len(sizes) + 1
+
+
+def test_on_one_cpu_thread_the_calibration_does_not_count_time_the_core_was_held_elsewhere(monkeypatch):
+    """Issue 20: on the shared 2-core CPU, a calibration taken while other processes held the core timed
+    their turns into single calls (up to 2x) and froze a false "no batching gain" at batch 1. With one
+    torch thread the network runs in the calling thread, and the calibration times that thread's CPU
+    time: a call that waits (here: sleeps 30 ms, as a descheduled process does) costs only its work."""
+    chain = GaussianMixtureDDPM.random(dim=2, num_steps=10)
+    x = chain.sample_prior(1, torch.Generator().manual_seed(0))
+    real = chain.predict
+    monkeypatch.setattr(chain, "predict", lambda rows, step: time.sleep(0.03) or real(rows, step))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert calibration_module._clock(x.device) is time.thread_time
+        assert max(calibration_module.measure_latency(chain, x, [1, 2], repeats=3).values()) < 0.01
+    finally:
+        torch.set_num_threads(threads)
+    if threads > 1:  # several threads (or a GPU): wall-clock, waiting included
+        assert calibration_module._clock(x.device) is time.perf_counter
+        assert min(calibration_module.measure_latency(chain, x, [1, 2], repeats=3).values()) >= 0.03
