@@ -130,9 +130,11 @@ def calibrate(chain, x_init: Tensor, drafter=None, *, max_window: int = 32, max_
     """The calibration of a run of ``chain`` from ``x_init``: given values, else cached points, else
     measured (the run's :func:`plan`), its network calls shown on the caller's bar (:func:`progress_to`)."""
     started = time.perf_counter()
+    sizes, sweeps = plan(x_init.shape[0], max_window, chain.num_steps, max_rows, share)
+    if not sizes and latency is None:  # too short to calibrate: nothing to look up (no cache, no key)
+        return Calibration(outside=tuple(outside) if outside is not None else (0.0, 0.0))
     key, stable = latency_key(chain, x_init)
     persist = stable and cache
-    sizes, sweeps = plan(x_init.shape[0], max_window, chain.num_steps, max_rows, share)
     out = Calibration(source="given" if latency is not None else "none")
     known = {} if recalibrate or latency is not None else _cached(key, persist)
     missing = [b for b in sizes if b not in known] if latency is None else []

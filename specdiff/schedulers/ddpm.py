@@ -60,36 +60,32 @@ class DDPMAdapter(SchedulerAdapter):
         self.variance_type = cfg.variance_type
         self.std_from_network = cfg.variance_type in ("learned", "learned_range")  # per element, from the output
 
+        # Same operations, in the same order, as DDPMScheduler.step / _get_variance, on all steps at
+        # once: +, -, *, / and sqrt (``** 0.5``) round the same elementwise; log and exp, whose
+        # vectorised kernels may round differently, are taken one step at a time (step_table).
         alphas_cumprod = scheduler.alphas_cumprod.detach().cpu()
-        one = torch.tensor(1.0)
-        timesteps = [int(t) for t in self.timesteps]
-        sqrt_a, sqrt_b, coef_x0, coef_x, std, min_log, max_log = [], [], [], [], [], [], []
-        for k, t in enumerate(timesteps):
-            t_prev = timesteps[k + 1] if k + 1 < len(timesteps) else -1
-            # Same operations, in the same order, as DDPMScheduler.step / _get_variance.
-            a_t = alphas_cumprod[t]
-            a_prev = alphas_cumprod[t_prev] if t_prev >= 0 else one
-            b_t, b_prev = 1 - a_t, 1 - a_prev
-            alpha_t = a_t / a_prev
-            beta_t = 1 - alpha_t
-            sqrt_a.append(a_t**0.5)
-            sqrt_b.append(b_t**0.5)
-            coef_x0.append((a_prev ** (0.5) * beta_t) / b_t)
-            coef_x.append(alpha_t ** (0.5) * b_prev / b_t)
-            variance = torch.clamp((1 - a_prev) / (1 - a_t) * beta_t, min=1e-20)
-            min_log.append(torch.log(variance))  # learned_range's end points, as _get_variance computes them
-            max_log.append(torch.log(beta_t))
-            if t == 0:
-                std.append(torch.zeros(()))
-            elif cfg.variance_type == "fixed_small":
-                std.append(variance**0.5)
-            elif cfg.variance_type == "fixed_small_log":
-                std.append(torch.exp(0.5 * torch.log(variance)))
-            else:  # fixed_large; learned: 1 marks a noisy step (its std comes from the network)
-                std.append(beta_t**0.5 if cfg.variance_type == "fixed_large" else torch.ones(()))
-        self.sqrt_a, self.sqrt_b = step_table(sqrt_a), step_table(sqrt_b)
-        self.coef_x0, self.coef_x, self.std = step_table(coef_x0), step_table(coef_x), step_table(std)
-        self.min_log, self.max_log = step_table(min_log), step_table(max_log)
+        timesteps = torch.tensor([int(t) for t in self.timesteps])
+        previous = torch.cat([timesteps[1:], torch.tensor([-1])])
+        a_t = alphas_cumprod[timesteps]
+        a_prev = torch.where(previous >= 0, alphas_cumprod[previous.clamp(min=0)], torch.tensor(1.0))
+        b_t, b_prev = 1 - a_t, 1 - a_prev
+        alpha_t = a_t / a_prev
+        beta_t = 1 - alpha_t
+        variance = torch.clamp((1 - a_prev) / (1 - a_t) * beta_t, min=1e-20)
+        if cfg.variance_type == "fixed_small":
+            std = variance**0.5
+        elif cfg.variance_type == "fixed_small_log":
+            std = step_table([torch.exp(0.5 * torch.log(v)) for v in variance])
+        elif cfg.variance_type == "fixed_large":
+            std = beta_t**0.5
+        else:  # learned: 1 marks a noisy step (its std comes from the network)
+            std = torch.ones_like(beta_t)
+        self.sqrt_a, self.sqrt_b = a_t**0.5, b_t**0.5
+        self.coef_x0, self.coef_x = (a_prev**0.5 * beta_t) / b_t, alpha_t**0.5 * b_prev / b_t
+        self.std = torch.where(timesteps == 0, torch.zeros(()), std)
+        # learned_range's end points, as _get_variance computes them
+        self.min_log = step_table([torch.log(v) for v in variance]) if self.std_from_network else None
+        self.max_log = step_table([torch.log(b) for b in beta_t]) if self.std_from_network else None
 
     def signal_and_noise(self, step: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         return self.rows(self.sqrt_a, step, like), self.rows(self.sqrt_b, step, like)

@@ -316,11 +316,21 @@ class SpeculativeScheduler(SchedulerMixin, ConfigMixin):
     # -- speculative sampling -----------------------------------------------------------------
 
     def adapter(self, **step_options):
-        """The Gaussian-step adapter of the wrapped scheduler at its current timesteps."""
+        """The Gaussian-step adapter of the wrapped scheduler at its current timesteps. Its per-step
+        tables take 2-500 ms to build at 1000 steps, and a pipeline asks for them on every call: the
+        last one is kept while the config, the options and the timesteps (and sigmas) are the same."""
         adapter_cls = adapter_class_for(self._base)
         options = adapter_cls.accepted_options(self._step_options(**step_options))
+        sigmas = getattr(self._base, "sigmas", None)
+        key = (adapter_cls, repr(sorted(options.items())), repr(sorted(dict(self._base.config).items())),
+               self._base.timesteps.tolist(), sigmas.tolist() if isinstance(sigmas, torch.Tensor) else None)
+        kept = getattr(self, "_kept_adapter", None)
+        if kept is not None and kept[0] == key:
+            return kept[1]
         adapter_cls.check(self._base, **options)
-        return adapter_cls(self._base, **options)
+        adapter = adapter_cls(self._base, **options)
+        self._kept_adapter = (key, adapter)
+        return adapter
 
     def chain(self, model_fn: ModelFn, frozen_prediction: str | None = None, **step_options) -> SchedulerChain:
         """The :class:`specdiff.GaussianChain` of the wrapped scheduler driven by ``model_fn``
