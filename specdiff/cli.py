@@ -511,13 +511,16 @@ def summary(report: dict) -> str:
     against = {"plain": "the plain sampler", "cached": "the cached plain sampler (the fastest baseline here)"}[best]
     windows = [w for batch in spec.get("batches", []) for w in batch.get("chosen_windows", [])]
     plain_loop = report["window"] == "auto" and bool(windows) and set(windows) == {1}
+    calibration = sum(batch.get("calibration_seconds", 0.0) for batch in spec.get("batches", []))
+    once = (f"{calibration:.1f} s of it was the automatic window's one-time calibration (later runs on this machine "
+            "reuse it)")
     if plain_loop:  # the automatic window kept L = 1: the plain loop itself ran, so time differs by noise only
         verdict = ("The automatic window found no gain for this batch and step count on this machine, so the "
                    "speculative sampler ran the plain loop: the same network calls and the same images as the plain "
                    "sampler")
         if "plain" in report:
             verdict += f" (wall-clock {spec['wall_clock_s']:.1f} s against {report['plain']['wall_clock_s']:.1f} s)"
-        verdict += "."
+        verdict += f". {once[0].upper()}{once[1:]}." if calibration > 0 else "."
     else:
         made = _ratio_text(calls[best], spec["target_calls"], "fewer network calls", "more network calls")
         verdict = f"Speculative sampling made {made}"
@@ -525,6 +528,10 @@ def summary(report: dict) -> str:
             faster = _ratio_text(report[best]["wall_clock_s"], spec["wall_clock_s"], "faster than",
                                  "slower than", same="about as fast as")
             verdict += f" and was {faster} {against} in wall-clock time."
+            if calibration > 0:  # paid once per machine, model and batch size: say what the sampler itself did
+                without = _ratio_text(report[best]["wall_clock_s"], spec["wall_clock_s"] - calibration, "faster",
+                                      "slower", same="about as fast")
+                verdict += f" {once}; without it, {without}."
         else:
             verdict += " (add --compare to time the plain sampler on the same seeds)."
     lines.append(verdict)

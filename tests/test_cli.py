@@ -504,3 +504,22 @@ def test_a_default_run_that_ran_the_plain_loop_is_never_called_slower():
     assert "2.1x fewer network calls and was about as fast as the plain sampler" in text and "slower" not in text
     report["speculative"] = run(12, 2.0, **speculated)  # a real loss is still said plainly
     assert "1.2x slower than the plain sampler" in " ".join(summary(report).split())
+
+
+def test_a_run_that_paid_the_one_time_calibration_says_so_with_and_without_it():
+    """Issue 20: the first default run of a batch size on a machine pays the automatic window's calibration,
+    once (later runs reuse it). The summary gives the wall-clock ratio with it and without it, so a first
+    run is never reported only as slower when the calibration, not the sampler, cost the difference."""
+    from specdiff.cli import summary
+
+    speculated = {"batches": [{"chosen_windows": [3, 3, 3, 2, 1], "calibration_seconds": 0.5}],
+                  "acceptance_rate": 0.8}
+    report = {"num_steps": 12, "num_images": 1, "batch_size": 1, "processes": 1, "device": "cpu", "drafter": "picard",
+              "window": "auto", "plain": {"target_calls": 12, "wall_clock_s": 1.6},
+              "speculative": {"target_calls": 5, "wall_clock_s": 1.9, **speculated}}
+    text = " ".join(summary(report).split())
+    assert "1.2x slower than the plain sampler in wall-clock time" in text
+    assert "0.5 s of it was the automatic window's one-time calibration" in text
+    assert "without it, 1.1x faster" in text and "later runs on this machine reuse it" in text
+    speculated["batches"][0]["calibration_seconds"] = 0.0
+    assert "calibration" not in " ".join(summary(report).split())
