@@ -20,8 +20,10 @@ The policy (:mod:`specdiff.window`) is arithmetic on these numbers; this module 
   one (so it takes ``L = 1``: the plain sampler's cost). The plan depends on counts only (batch, steps,
   window), so a run uses the same points every time; a longer run of the same model adds the
   points it affords to the cache without changing those a shorter run uses.
-* The curve is the fastest of a few interleaved sweeps, at least two (load on a shared machine only
-  adds time, and the first call at a new number of rows sets up its kernels: it is never the measurement),
+* The curve is the fastest of three interleaved sweeps (load on a shared machine only adds time, and
+  the first call at a new number of rows sets up its kernels: it is never the measurement), timed in
+  the calling thread's CPU time on one CPU thread (:func:`_clock`: time other processes held the core
+  is not the network's cost),
   and never priced above proportional to rows from its smallest point (a call of ``k b`` rows never
   costs more than ``k`` calls of ``b`` rows): a burst of load while measuring cannot make speculation
   look more expensive than a device with no batching gain at all.
