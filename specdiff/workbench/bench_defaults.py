@@ -38,11 +38,14 @@ from .. import calibration
 from ..paths import asset, docs_page, results
 from .results import write_between
 
-LOAD = "import torch\ntorch.set_num_threads(1)\na = torch.randn(384, 384)\nwhile True:\n    a = (a @ a).tanh()\n"
+# A busy process on one core; it stops by itself when the benchmark that started it is gone (killed, say).
+LOAD = ("import os, sys, torch\ntorch.set_num_threads(1)\na, parent = torch.randn(384, 384), int(sys.argv[1])\n"
+        "while os.getppid() == parent:\n    for _ in range(100):\n        a = (a @ a).tanh()\n")
 
 
 def _start_load(processes: int) -> list[subprocess.Popen]:
-    return [subprocess.Popen([sys.executable, "-c", LOAD], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return [subprocess.Popen([sys.executable, "-c", LOAD, str(os.getpid())], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
             for _ in range(processes)]
 
 
