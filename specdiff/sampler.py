@@ -24,7 +24,7 @@ from .calibration import progress_to, register_sampler
 from .chains import GaussianChain
 from .drafters import Drafter, as_drafter
 from .kernels import kernel_for
-from .noise import GeneratorArg, NoiseStreams
+from .noise import GeneratorArg, NoiseStreams, split_generators
 from .round import Carry, _check_finite, speculative_round
 from .stats import SpeculativeStats
 from .window import resolve_window
@@ -131,7 +131,8 @@ def speculative_sample(
     drafter = as_drafter(drafter)
     calibration_bar = (lambda total: _progress(progress, total, "calibrating the window", "call")) if progress else None
     with progress_to(calibration_bar):
-        policy = _window_policy(window, chain, x_init, drafter, max_rows)
+        per_sample = split_generators(generator, x_init.shape[0]) is not None  # a generator per sample
+        policy = _window_policy(window, chain, x_init, drafter, max_rows, per_sample)
     batch, num_steps, device = x_init.shape[0], chain.num_steps, x_init.device
     calibrated = {"calibration_seconds": getattr(policy, "calibration_seconds", 0.0),
                   "calibration_rows": getattr(policy, "calibration_rows", 0)}
@@ -263,12 +264,12 @@ class _Fixed:
         return self.max_window
 
 
-def _window_policy(window, chain, x_init: Tensor, drafter: Drafter, max_rows):
+def _window_policy(window, chain, x_init: Tensor, drafter: Drafter, max_rows, per_sample: bool = False):
     """The run's window policy. An automatic window calibrates here, before the run: its dry run
     re-enters this sampler with an integer window (see :func:`specdiff.calibration.measure_outside`;
     the sampler registers its entry points below, so the calibration imports nothing of it)."""
     cap = max_rows if isinstance(max_rows, int) and not isinstance(max_rows, bool) else None
-    window = resolve_window(window, chain, x_init, drafter, cap)
+    window = resolve_window(window, chain, x_init, drafter, cap, per_sample)
     return _Fixed(window) if isinstance(window, int) else window
 
 

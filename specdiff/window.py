@@ -78,7 +78,7 @@ def window_error(window) -> ValueError:
 
 
 def resolve_window(window, chain=None, x_init: Tensor | None = None, drafter=None,
-                   max_rows: int | None = None) -> int | WindowPolicy:
+                   max_rows: int | None = None, per_sample: bool = False) -> int | WindowPolicy:
     """An int (checked), or a policy bound to ``chain``/``x_init`` (and the run's ``drafter``):
     ``"auto"`` -> :class:`AutoWindow`; a list of windows or a run's :class:`SpeculativeStats` ->
     :class:`ReplayWindow` (the run's schedule, replayed)."""
@@ -95,7 +95,7 @@ def resolve_window(window, chain=None, x_init: Tensor | None = None, drafter=Non
             )
         if hasattr(window, "bind") and chain is not None and x_init is not None:
             if isinstance(window, AutoWindow):
-                window.bind(chain, x_init, drafter, max_rows)
+                window.bind(chain, x_init, drafter, max_rows, per_sample=per_sample)
             else:
                 window.bind(chain, x_init, drafter)
         return window
@@ -278,10 +278,11 @@ class AutoWindow:
         self._live = 0
 
     # -- binding (the calibration lives in specdiff.calibration) ---------------------------
-    def bind(self, chain, x_init: Tensor, drafter=None, max_rows: int | None = None) -> None:
+    def bind(self, chain, x_init: Tensor, drafter=None, max_rows: int | None = None, per_sample: bool = False) -> None:
         """Start a run of ``chain`` from ``x_init``: forget the last run (:meth:`reset`) and take the
         machine's calibration for it (:func:`specdiff.calibration.calibrate`: given, cached, or measured
-        within the run's budget)."""
+        within the run's budget; ``per_sample``: the run draws from one generator per sample, whose
+        bookkeeping the dry run then measures)."""
         self.reset()
         self._batch = x_init.shape[0]
         # Only a time-free chain verifies fewer rows than drafted (unchanged states); on a timed one,
@@ -289,7 +290,8 @@ class AutoWindow:
         self.skips_repeats = not getattr(chain, "time_conditioned", True)
         latency, outside = self.given
         found = calibrate(chain, x_init, drafter, max_window=self.max_window, max_rows=max_rows, latency=latency,
-                          outside=outside, cache=self.cache, recalibrate=self.recalibrate, share=self.share)
+                          outside=outside, cache=self.cache, recalibrate=self.recalibrate, share=self.share,
+                          per_sample=per_sample)
         self.latency, self.source = LatencyCurve(found.latency), found.source
         self.per_round, self.per_step = found.outside
         self.calibration_seconds, self.calibration_rows = found.seconds, found.rows
