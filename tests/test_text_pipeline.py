@@ -173,3 +173,14 @@ def test_cli_replay_reproduces_a_text_runs_texts_batch_by_batch(tiny_folder, tmp
     fails_with(capsys, base + ["--replay", str(tmp_path / "nope.json")], "--replay", "nope.json", "not a stats.json")
     fails_with(capsys, base + ["--seed", "5", "--replay", str(tmp_path / "first" / "stats.json")],
                "no batch of seeds [5, 6]", "--batch-size")
+
+
+def test_a_prompt_and_length_beyond_the_models_positions_is_refused_by_the_pipeline(tiny_folder):
+    pipe = SpeculativeTextDiffusionPipeline.from_pretrained(tiny_folder)  # 32 positions
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(ValueError, match=r"prompt \(2 tokens\) and length=31 need 33 positions, and the text model "
+                                         r"has 32; pass length=30 or less"):
+        pipe(prompt="ab", length=31, num_inference_steps=2, window=2)
+    with pytest.raises(ValueError, match="the prompt is 32 tokens and the text model has 32 positions; shorten"):
+        pipe(prompt="a" * 32, length=1, num_inference_steps=2, window=None)
+    assert pipe(prompt="ab", length=30, num_inference_steps=2, window=2).sequences.shape == (1, 32)

@@ -34,19 +34,17 @@ def _length(model: Path, prompt: str | None, length: int | None) -> int:
     from transformers import AutoConfig, AutoTokenizer
 
     from specdiff.cli_support import CLIError
+    from specdiff.text.chain import check_positions
 
     positions = getattr(AutoConfig.from_pretrained(model / "transformer"), "max_position_embeddings", None)
     tokenizer = AutoTokenizer.from_pretrained(model / "tokenizer")
     used = len(tokenizer(prompt, add_special_tokens=False).input_ids) if prompt else 0
     if positions is None:
         return length or 128
-    if used >= positions:
-        raise CLIError(f"the prompt is {used} tokens and the text model has {positions} positions; "
-                         "shorten --prompt")
-    if length is not None and used + length > positions:
-        raise CLIError(f"--prompt ({used} tokens) and --length {length} need {used + length} "
-                         f"positions, and the text model has {positions}; pass --length {positions - used} or less "
-                         "(or a shorter prompt)")
+    try:
+        check_positions(used, length, positions, cli=True)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
     return length or positions - used
 
 
