@@ -30,7 +30,7 @@ from specdiff.pipelines.speculative_utils import check_cache_option, check_max_r
 from specdiff.sampler import sample_baseline_discrete, speculative_sample_discrete
 from specdiff.stats import SpeculativeStats
 from specdiff.text.blocks import sample_blocks
-from specdiff.text.chain import MaskedLMChain
+from specdiff.text.chain import MaskedLMChain, check_positions
 
 
 @dataclass
@@ -97,6 +97,8 @@ class SpeculativeTextDiffusionPipeline(DiffusionPipeline):
 
         Args:
             prompt: text(s) the generation continues (kept fixed); ``None``: unconditional.
+            length: tokens generated after the prompt; prompt and length together must fit the network's
+                ``max_position_embeddings`` (a ValueError names the largest length that does).
             num_inference_steps: ancestral steps (in total, split over the blocks).
             window: drafted steps per speculative round, ``"auto"`` (the default: chosen before every
                 round, see the README's Performance section) or ``None`` = the plain sampler.
@@ -116,6 +118,8 @@ class SpeculativeTextDiffusionPipeline(DiffusionPipeline):
         check_max_rows_option(max_rows, window)
         rules = rule_options(verify, plain=window is None)
         prompt_ids = self._prompt_ids(prompt, num_samples)
+        positions = getattr(getattr(self.transformer, "config", None), "max_position_embeddings", None)
+        check_positions(max(map(len, prompt_ids)), length, positions)
         blocks = 1 if block_size is None else -(-length // block_size)
         if num_inference_steps % blocks:
             raise ValueError(

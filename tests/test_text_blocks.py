@@ -102,3 +102,61 @@ def test_block_sampler_rejects_masks_that_are_not_a_common_suffix():
         sample_blocks(chain, torch.tensor([[m, 3, m, m]]), block_size=2)
     with pytest.raises(ValueError, match="block_size"):
         sample_blocks(chain, torch.tensor([[3, m]]), block_size=0)
+
+
+def adaptive_block_run(chain, x, window):
+    return sample_blocks(chain, x, block_size=BLOCK, window=window, drafter=ScaledDrafter(-3.0),
+                         generator=torch.Generator().manual_seed(7))
+
+
+def test_a_block_runs_stats_hold_its_whole_schedule_and_replay_it_bit_for_bit():
+    from specdiff.window import AutoWindow
+
+    chain = make_chain(steps=6)
+    x = torch.full((4, LENGTH), chain.mask_token_id)
+    auto = AutoWindow(max_window=4, latency={1: 1.0, 64: 1.0}, outside=(0.0, 0.0))  # a given curve: no timing
+    out = adaptive_block_run(chain, x, auto)
+    s = out.stats
+    assert s.proposed > s.accepted  # rejections: the schedule depends on the run
+    assert len(s.windows) == s.rounds and s.rounds > 2 and len(set(s.windows)) > 1
+    first = adaptive_block_run(chain, x[:, :BLOCK], auto).stats.windows  # the first block alone
+    assert s.windows[:len(first)] == first and len(first) < s.rounds  # every block's rounds, in order
+    for replay in (s.windows, s):
+        again = adaptive_block_run(chain, x, replay)
+        assert torch.equal(again.sample, out.sample) and again.stats.windows == s.windows
+        assert again.stats.calibration_rows == 0
+        assert again.stats.window_choice == f"replayed window schedule ({s.rounds} rounds, max {max(s.windows)})"
+
+
+def test_a_block_runs_calibration_cost_and_window_choice_add_up_over_its_blocks(monkeypatch):
+    from specdiff.text import blocks
+    from specdiff.window import AutoWindow
+
+    chain = make_chain(steps=4)
+    x = torch.full((2, LENGTH), chain.mask_token_id)
+    real, choices = blocks.speculative_sample_discrete, []
+
+    def calibrating(*args, **kwargs):  # each block reports a calibration of 3 rows
+        out = real(*args, **kwargs)
+        out.stats.calibration_rows, out.stats.calibration_seconds = 3, 0.5
+        choices.append(out.stats.window_choice)
+        return out
+
+    monkeypatch.setattr(blocks, "speculative_sample_discrete", calibrating)
+    s = adaptive_block_run(chain, x, AutoWindow(max_window=3, latency={1: 1.0, 64: 1.0}, outside=(0.0, 0.0))).stats
+    assert (s.calibration_rows, s.calibration_seconds) == (6, 1.0)
+    assert len(choices) == 2 and all(c.startswith("auto window") and c in s.window_choice for c in choices)
+
+
+def test_a_block_replay_of_another_runs_schedule_is_refused_with_a_clear_error():
+    chain = make_chain(steps=6)
+    x = torch.full((4, LENGTH), chain.mask_token_id)
+    s = adaptive_block_run(chain, x, 3).stats
+    with pytest.raises(ValueError, match="needs more"):
+        adaptive_block_run(chain, x, s.windows[:-2])
+    with pytest.raises(ValueError, match="finished after"):
+        adaptive_block_run(chain, x, s.windows + [1, 1])
+    with pytest.raises(ValueError, match="from a run of 4 samples"):
+        adaptive_block_run(chain, x[:2], s)
+    with pytest.raises(ValueError, match="recorded from another run"):
+        adaptive_block_run(chain, x, [1] * s.rounds)

@@ -148,3 +148,39 @@ def test_two_processes_split_the_texts_and_make_those_of_one(tiny_folder, tmp_pa
         reports[n] = json.loads((tmp_path / f"p{n}" / "stats.json").read_text())
     assert reports[2]["processes"] == 2 and {b["process"] for b in reports[2]["speculative"]["batches"]} == {0, 1}
     assert reports[1]["texts"] == reports[2]["texts"] and len(reports[1]["texts"]) == 4
+
+
+def test_cli_replay_reproduces_a_text_runs_texts_batch_by_batch(tiny_folder, tmp_path, capsys):
+    from test_cli import fails_with
+
+    def generate(out, *extra):
+        argv = ["generate", "--model", str(tiny_folder), "--prompt", "ab", "--length", "8", "--steps", "16",
+                "--block-size", "4", "--num-images", "3", "--batch-size", "2", "--drafter", "model", "--no-progress",
+                "--out", str(tmp_path / out), *extra]
+        assert main(argv) == 0
+        return json.loads((tmp_path / out / "stats.json").read_text())
+
+    first = generate("first", "--window", "4")
+    other = generate("other", "--window", "3")  # another schedule gives other texts: the test has power
+    assert other["texts"] != first["texts"] and first["speculative"]["proposed"] > first["speculative"]["accepted"]
+    again = generate("again", "--replay", str(tmp_path / "first" / "stats.json"))
+    assert again["texts"] == first["texts"] and again["window"] == f"replay of {tmp_path / 'first' / 'stats.json'}"
+    assert [b["chosen_windows"] for b in again["speculative"]["batches"]] == [
+        b["chosen_windows"] for b in first["speculative"]["batches"]]
+    capsys.readouterr()
+    base = ["generate", "--model", str(tiny_folder), "--prompt", "ab", "--length", "8", "--steps", "16",
+            "--block-size", "4", "--num-images", "3", "--batch-size", "2", "--no-progress", "--out", str(tmp_path)]
+    fails_with(capsys, base + ["--replay", str(tmp_path / "nope.json")], "--replay", "nope.json", "not a stats.json")
+    fails_with(capsys, base + ["--seed", "5", "--replay", str(tmp_path / "first" / "stats.json")],
+               "no batch of seeds [5, 6]", "--batch-size")
+
+
+def test_a_prompt_and_length_beyond_the_models_positions_is_refused_by_the_pipeline(tiny_folder):
+    pipe = SpeculativeTextDiffusionPipeline.from_pretrained(tiny_folder)  # 32 positions
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(ValueError, match=r"prompt \(2 tokens\) and length=31 need 33 positions, and the text model "
+                                         r"has 32; pass length=30 or less"):
+        pipe(prompt="ab", length=31, num_inference_steps=2, window=2)
+    with pytest.raises(ValueError, match="the prompt is 32 tokens and the text model has 32 positions; shorten"):
+        pipe(prompt="a" * 32, length=1, num_inference_steps=2, window=None)
+    assert pipe(prompt="ab", length=30, num_inference_steps=2, window=2).sequences.shape == (1, 32)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -24,6 +25,7 @@ from torch import Tensor
 from ..drafters import Drafter
 from ..sampler import SpeculativeOutput, sample_baseline_discrete, speculative_sample_discrete
 from ..stats import SpeculativeStats
+from ..window import ReplayWindow
 
 
 def _per_block(generator: torch.Generator, num_blocks: int) -> list[torch.Generator]:
@@ -52,14 +54,32 @@ def _masked_suffix(x: Tensor, mask_id: int) -> int:
     return start
 
 
-def _add(total: SpeculativeStats, s: SpeculativeStats) -> None:
-    for name in ("target_calls", "target_rows", "draft_calls", "proposed", "accepted", "rounds", "residual_draws",
-                 "prefix_rows", "prefix_rows_possible"):
-        setattr(total, name, getattr(total, name) + getattr(s, name))
-    for name in ("committed_per_round", "proposed_by_position", "accepted_by_position",
-                 "per_sample_target_calls", "per_sample_proposed", "per_sample_accepted"):
-        setattr(total, name, [a + b for a, b in zip(getattr(total, name), getattr(s, name))])
-    total.peak_rows = max(total.peak_rows, s.peak_rows)
+def _add(total: SpeculativeStats, s: SpeculativeStats) -> SpeculativeStats:
+    """The stats of the blocks so far and of the next block (the same samples): counts, times and per-sample
+    lists add, the schedules join in order (``chosen_windows``), the calibration costs add."""
+    joined = total.merge(s)  # counts, times, per-position lists, peaks, schedules and calibration
+    per_sample = {name: [a + b for a, b in zip(getattr(total, name), getattr(s, name))] for name in (
+        "per_sample_target_calls", "per_sample_proposed", "per_sample_accepted")}
+    choice = total.window_choice if s.window_choice in (None, total.window_choice) else joined.window_choice
+    return dataclasses.replace(joined, batch_size=total.batch_size, window_choice=choice, **per_sample)
+
+
+class _BlockReplay(ReplayWindow):
+    """The rounds of a replayed block run that a block consumes: the run's schedule from where the blocks before
+    it stopped (sized by the whole schedule's largest window); the last block checks the schedule was used whole."""
+
+    def __init__(self, replay: ReplayWindow, start: int, last: bool):
+        if start >= len(replay.windows):
+            raise ValueError(
+                f"the replayed schedule has {len(replay.windows)} rounds and this run needs more: it was recorded "
+                "from another run (batch, steps, seeds, drafter or x_init differ)"
+            )
+        super().__init__(replay.windows[start:])
+        self.max_window, self.last, self.describe = replay.max_window, last, replay.describe
+
+    def finish(self, stats: SpeculativeStats) -> None:
+        if self.last:
+            super().finish(stats)
 
 
 @torch.no_grad()
@@ -80,15 +100,21 @@ def sample_blocks(
 
     Each block runs ``chain.num_steps`` steps: the plain sampler (``window=None``; ``cached``
     as MDLM's ``ddpm_cache``) or the speculative one (``window``, ``drafter``, ``max_rows``, ``verify``). ``stats`` add
-    up over blocks (``num_steps`` = blocks x steps).
+    up over blocks (``num_steps`` = blocks x steps) and hold the whole run's schedule, block after block:
+    ``window=stats.windows`` (or ``window=stats``) replays it, each block running its own rounds of it.
     """
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     start, length = _masked_suffix(x_init, chain.mask_token_id), x_init.shape[1]
     ends = list(range(start + block_size, length, block_size)) + [length]
     gens = block_generators(generator, x_init.shape[0], len(ends))
+    replay = ReplayWindow(window) if isinstance(window, (list, tuple, SpeculativeStats)) else None
+    if replay is not None:  # one schedule for the whole run: each block runs its own rounds of it
+        replay.bind(SimpleNamespace(num_steps=chain.num_steps * len(ends)), x_init)
     stats, x = None, x_init.clone()
-    for end, g in zip(ends, gens):
+    for b, (end, g) in enumerate(zip(ends, gens)):
+        if replay is not None:
+            window = _BlockReplay(replay, stats.rounds if stats else 0, last=b == len(ends) - 1)
         if window is None:
             out = sample_baseline_discrete(chain, x[:, :end], g, cached=cached, progress=progress, return_stats=True)
         else:
@@ -97,9 +123,6 @@ def sample_blocks(
                 verify=verify,
             )
         x[:, :end] = out.sample
-        if stats is None:  # the first block's stats, for the whole run (sized by its window)
-            stats = dataclasses.replace(out.stats, num_steps=chain.num_steps * len(ends))
-        else:
-            _add(stats, out.stats)
-            stats.wall_clock += out.stats.wall_clock
+        block = dataclasses.replace(out.stats, num_steps=chain.num_steps * len(ends))
+        stats = block if stats is None else _add(stats, block)
     return SpeculativeOutput(sample=x, stats=stats)

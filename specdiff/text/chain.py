@@ -65,6 +65,22 @@ class MaskedLMDenoiser:
         return logits.index_fill(-1, torch.tensor(self.suppress, device=logits.device), float("-inf"))
 
 
+def check_positions(prompt_tokens: int, length: int | None, positions: int | None, cli: bool = False) -> None:
+    """A prompt of ``prompt_tokens`` tokens and ``length`` generated ones must fit the network's ``positions``
+    (``max_position_embeddings``; ``None``: not known, not checked): a rotary-position network accepts more
+    silently, a learned-position one fails inside. Otherwise a ValueError naming the fix (``cli``: in flags)."""
+    prompt, size = ("--prompt", "--length ") if cli else ("prompt", "length=")
+    if positions is None:
+        return
+    if prompt_tokens >= positions:
+        raise ValueError(f"the prompt is {prompt_tokens} tokens and the text model has {positions} positions; "
+                         f"shorten {prompt}")
+    if length is not None and prompt_tokens + length > positions:
+        raise ValueError(f"{prompt} ({prompt_tokens} tokens) and {size}{length} need {prompt_tokens + length} "
+                         f"positions, and the text model has {positions}; pass {size}{positions - prompt_tokens} or "
+                         "less (or a shorter prompt)")
+
+
 class MaskedLMChain(MaskedDiffusionChain):
     """A transformers masked diffusion LM (an ``AutoModelForMaskedLM``, a custom-code MDLM,
     ...) plus its mask token as a :class:`~specdiff.CategoricalChain` on token ids.

@@ -34,19 +34,17 @@ def _length(model: Path, prompt: str | None, length: int | None) -> int:
     from transformers import AutoConfig, AutoTokenizer
 
     from specdiff.cli_support import CLIError
+    from specdiff.text.chain import check_positions
 
     positions = getattr(AutoConfig.from_pretrained(model / "transformer"), "max_position_embeddings", None)
     tokenizer = AutoTokenizer.from_pretrained(model / "tokenizer")
     used = len(tokenizer(prompt, add_special_tokens=False).input_ids) if prompt else 0
     if positions is None:
         return length or 128
-    if used >= positions:
-        raise CLIError(f"the prompt is {used} tokens and the text model has {positions} positions; "
-                         "shorten --prompt")
-    if length is not None and used + length > positions:
-        raise CLIError(f"--prompt ({used} tokens) and --length {length} need {used + length} "
-                         f"positions, and the text model has {positions}; pass --length {positions - used} or less "
-                         "(or a shorter prompt)")
+    try:
+        check_positions(used, length, positions, cli=True)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
     return length or positions - used
 
 
@@ -56,19 +54,25 @@ def generate_text(args, state) -> int:
     import torch
     from accelerate.utils import gather_object
 
+    from specdiff.cli import _replayed
     from specdiff.cli_support import combine_records, loading_bars
     from specdiff.pipelines import SpeculativeTextDiffusionPipeline
 
     args.length = _length(Path(args.model), args.prompt, args.length)
+    seeds = list(range(args.seed, args.seed + args.num_images))
+    batches = [seeds[i:i + args.batch_size] for i in range(0, len(seeds), args.batch_size)]
+    windows = {tuple(batch): _replayed(args, batch) for batch in batches}  # --replay: each batch's schedule
     quiet = args.no_progress or not state.is_main_process
     with loading_bars(shown=not quiet):
         pipe = SpeculativeTextDiffusionPipeline.from_pretrained(args.model).to(args.device)
     pipe.set_progress_bar_config(disable=quiet)
     drafter = _drafter(args)
-    seeds = list(range(args.seed, args.seed + args.num_images))
-    batches = [seeds[i:i + args.batch_size] for i in range(0, len(seeds), args.batch_size)]
-    options = {"plain": {"window": None}, "cached": {"window": None, "cache": True},
-               "speculative": {"window": args.window, "drafter": drafter, "max_rows": args.max_rows}}
+
+    def options(name, batch):
+        if name == "speculative":
+            return {"window": windows[tuple(batch)], "drafter": drafter, "max_rows": args.max_rows}
+        return {"window": None, "cache": name == "cached"}
+
     samplers = (["plain", "cached"] if args.compare else []) + ["speculative"]
 
     def run(batch, **kwargs):
@@ -84,14 +88,14 @@ def generate_text(args, state) -> int:
 
     pipe(prompt=args.prompt, length=args.length, num_inference_steps=1, window=None)  # warm-up, not timed
     with state.split_between_processes(batches) as mine:
-        local = {name: [run(batch, **options[name]) for batch in mine] for name in samplers}
+        local = {name: [run(batch, **options(name, batch)) for batch in mine] for name in samplers}
     gathered = {name: sorted(gather_object([(state.process_index, r) for r in local[name]]),
                              key=lambda pair: pair[1]["seeds"][0]) for name in samplers}
     if not state.is_main_process:
         return 0
     report = {"model": str(args.model), "prompt": args.prompt, "length": args.length, "steps": args.steps,
-              "window": args.window, "drafter": args.drafter, "block_size": args.block_size,
-              "processes": state.num_processes,
+              "window": f"replay of {args.replay}" if getattr(args, "replay", None) else args.window,
+              "drafter": args.drafter, "block_size": args.block_size, "processes": state.num_processes,
               "texts": [text for _, r in gathered["speculative"] for text in r["texts"]]}
     for name in samplers:
         report[name] = combine_records([r for _, r in gathered[name]], [k for k, _ in gathered[name]])
