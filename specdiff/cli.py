@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .cli_support import CLIError, combine_records, loading_bars
+from .cli_support import replayed_windows as _replayed
 from .paths import asset
 
 DEFAULT_MODEL = asset("models", "digits-ddpm")
@@ -443,19 +444,6 @@ def _save_grid(images, path: Path) -> None:
     save_image(torch.nn.functional.interpolate(grid[None], scale_factor=scale, mode="nearest")[0], path)
 
 
-def _replayed(args, seeds) -> int | str | list[int]:
-    """The window of a batch: ``--window``, or with ``--replay`` the schedule that batch ran (its stats)."""
-    if not getattr(args, "replay", None):
-        return args.window
-    try:
-        report = json.loads(Path(args.replay).read_text())
-        schedules = {tuple(b["seeds"]): b["chosen_windows"] for b in report["speculative"]["batches"]}
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CLIError(f"--replay {args.replay}: not a stats.json written by specdiff generate ({err})") from None
-    if tuple(seeds) not in schedules:
-        raise CLIError(f"--replay {args.replay}: it has no batch of seeds {list(seeds)}; pass the --seed, --num-images "
-                       "and --batch-size of the run that wrote it")
-    return schedules[tuple(seeds)]
 
 
 def _run(job, sampler: str, batches, args, rank_shows: bool) -> list[dict]:

@@ -3,7 +3,9 @@ error, quiet loading bars, and one sampler's figures combined over batches and p
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
+from pathlib import Path
 
 
 class CLIError(SystemExit):
@@ -58,3 +60,18 @@ def combine_records(records: list[dict], ranks: list[int]) -> dict:
     out["batches"] = [dict(s, seeds=r["seeds"], process=k, wall_clock_s=r["wall_clock_s"])
                       for s, r, k in zip(stats, records, ranks)]
     return out
+
+
+def replayed_windows(args, seeds) -> int | str | list[int]:
+    """The window of a batch: ``--window``, or with ``--replay`` the schedule that batch ran (its stats)."""
+    if not getattr(args, "replay", None):
+        return args.window
+    try:
+        report = json.loads(Path(args.replay).read_text())
+        schedules = {tuple(b["seeds"]): b["chosen_windows"] for b in report["speculative"]["batches"]}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CLIError(f"--replay {args.replay}: not a stats.json written by specdiff generate ({err})") from None
+    if tuple(seeds) not in schedules:
+        raise CLIError(f"--replay {args.replay}: it has no batch of seeds {list(seeds)}; pass the --seed, --num-images "
+                       "and --batch-size of the run that wrote it")
+    return schedules[tuple(seeds)]

@@ -54,8 +54,8 @@ def generate_text(args, state) -> int:
     import torch
     from accelerate.utils import gather_object
 
-    from specdiff.cli import _replayed
     from specdiff.cli_support import combine_records, loading_bars
+    from specdiff.cli_support import replayed_windows as _replayed
     from specdiff.pipelines import SpeculativeTextDiffusionPipeline
 
     args.length = _length(Path(args.model), args.prompt, args.length)
