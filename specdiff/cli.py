@@ -444,8 +444,6 @@ def _save_grid(images, path: Path) -> None:
     save_image(torch.nn.functional.interpolate(grid[None], scale_factor=scale, mode="nearest")[0], path)
 
 
-
-
 def _run(job, sampler: str, batches, args, rank_shows: bool) -> list[dict]:
     """``sampler`` on this process's batches of seeds; one record per batch."""
     records = []
@@ -508,7 +506,7 @@ def summary(report: dict) -> str:
                    "sampler")
         if "plain" in report:
             verdict += f" (wall-clock {spec['wall_clock_s']:.1f} s against {report['plain']['wall_clock_s']:.1f} s)"
-        verdict += f". {once[0].upper()}{once[1:]}." if calibration > 0 else "."
+        verdict += f". {once}." if calibration > 0 else "."  # the sentence starts with the seconds
     else:
         made = _ratio_text(calls[best], spec["target_calls"], "fewer network calls", "more network calls")
         verdict = f"Speculative sampling made {made}"
